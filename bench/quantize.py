@@ -1,0 +1,131 @@
+"""Quantize benchmark: random-weight Llama directories quantised by `pipeline.quantize.quantize` in
+child processes. Reports peak RSS for 2 vs 8 layers of the same width (memory must not grow with
+depth), seconds per layer for GPTQ and the RTN baseline, and seconds per layer at width 4096.
+
+    python bench/quantize.py [--width 1024] [--wide 4096] [--dir /tmp] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from trained_model import write_corpus, write_tokenizer  # noqa: E402  (a 384-piece tokenizer)
+
+from pipeline.gptq import QuantSpec  # noqa: E402
+from pipeline.quantize import linear_shapes, quantize  # noqa: E402
+from verify.llama import LlamaArgs  # noqa: E402
+
+VOCAB = 384
+
+
+def build(out: Path, width: int, n_layers: int, tokenizer: Path) -> Path:
+    """A random fp16 Llama (head_dim 128, FFN ≈ 8/3·width rounded to 256) with the tokenizer."""
+    ffn = -(-8 * width // 3 // 256) * 256
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": width,
+           "intermediate_size": ffn, "num_hidden_layers": n_layers,
+           "num_attention_heads": width // 128, "num_key_value_heads": width // 128,
+           "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
+           "tie_word_embeddings": False, "torch_dtype": "float16"}
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in tokenizer.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).half()  # noqa: E731
+    state = {"model.embed_tokens.weight": rand(VOCAB, width), "model.norm.weight": torch.ones(width).half(),
+             "lm_head.weight": rand(VOCAB, width)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for name, shape in linear_shapes(LlamaArgs.from_hf_config(cfg)).items():
+            state[f"{p}{name}.weight"] = rand(*shape)
+        state[p + "input_layernorm.weight"] = torch.ones(width).half()
+        state[p + "post_attention_layernorm.weight"] = torch.ones(width).half()
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One quantize() run; prints seconds and this process's peak RSS as JSON."""
+    spec = QuantSpec(args.bits, 128, False, method=args.method)
+    t0 = time.perf_counter()
+    s = quantize(Path(args.model), Path(args.out), spec, calibration=args.calibration,
+                 nsamples=args.nsamples, seqlen=args.seqlen, device="cpu", force=True)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": round(seconds, 2), "seconds_per_layer": round(seconds / s["layers"], 2),
+                      "peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> int:
+    """VmHWM: the peak RSS of this process image (ru_maxrss would include the parent's peak
+    from before fork + exec)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) // 1024
+
+
+def measure(model: Path, method: str, calibration: str, nsamples: int, seqlen: int, tmp: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--out", str(tmp / "out"),
+           "--method", method, "--calibration", calibration, "--nsamples", str(nsamples),
+           "--seqlen", str(seqlen)]
+    # a fixed malloc mmap threshold: freed tensors go back to the OS at once, so peak RSS measures
+    # what is live, not glibc's heap fragmentation (which at this small width would add noise)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(f"worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=1024, help="width of the 2- vs 8-layer models")
+    ap.add_argument("--wide", type=int, default=4096, help="width of the one-layer speed model (0: skip)")
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for a in ("--model", "--out", "--calibration"):
+        ap.add_argument(a, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="gptq", help=argparse.SUPPRESS)
+    ap.add_argument("--bits", type=int, default=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as d:
+        tmp = Path(d)
+        text = write_corpus(tmp / "text", "calibration.py", seed=0, n_functions=3000)
+        write_tokenizer(text, tmp / "tok")
+        runs = [(f"{n}x{args.width}", args.width, n, args.nsamples, args.seqlen) for n in (2, 8)]
+        if args.wide:
+            runs.append((f"1x{args.wide}", args.wide, 1, 4, args.seqlen))
+        for name, width, layers, nsamples, seqlen in runs:
+            model = build(tmp / name, width, layers, tmp / "tok")
+            for method in ("gptq", "rtn"):
+                r = measure(model, method, str(text), nsamples, seqlen, tmp)
+                results[f"{name} {method}"] = {"layers": layers, "width": width, "nsamples": nsamples,
+                                               "seqlen": seqlen, **r}
+                print(f"{name:>8} {method:4}: {r['seconds_per_layer']:7.2f} s/layer, "
+                      f"peak RSS {r['peak_rss_mib']:6d} MiB", file=sys.stderr)
+            (tmp / name / "model.safetensors").unlink()
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

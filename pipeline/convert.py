@@ -1,0 +1,336 @@
+"""The convert stage: a Meta checkpoint (Llama 1/2, Code Llama, Llama 3.x; 1-16 model-parallel
+shards) to a Hugging Face Llama directory. Streams: shards are memory-mapped, one merged tensor
+exists at a time and is written while the next one is merged, so memory stays near two tensors
+whatever the model's size."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.errors import InputError, PipelineError
+from pipeline.meta import (CHECKLIST, FAMILIES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS, MetaCheckpoint,
+                           hf_name, load_shard, md5_files, meta_names, model_args, permute_rotary,
+                           prefetch, release, shard_dim, split_name, verify_checksums)
+from pipeline.output import check_target, staged_dir
+from pipeline.safetensors_stream import ShardedWriter, TensorSpec, parse_size
+from pipeline.tokenizer import convert_tokenizer, load_source
+from verify.llama import LlamaArgs
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MANIFEST = "conversion.json"
+EMBEDDING_SPLIT = {0: "VocabParallelEmbedding (vocab split, dim 0)",
+                   1: "ParallelEmbedding (width split, dim 1)"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the shards hold, checked against params.json and the tokenizer."""
+
+    args: LlamaArgs
+    n_shards: int
+    embedding_dim: int
+    shapes: dict[str, tuple[int, ...]]  # merged shape per Meta name, in output order
+
+
+def expected_shapes(a: LlamaArgs) -> dict[str, tuple[int, ...]]:
+    """Merged shape of every Meta tensor implied by the hyper-parameters, in output order."""
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    layer = {"attention.wq.weight": (q, a.dim), "attention.wk.weight": (kv, a.dim),
+             "attention.wv.weight": (kv, a.dim), "attention.wo.weight": (a.dim, q),
+             "feed_forward.w1.weight": (a.ffn_dim, a.dim),
+             "feed_forward.w3.weight": (a.ffn_dim, a.dim),
+             "feed_forward.w2.weight": (a.dim, a.ffn_dim),
+             "attention_norm.weight": (a.dim,), "ffn_norm.weight": (a.dim,)}
+    top = {"tok_embeddings.weight": (a.vocab_size, a.dim), "norm.weight": (a.dim,),
+           "output.weight": (a.vocab_size, a.dim)}
+    return {n: layer[s] if i is not None else top[s]
+            for n in meta_names(a.n_layers, a.tie_word_embeddings) for i, s in [split_name(n)]}
+
+
+def check_consistent(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]]) -> set[str]:
+    """Every rank holds the same float tensors with the same shapes, and exactly the layers
+    params.json announces; returns the weight names (rope.freqs left out)."""
+    p, paths = ckpt.params, ckpt.shards
+    names = set(shards[0]) - NOT_WEIGHTS
+    for path, s in zip(paths[1:], shards[1:]):
+        if set(s) - NOT_WEIGHTS != names:
+            diff = sorted(names ^ (set(s) - NOT_WEIGHTS))
+            raise InputError(f"{path}: holds different tensors than {paths[0].name}: {diff[:6]}")
+    expected = set(meta_names(p["n_layers"], tied="output.weight" not in names))
+    if names != expected:
+        layers = sorted({i for n in names for i, _ in [split_name(n)] if i is not None})
+        raise InputError(f"{paths[0]}: tensors do not match params.json (n_layers={p['n_layers']}, "
+                         f"shards hold layers {layers[:1]}..{layers[-1:]}): missing "
+                         f"{sorted(expected - names)[:4]}, "
+                         f"unexpected {sorted(names - expected)[:4]}")
+    for name in sorted(names):
+        shape = shards[0][name].shape
+        for path, s in zip(paths[1:], shards[1:]):
+            if s[name].shape != shape:
+                raise InputError(f"{path}: tensor {name} has shape {tuple(s[name].shape)}, "
+                                 f"{paths[0].name} has {tuple(shape)}")
+        if not shards[0][name].is_floating_point():
+            raise InputError(f"{paths[0]}: tensor {name} has dtype {shards[0][name].dtype}")
+    return names
+
+
+def read_layout(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]],
+                tokenizer_vocab: int) -> Layout:
+    """Detect vocab, FFN width, kv heads, tied output and the embedding split from the shapes;
+    every disagreement with params.json, the tokenizer or between shards is an InputError."""
+    names = check_consistent(ckpt, shards)
+    p, paths, MP = ckpt.params, ckpt.shards, len(shards)
+    family = FAMILIES[ckpt.family]
+    if family.tokenizer != ckpt.tokenizer_kind:
+        raise InputError(f"{ckpt.tokenizer}: a {ckpt.tokenizer_kind} tokenizer, but {family.name} "
+                         f"uses {family.tokenizer}")
+    dim = p["dim"]
+    if shards[0]["norm.weight"].shape != (dim,):
+        raise InputError(f"{paths[0]}: norm.weight has shape "
+                         f"{tuple(shards[0]['norm.weight'].shape)} but params.json says dim={dim}")
+    e = shards[0]["tok_embeddings.weight"].shape
+    if MP == 1:
+        axis, vocab = family.embedding_dim, e[0]
+    elif e[1] == dim:
+        axis, vocab = 0, e[0] * MP
+    elif e[1] * MP == dim:
+        axis, vocab = 1, e[0]
+    else:
+        raise InputError(f"{paths[0]}: tok_embeddings.weight {tuple(e)} is neither a vocab nor a "
+                         f"width split of dim={dim} over {MP} shards")
+    if axis != family.embedding_dim:
+        raise InputError(f"{paths[0]}: tok_embeddings is a {EMBEDDING_SPLIT[axis]}, but the "
+                         f"tokenizer ({ckpt.tokenizer_kind}) says {family.name}, which uses "
+                         f"{EMBEDDING_SPLIT[family.embedding_dim]}")
+    if p.get("vocab_size", -1) > 0 and p["vocab_size"] != vocab:
+        raise InputError(f"{ckpt.path / PARAMS}: vocab_size={p['vocab_size']} but "
+                         f"tok_embeddings holds {vocab} rows")
+    if tokenizer_vocab != vocab:
+        raise InputError(f"{ckpt.tokenizer}: {tokenizer_vocab} tokens, but tok_embeddings holds "
+                         f"{vocab} rows: wrong tokenizer for these weights?")
+    if dim % p["n_heads"]:
+        raise InputError(f"{ckpt.path / PARAMS}: dim={dim} is not divisible by "
+                         f"n_heads={p['n_heads']}")
+    args = model_args(p, ckpt.family, vocab, tied="output.weight" not in names)
+    hd = args.head_dim
+    wk_rows = shards[0]["layers.0.attention.wk.weight"].shape[0] * MP
+    if wk_rows != args.n_kv_heads * hd:
+        raise InputError(f"{paths[0]}: attention.wk holds {wk_rows / hd:g} kv heads of {hd}, "
+                         f"params.json says n_kv_heads={args.n_kv_heads}")
+    if args.n_heads % MP or args.n_kv_heads % MP:
+        raise InputError(f"{ckpt.path}: {args.n_heads} heads / {args.n_kv_heads} kv heads do not "
+                         f"split into {MP} shards")
+    w1_rows = shards[0]["layers.0.feed_forward.w1.weight"].shape[0] * MP
+    if w1_rows != args.ffn_dim:
+        raise InputError(f"{paths[0]}: feed_forward.w1 has {w1_rows} rows, params.json "
+                         f"(multiple_of, ffn_dim_multiplier) gives FFN width {args.ffn_dim}")
+    shapes = expected_shapes(args)
+    for name, want in shapes.items():
+        d = shard_dim(name, axis)
+        got = list(shards[0][name].shape)
+        if d is not None:
+            got[d] *= MP
+        if tuple(got) != want:
+            raise InputError(f"{paths[0]}: tensor {name} merges to {tuple(got)}, expected {want} "
+                             f"from params.json")
+    return Layout(args, MP, axis, shapes)
+
+
+def check_values(name: str, out: torch.Tensor, parts: list[torch.Tensor],
+                 paths: list[Path]) -> None:
+    """One fast reduction over the merged tensor (aminmax propagates NaN): NaN/Inf from the source,
+    or values the output dtype cannot hold (cast to Inf), stop the conversion naming the tensor."""
+    lo, hi = (float(v) for v in torch.aminmax(out))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return
+    for path, t in zip(paths, parts):
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError(f"{path}: tensor {name} contains NaN or Inf")
+        if max(-lo, hi) > torch.finfo(out.dtype).max:
+            raise InputError(f"{path}: tensor {name}: values up to {max(-lo, hi):g} exceed "
+                             f"{out.dtype}'s range (max {torch.finfo(out.dtype).max:g}); "
+                             "convert with --dtype bfloat16")
+
+
+def merge(out: torch.Tensor, name: str, parts: list[torch.Tensor], paths: list[Path],
+          layout: Layout) -> torch.Tensor:
+    """Fill `out` (the HF tensor) from the ranks' parts: concatenated along the shard dim (q/k
+    rows permuted per head, rank by rank: heads never straddle ranks), or the replicated copy,
+    checked equal on every rank; cast on the way."""
+    d = shard_dim(name, layout.embedding_dim)
+    if d is None:
+        for path, t in zip(paths[1:], parts[1:]):
+            if not torch.equal(t, parts[0]):
+                raise InputError(f"{path}: replicated tensor {name} differs from {paths[0].name}")
+        out.copy_(parts[0])
+    else:
+        heads = ROTARY_HEADS.get(split_name(name)[1])
+        n_local = getattr(layout.args, heads) // layout.n_shards if heads else 0
+        offset = 0
+        for t in parts:
+            dst = out.narrow(d, offset, t.shape[d])
+            if heads:
+                permute_rotary(t, n_local, out=dst)
+            else:
+                dst.copy_(t)
+            offset += t.shape[d]
+    check_values(name, out, parts, paths)
+    return out
+
+
+def hf_config(a: LlamaArgs, dtype: str, tok: dict[str, Any]) -> dict[str, Any]:
+    """config.json as a plain dict: top-level rope_theta/rope_scaling read the same by
+    transformers 4.x and 5.x; dtype and torch_dtype name the tensors actually written."""
+    import transformers
+
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": a.dim, "intermediate_size": a.ffn_dim, "num_hidden_layers": a.n_layers,
+        "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+        "head_dim": a.head_dim,
+        "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+        "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_seq_len,
+        "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"],
+        "tie_word_embeddings": a.tie_word_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        "dtype": dtype, "torch_dtype": dtype, "transformers_version": transformers.__version__,
+    }
+
+
+def source_hashes(ckpt: MetaCheckpoint, skip_checksums: bool) -> tuple[str, dict[str, Any]]:
+    """md5 of every source file: verified against checklist.chk (default), computed when there
+    is no checklist, or (skip) the checklist's claims unverified."""
+    files = [*ckpt.shards, ckpt.path / PARAMS, ckpt.tokenizer]
+    has_checklist = (ckpt.path / CHECKLIST).is_file()
+    if skip_checksums:
+        status, sums = "skipped", {}
+    elif has_checklist:
+        status, sums = "verified", verify_checksums(ckpt.path)
+    else:
+        status, sums = f"no {CHECKLIST}", md5_files(files, desc="md5")
+    return status, {p.name: {"bytes": p.stat().st_size, "md5": sums.get(p.name)} for p in files}
+
+
+def write_tensors(tmp: Path, shards: list[dict[str, torch.Tensor]], paths: list[Path],
+                  layout: Layout, specs: list[TensorSpec], shard_bytes: int,
+                  pool: ThreadPoolExecutor, side_job: Future) -> list[str]:
+    """Stream every tensor into safetensors: tensor k is merged into one of two reused buffers
+    while k-1 is written from the other (fresh memory per tensor costs page faults and zeroing);
+    the next tensor's shard bytes are prefetched, the used ones handed back."""
+    names = list(layout.shapes)
+    buffers = [torch.empty(max(s.nbytes for s in specs), dtype=torch.uint8)
+               for _ in range(min(2, len(specs)))]
+    with ShardedWriter(tmp, specs, shard_bytes, {"source": "meta"}) as writer, \
+            tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
+                 desc="convert") as bar:
+        pending: Future | None = None
+        for k, (name, spec) in enumerate(zip(names, specs)):
+            parts = [s[name] for s in shards]
+            for t in (s[names[k + 1]] for s in shards) if k + 1 < len(names) else ():
+                prefetch(t)
+            out = buffers[k % 2][:spec.nbytes].view(spec.dtype).view(spec.shape)
+            merge(out, name, parts, paths, layout)
+            for t in parts:
+                release(t)
+            if pending is not None:
+                pending.result()
+            if side_job.done():
+                side_job.result()  # a failed side job stops the conversion now
+            pending = pool.submit(writer.write, spec.name, out)
+            pending.add_done_callback(lambda _, n=spec.nbytes: bar.update(n))
+        if pending is not None:
+            pending.result()
+        return writer.close()
+
+
+def convert(src: Path, out: Path, *, dtype: str = "float16", max_shard_size: str = "5GB",
+            skip_checksums: bool = False, force: bool = False, family: str | None = None) -> dict:
+    """Convert the Meta checkpoint in `src` to a Hugging Face directory `out`; returns the summary
+    that is also written to out/conversion.json."""
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise InputError(f"--max-shard-size: {e}") from e
+    check_target(out, force)
+    ckpt = MetaCheckpoint(src, family)
+    checksums, files = source_hashes(ckpt, skip_checksums)
+    shards = [load_shard(p) for p in ckpt.shards]
+    layout = read_layout(ckpt, shards, load_source(ckpt.tokenizer, ckpt.family).vocab_size)
+    specs = [TensorSpec(hf_name(n), DTYPES[dtype], shape) for n, shape in layout.shapes.items()]
+    total = sum(s.nbytes for s in specs)
+
+    with staged_dir(out, force) as tmp:
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:  # tokenizer | tensor writes
+                tok_job = pool.submit(convert_tokenizer, ckpt.tokenizer, tmp, ckpt.family,
+                                      layout.args.max_seq_len)
+                written = write_tensors(tmp, shards, ckpt.shards, layout, specs, shard_bytes,
+                                        pool, tok_job)
+                tok = tok_job.result()
+            config = hf_config(layout.args, dtype, tok)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            generation = {"bos_token_id": tok["bos_token_id"], "eos_token_id": tok["stop_ids"],
+                          "transformers_version": config["transformers_version"]}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            summary = {
+                "tool": "llama-gptq-pipeline convert", "tool_version": __version__,
+                "source": {"path": str(src.resolve()), "family": ckpt.family,
+                           "family_name": FAMILIES[ckpt.family].name, "n_shards": layout.n_shards,
+                           "checksums": checksums, "files": files},
+                "params": ckpt.params,
+                "detected": {**asdict(layout.args),
+                             "embedding_split": EMBEDDING_SPLIT[layout.embedding_dim]},
+                "tokenizer": tok, "output": {"path": str(out.resolve()), "dtype": dtype,
+                                             "bytes": total, "files": written},
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            raise PipelineError(f"{out}: writing failed ({e.strerror or e}); the partial output "
+                                "was removed") from e
+    return summary
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float16", show_default=True,
+              help="Tensor dtype written (bf16 sources outside fp16's range are refused).")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest safetensors file (e.g. 5GB, 500MB).")
+@click.option("--skip-checksums", is_flag=True, help="Do not verify checklist.chk's md5 sums.")
+@click.option("--family", type=click.Choice(sorted(FAMILIES)), default=None,
+              help="Override the detected model family.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def command(src: Path, out: Path, dtype: str, max_shard_size: str, skip_checksums: bool,
+            family: str | None, force: bool, as_json: bool) -> None:
+    """Convert Meta's original checkpoint SRC (consolidated.*.pth + params.json + tokenizer.model)
+    into a Hugging Face Llama directory OUT, streamed tensor by tensor."""
+    s = convert(src, out, dtype=dtype, max_shard_size=max_shard_size,
+                skip_checksums=skip_checksums, force=force, family=family)
+    if as_json:
+        click.echo(json.dumps(s))
+    a, o = s["detected"], s["output"]
+    click.echo(f"converted {s['source']['family_name']} ({s['source']['n_shards']} shards, "
+               f"{a['n_layers']} layers, vocab {a['vocab_size']}) to {out}: "
+               f"{o['bytes'] / 1e9:.2f} GB {o['dtype']} in {len(o['files'])} files, "
+               f"{s['seconds']:.1f} s "
+               f"({o['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)", err=as_json)

@@ -1,0 +1,384 @@
+"""The quantize stage: an HF Llama directory -> a GPTQ v1 directory, one decoder layer at a time.
+
+Calibration activations pass through layer i (layers before it already quantised), layer i is
+quantised in true-sequential order, and its outputs feed layer i+1. Each finished layer is written
+to the partial directory, so memory does not grow with depth and `--resume` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.calibration import load_calibration
+from pipeline.errors import InputError
+from pipeline.gptq import QuantResult, QuantSpec, gptq, n_groups, rtn
+from pipeline.gptq_format import SUFFIXES, dequantize, pack, write_configs
+from pipeline.output import check_target, partial_path, staged_dir
+from pipeline.safetensors_stream import TensorSpec, ShardedWriter, parse_size
+from verify.checkpoint import HFCheckpoint
+from verify.llama import LINEAR_GROUPS, DecoderLayer, LlamaArgs, compute_dtype, load_layer, pick_device, rotary
+
+LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
+COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; not weights
+LAYERS_DIR, RUN_FILE = "layers", "run.json"  # resume state inside the partial directory
+
+
+def linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of a decoder layer."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim),
+            "self_attn.v_proj": (kv, args.dim), "self_attn.o_proj": (args.dim, q),
+            "mlp.gate_proj": (args.ffn_dim, args.dim), "mlp.up_proj": (args.ffn_dim, args.dim),
+            "mlp.down_proj": (args.dim, args.ffn_dim)}
+
+
+def check_model(ck: HFCheckpoint, spec: QuantSpec) -> None:
+    """Refuse what this stage cannot quantise correctly, before any work is done."""
+    cfg = ck.path / "config.json"
+    if ck.quantization or any(n.endswith(".qweight") for n in ck.names()):
+        raise InputError(f"{cfg}: the model is already quantised ({ck.quantization}); "
+                         "quantise the fp16 model instead")
+    for key in ("attention_bias", "mlp_bias"):
+        if ck.config.get(key):
+            raise InputError(f"{cfg}: {key} = true is not supported (Llama has no biases)")
+    a = ck.args
+    known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    known |= {f"model.layers.{i}.{n}" for i in range(a.n_layers) for n in
+              ("input_layernorm.weight", "post_attention_layernorm.weight",
+               *(f"{lin}.weight" for lin in LINEARS))}
+    unknown = [n for n in ck.names() if n not in known and not n.endswith(IGNORED)]
+    if unknown:
+        raise InputError(f"{ck.path}: unexpected tensors for a {a.n_layers}-layer Llama "
+                         f"(e.g. {unknown[:3]}); is config.json right?")
+    for name, (n_out, n_in) in linear_shapes(a).items():
+        if n_in % 32 or n_out % 32:
+            raise InputError(f"{cfg}: {name} is [{n_out}, {n_in}]; GPTQ packing needs both "
+                             "dimensions to be multiples of 32")
+        if spec.group_size != -1 and n_in % spec.group_size:
+            raise InputError(f"{cfg}: {name} has {n_in} inputs, not divisible by --group-size "
+                             f"{spec.group_size}; choose a divisor or -1")
+
+
+def activation_device(dev: torch.device, nbytes: int) -> torch.device:
+    """Keep a layer's inputs and outputs on the device when both fit in half its free memory;
+    otherwise in host memory, moved over one sample at a time."""
+    if dev.type != "cuda":
+        return dev
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if 2 * nbytes <= free // 2 else torch.device("cpu")
+
+
+def run_layer(layer: DecoderLayer, X: torch.Tensor, Y: torch.Tensor, dev: torch.device,
+              cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Y = layer(X) for the calibration samples X [n, T, dim], one sample at a time on `dev`."""
+    with torch.no_grad():
+        for j in range(X.shape[0]):
+            Y[j:j + 1].copy_(layer(X[j:j + 1].to(dev, non_blocking=True), cos, sin))
+
+
+class _Enough(Exception):
+    """Raised by the last input hook of a pass: the rest of the layer's forward is not needed."""
+
+
+def hessians(layer: DecoderLayer, names: list[str], X: torch.Tensor, dev: torch.device,
+             cos: torch.Tensor, sin: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """H = 2/n Σ x xᵀ (float32) of the inputs of the named linears, from one forward pass that
+    stops once every named linear has seen its input."""
+    H: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def hook(name: str):
+        def accumulate(module: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # [tokens, in]
+            if name not in H:
+                H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            H[name].addmm_(x.t(), x)
+            count[name] = count.get(name, 0) + x.shape[0]
+            if name == names[-1]:  # LINEAR_GROUPS is in forward order: the last to fire
+                raise _Enough
+        return accumulate
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for j in range(X.shape[0]):
+                try:
+                    layer(X[j:j + 1].to(dev, non_blocking=True), cos, sin)
+                except _Enough:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    for n in names:
+        if not bool(torch.isfinite(H[n]).all()):
+            raise InputError(f"{prefix}{n}: NaN/inf in the calibration activations entering it "
+                             "(the weights contain NaN/inf, or fp16 overflowed: try --device cpu)")
+        H[n] *= 2 / count[n]
+    return H
+
+
+def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: QuantSpec,
+                   X: torch.Tensor | None, dev: torch.device, cos: torch.Tensor, sin: torch.Tensor,
+                   prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Quantise the layer's linears in place (weights become the fake-quantised ones) in
+    true-sequential order; returns the packed tensors and the per-module log."""
+    stages = [(g,) for g in LINEAR_GROUPS] if spec.true_sequential else [LINEAR_GROUPS]
+    tensors: dict[str, torch.Tensor] = {}
+    log: dict[str, Any] = {}
+    for stage in stages:
+        # linears of a group share their input, so one H serves the group
+        H = hessians(layer, [g[0] for g in stage], X, dev, cos, sin, prefix) if X is not None else {}
+        for group in stage:
+            for name in group:
+                t0 = time.perf_counter()
+                W = state[f"{name}.weight"].to(dev, torch.float32)
+                if not bool(torch.isfinite(W).all()):
+                    raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
+                r: QuantResult = gptq(W, H[group[0]], spec) if spec.method == "gptq" else rtn(W, spec)
+                layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
+                packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
+                tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})
+                log[f"{prefix}{name}"] = {"loss": r.loss, "damp": r.damp, "damp_failed": r.damp_retries,
+                                          "seconds": round(time.perf_counter() - t0, 4)}
+                if r.damp_retries:
+                    tqdm.write(f"{prefix}{name}: Cholesky failed with damp {r.damp_retries}, "
+                               f"used {r.damp}", file=sys.stderr)
+    return tensors, log
+
+
+def restore_layer(layer: DecoderLayer, file: Path, bits: int, prefix: str, dev: torch.device) -> None:
+    """Give the layer the fake-quantised weights saved in `file` (bit-identical to the run)."""
+    with safe_open(file, framework="pt") as f:
+        for name in LINEARS:
+            t = [f.get_tensor(f"{prefix}{name}.{k}").to(dev) for k in SUFFIXES]
+            mod = layer.get_submodule(name)
+            mod.weight.data = dequantize(*t, bits, name=prefix + name).to(mod.weight.dtype)
+
+
+def layer_state(model: Path, i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i's tensors, read through a checkpoint opened for this layer alone, so its
+    memory map (and the pages it touched) goes away with the layer: RSS does not grow with depth."""
+    return {k: v for k, v in HFCheckpoint(model).layer_state(i).items() if not k.endswith(IGNORED)}
+
+
+def output_plan(ck: HFCheckpoint, spec: QuantSpec) -> list[TensorSpec]:
+    """Every output tensor in file order: fp16 embeddings/norms/lm_head, packed linears."""
+    a, bits = ck.args, spec.bits
+    plan = [TensorSpec("model.embed_tokens.weight", torch.float16, (a.vocab_size, a.dim))]
+    for i in range(a.n_layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            plan.append(TensorSpec(p + norm, torch.float16, (a.dim,)))
+        for name, (n_out, n_in) in linear_shapes(a).items():
+            G = n_groups(n_in, spec.group_size)
+            plan += [TensorSpec(f"{p}{name}.qweight", torch.int32, (n_in * bits // 32, n_out)),
+                     TensorSpec(f"{p}{name}.qzeros", torch.int32, (G, n_out * bits // 32)),
+                     TensorSpec(f"{p}{name}.scales", torch.float16, (G, n_out)),
+                     TensorSpec(f"{p}{name}.g_idx", torch.int32, (n_in,))]
+    plan.append(TensorSpec("model.norm.weight", torch.float16, (a.dim,)))
+    if "lm_head.weight" in ck:
+        plan.append(TensorSpec("lm_head.weight", torch.float16, (a.vocab_size, a.dim)))
+    return plan
+
+
+def write_model(ck: HFCheckpoint, tmp: Path, spec: QuantSpec, max_shard_bytes: int) -> list[str]:
+    """Stream the final shards: fp16 tensors from the input, packed ones from the layer files."""
+    plan = output_plan(ck, spec)
+    layer_file: dict[int, Any] = {}  # the one open layer file
+    writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"quantization": "gptq"})
+    for s in plan:
+        if s.name in ck:
+            t = ck.tensor(s.name)
+            if tuple(t.shape) != s.shape:
+                raise InputError(f"{ck.path}: tensor {s.name} is {tuple(t.shape)}, config.json "
+                                 f"says {s.shape}")
+            writer.write(s.name, t.to(torch.float16))
+            continue
+        i = int(s.name.split(".")[2])
+        if i not in layer_file:
+            layer_file = {i: safe_open(tmp / LAYERS_DIR / f"{i:05d}.safetensors", framework="pt")}
+        writer.write(s.name, layer_file[i].get_tensor(s.name))
+    return writer.close()
+
+
+def finished_layers(layers: Path, n_layers: int) -> int:
+    """How many layers, from 0, have their result file (each written atomically)."""
+    done = 0
+    while done < n_layers and (layers / f"{done:05d}.safetensors").is_file():
+        done += 1
+    return done
+
+
+def calibration_tokens(model: Path, a: LlamaArgs, spec: QuantSpec, calibration: str | None,
+                       nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor | None, dict | None]:
+    """Token windows [nsamples, seqlen] and their record; (None, None) for RTN, which needs none."""
+    if spec.method != "gptq":
+        return None, None
+    if not calibration:
+        raise InputError("GPTQ needs calibration text: pass --calibration GLOB|DIR|FILE|hf:…")
+    if seqlen > a.max_seq_len:
+        raise InputError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
+                         f"{a.max_seq_len} ({model / 'config.json'})")
+    tokens, info = load_calibration(calibration, model_tokenizer(model), nsamples, seqlen, seed)
+    if int(tokens.max()) >= a.vocab_size:
+        raise InputError(f"{model}: the tokenizer produces id {int(tokens.max())} beyond "
+                         f"vocab_size {a.vocab_size} in config.json")
+    return tokens, info
+
+
+def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | None,
+                    layers_dir: Path, dev: torch.device) -> tuple[dict[str, Any], int, str]:
+    """Quantise decoder layers in order into layers_dir/NNNNN.safetensors, replaying the layers
+    already there (resume); returns the per-module log, layers replayed, where activations lived."""
+    a, dtype = ck.args, compute_dtype(dev)
+    done = finished_layers(layers_dir, a.n_layers)
+    X = Y = None
+    store = dev
+    if tokens is not None:
+        store = activation_device(dev, tokens.numel() * a.dim * dtype.itemsize)
+        E = ck.tensor("model.embed_tokens.weight")
+        X = torch.stack([F.embedding(t, E).to(dtype) for t in tokens]).to(store)  # [n, T, dim]
+        Y = torch.empty_like(X)
+    cos, sin = rotary(a, tokens.shape[1] if tokens is not None else 1, dev, dtype)
+    modules: dict[str, Any] = {}
+    replay = X is not None and done < a.n_layers  # finished layers rebuild the activations
+    for i in tqdm(range(a.n_layers), desc=f"{spec.method} {spec.bits}-bit", unit="layer", file=sys.stderr):
+        prefix, file = f"model.layers.{i}.", layers_dir / f"{i:05d}.safetensors"
+        if i < done:
+            with safe_open(file, framework="pt") as f:
+                modules.update(json.loads(f.metadata()["log"]))
+            if not replay:
+                continue
+        state = layer_state(ck.path, i)
+        try:
+            layer = load_layer(a, {k: v.to(dev, dtype) for k, v in state.items()})
+        except RuntimeError as e:
+            raise InputError(f"{ck.path}: layer {i} does not match config.json: {e}") from e
+        if i < done:
+            restore_layer(layer, file, spec.bits, prefix, dev)
+        else:
+            tensors, log = quantize_layer(layer, state, spec, X, dev, cos, sin, prefix)
+            save_file(tensors, str(file.with_suffix(".tmp")), metadata={"log": json.dumps(log)})
+            file.with_suffix(".tmp").replace(file)
+            modules.update(log)
+        if X is not None and i + 1 < a.n_layers:  # the next layer's inputs
+            run_layer(layer, X, Y, dev, cos, sin)
+            X, Y = Y, X
+        del layer, state
+    return modules, done, store.type
+
+
+def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None = None,
+             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "auto",
+             resume: bool = False, force: bool = False, max_shard_size: str = "5GB") -> dict:
+    """Quantise the HF Llama directory `model` into the GPTQ directory `out`; returns the summary.
+    `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN."""
+    t_start = time.perf_counter()
+    model, out = Path(model), Path(out)
+    check_target(out, force)
+    ck = HFCheckpoint(model)
+    check_model(ck, spec)
+    dev = pick_device(device)
+    tokens, cal_info = calibration_tokens(model, ck.args, spec, calibration, nsamples, seqlen, seed)
+    run = {"model": str(model.resolve()), "spec": spec.as_dict(), "calibration": cal_info,
+           "device": dev.type, "tool_version": __version__}
+    partial = partial_path(out)
+    if partial.exists() and not (resume and _same_run(partial / RUN_FILE, run)):
+        if resume:
+            tqdm.write(f"resume: {partial} holds a different run; starting over", file=sys.stderr)
+        shutil.rmtree(partial)
+
+    with staged_dir(out, force=force, keep_on_error=True) as tmp:
+        (tmp / LAYERS_DIR).mkdir(exist_ok=True)
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+        modules, done, store = quantize_layers(ck, spec, tokens, tmp / LAYERS_DIR, dev)
+        files = write_model(ck, tmp, spec, parse_size(max_shard_size))
+        for name in COPY_FILES:
+            if (model / name).is_file():
+                shutil.copy2(model / name, tmp / name)
+                files.append(name)
+        write_configs(tmp, ck.config, spec)
+        seconds = time.perf_counter() - t_start
+        log = {"method": spec.method, "spec": spec.as_dict(), "calibration": cal_info,
+               "modules": modules, "seconds": round(seconds, 3), "resumed_layers": done,
+               "device": dev.type, "activations": store, "tool_version": __version__}
+        (tmp / "quant_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        shutil.rmtree(tmp / LAYERS_DIR)
+        (tmp / RUN_FILE).unlink()
+    n = ck.args.n_layers
+    return {"out": str(out), "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+            "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
+            "seconds": round(seconds, 3), "seconds_per_layer": round(seconds / n, 3),
+            "files": sorted(files + ["config.json", "quantize_config.json", "quant_log.json"]),
+            "calibration": cal_info}
+
+
+def _same_run(run_file: Path, run: dict) -> bool:
+    try:
+        return json.loads(run_file.read_text()) == json.loads(json.dumps(run))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def model_tokenizer(model: Path) -> Any:
+    """The model's own tokenizer (AutoTokenizer on its directory)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise InputError(f"{model}: cannot load its tokenizer with AutoTokenizer ({e})") from e
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="-1: one group per row")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="quantise columns by descending Hessian diagonal (desc_act)")
+@click.option("--sym/--asym", default=True, show_default=True, help="symmetric or asymmetric grid")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="fraction of mean diag(H)")
+@click.option("--static-groups", is_flag=True, help="fit every group's grid up front")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
+@click.option("--mse", is_flag=True, help="search shrunk ranges for the least-error grid")
+@click.option("--blocksize", type=int, default=128, show_default=True)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--calibration", help="glob, directory, file, or hf:DATASET[:CONFIG]:SPLIT:FIELD")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished layer")
+@click.option("--force", is_flag=True, help="replace an existing output")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
+def command(model: Path, out: Path, bits: str, group_size: int, act_order: bool, sym: bool,
+            damp: float, static_groups: bool, true_sequential: bool, mse: bool, blocksize: int,
+            method: str, calibration: str | None, nsamples: int, seqlen: int, seed: int,
+            device: str, max_shard_size: str, resume: bool, force: bool, as_json: bool) -> None:
+    """Quantise an HF Llama directory MODEL to GPTQ (v1 format) in OUT, layer by layer."""
+    spec = QuantSpec(int(bits), group_size, act_order, sym=sym, damp=damp, static_groups=static_groups,
+                     true_sequential=true_sequential, mse=mse, blocksize=blocksize, method=method)
+    s = quantize(model, out, spec, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                 seed=seed, device=device, resume=resume, force=force, max_shard_size=max_shard_size)
+    line = (f"quantized {s['layers']} layers ({s['method']}, {s['bits']}-bit, group {s['group_size']}, "
+            f"act-order {s['act_order']}) to {s['out']} in {s['seconds']:.1f}s "
+            f"({s['seconds_per_layer']:.2f}s/layer, {s['resumed_layers']} resumed)")
+    if as_json:
+        click.echo(json.dumps(s))
+    click.echo(line, err=as_json)

@@ -1,0 +1,206 @@
+"""The end-to-end job on a tiny random Meta checkpoint: every stage runs, a re-run recomputes
+nothing, a changed variant recomputes only itself and verify, a failing verify stops publish."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from meta_fixtures import build_checkpoint
+from pipeline.cli import main
+from pipeline.job import JobFailed, run_job, tree_fingerprint
+from pipeline.recipe import load_recipe
+
+RECIPE = """
+[model]
+name = "Tiny"
+
+[source]
+path = "meta"
+
+[calibration]
+source = "text/calib"
+nsamples = 8
+seqlen = 64
+
+[[variants]]
+branch = "main"
+bits = 4
+group_size = 32
+
+[[variants]]
+bits = 8
+group_size = 32
+act_order = true
+damp = 0.05
+
+[verify]
+eval = "text/eval"
+seqlen = 64
+max_windows = 4
+# random weights: these tests are about the job, not about quantisation quality
+tolerance = { "4" = 10.0, "8" = 10.0 }
+prompts = ["def walk(top):"]
+
+[publish]
+fp16_repo = "org/Tiny-fp16"
+gptq_repo = "org/Tiny-GPTQ"
+"""
+V8 = "gptq-8bit-32g-actorder_True"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A recipe beside a 2-shard Llama 2-shaped random checkpoint and local text."""
+    import argparse
+    import json as json_module
+    import textwrap as textwrap_module
+
+    build_checkpoint(tmp_path / "meta", "llama2", n_shards=2)
+    for name, modules in {"calib": (argparse,), "eval": (json_module, textwrap_module)}.items():
+        d = tmp_path / "text" / name
+        d.mkdir(parents=True)
+        for m in modules:
+            (d / f"{m.__name__}.py").write_text(inspect.getsource(m))
+    (tmp_path / "tiny.toml").write_text(RECIPE)
+    return tmp_path
+
+
+def statuses(result: dict) -> dict[str, str]:
+    return {r["stage"]: r["status"] for r in result["stages"]}
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_job_runs_every_stage_then_reuses_and_recomputes_only_what_changed(project):
+    work = project / "work"
+    first = run_job(load_recipe(project / "tiny.toml"), workdir=work, dry_run=True, device="cpu")
+    assert first["ok"] and first["exit_code"] == 0
+    assert statuses(first) == {"convert": "ran", "quantize/main": "ran", f"quantize/{V8}": "ran",
+                               "verify": "ran", "publish": "dry run"}
+    report = json.loads((work / "verify" / "verify.json").read_text())
+    assert report["passed"] and set(report["artifacts"]) == {"fp16", "main", V8}
+    q8 = json.loads((work / "gptq" / V8 / "quantize_config.json").read_text())
+    assert (q8["bits"], q8["group_size"], q8["desc_act"], q8["damp_percent"]) == (8, 32, True, 0.05)
+    plan = json.loads((work / "publish-plan" / "plan.json").read_text())
+    assert set(plan["repos"]["org/Tiny-GPTQ"]["branches"]) == {"main", V8}
+    assert set(plan["repos"]["org/Tiny-fp16"]["branches"]) == {"main"}
+    assert {r["artifact"] for r in first["perplexity"]} == {"fp16", "main", V8}
+    records = json.loads((work / "job.json").read_text())["stages"]
+    assert records["convert"]["output"] == tree_fingerprint(work / "fp16")
+    assert "verify: running (no previous run)" in (work / "job.log").read_text()
+
+    # the same inputs: nothing is recomputed, no output file is touched
+    before = mtimes(work / "fp16") | {f"gptq/{k}": v for k, v in mtimes(work / "gptq").items()}
+    again = run_job(load_recipe(project / "tiny.toml"), workdir=work, dry_run=True, device="cpu")
+    assert statuses(again) == {"convert": "reused", "quantize/main": "reused",
+                               f"quantize/{V8}": "reused", "verify": "reused", "publish": "dry run"}
+    after = mtimes(work / "fp16") | {f"gptq/{k}": v for k, v in mtimes(work / "gptq").items()}
+    assert after == before
+    assert again["perplexity"] == first["perplexity"]
+
+    # one variant's option changes: only that variant and verify run again
+    (project / "tiny.toml").write_text(RECIPE.replace("damp = 0.05", "damp = 0.02"))
+    main_files = mtimes(work / "gptq" / "main")
+    third = run_job(load_recipe(project / "tiny.toml"), workdir=work, dry_run=True, device="cpu")
+    assert statuses(third) == {"convert": "reused", "quantize/main": "reused",
+                               f"quantize/{V8}": "ran", "verify": "ran", "publish": "dry run"}
+    assert mtimes(work / "gptq" / "main") == main_files
+    assert json.loads((work / "gptq" / V8 / "quantize_config.json").read_text())["damp_percent"] == 0.02
+    assert "changed: spec" in next(r["reason"] for r in third["stages"] if r["stage"] == f"quantize/{V8}")
+
+    # an output removed by hand is rebuilt, and what depends on it re-runs
+    import shutil
+    shutil.rmtree(work / "gptq" / "main")
+    fourth = run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="verify", device="cpu")
+    assert statuses(fourth) == {"convert": "reused", "quantize/main": "ran",
+                                f"quantize/{V8}": "reused", "verify": "ran"}
+    assert next(r["reason"] for r in fourth["stages"] if r["stage"] == "quantize/main") == \
+        "output missing or modified"
+
+
+def test_failing_verify_stops_publish(project, monkeypatch):
+    """A variant whose quantised weights are broken (NaN scales) fails verify: exit code 3,
+    no publish plan."""
+    import pipeline.quantize
+
+    real = pipeline.quantize.quantize
+
+    def broken(model, out, spec, **kw):
+        summary = real(model, out, spec, **kw)
+        if spec.bits == 8:
+            for f in Path(out).glob("*.safetensors"):
+                tensors = load_file(f)
+                for name in tensors:
+                    if name.endswith("scales"):
+                        tensors[name] = torch.full_like(tensors[name], float("nan"))
+                save_file(tensors, f, metadata={"format": "pt"})
+        return summary
+
+    monkeypatch.setattr(pipeline.quantize, "quantize", broken)
+    with pytest.raises(JobFailed) as e:
+        run_job(load_recipe(project / "tiny.toml"), workdir=project / "work", dry_run=True,
+                device="cpu")
+    assert e.value.exit_code == 3
+    result = e.value.result
+    assert not result["ok"] and result["exit_code"] == 3 and "perplexity" in result["error"]
+    assert statuses(result)["verify"] == "failed" and "publish" not in statuses(result)
+    assert not (project / "work" / "publish-plan").exists()
+    records = json.loads((project / "work" / "job.json").read_text())["stages"]
+    assert records["verify"]["status"] == "failed" and "publish" not in records
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m pipeline ARGS` in this process: exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_one_variant_then_the_rest_and_the_cli(project, monkeypatch, capsys):
+    work = project / "work"
+    # a scheduler's per-variant task: convert + quantize one variant, nothing else
+    code, out, err = run_cli(["run", str(project / "tiny.toml"), "--workdir", str(work),
+                              "--stage", "quantize", "--variant", "main", "--device", "cpu",
+                              "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out)  # stdout holds exactly one JSON object
+    assert "quantize/main" in err  # the table goes to stderr with --json
+    assert statuses(result) == {"convert": "ran", "quantize/main": "ran"}
+    assert result["variants"] == ["main"] and result["ok"]
+    assert not (work / "gptq" / V8).exists() and not (work / "verify").exists()
+    # the final task: everything, reusing the variant already made
+    final = run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="verify", device="cpu")
+    assert statuses(final) == {"convert": "reused", "quantize/main": "reused",
+                               f"quantize/{V8}": "ran", "verify": "ran"}
+    # bad input: exit code 2, naming what is wrong
+    code, out, err = run_cli(["run", str(project / "tiny.toml"), "--workdir", str(work),
+                              "--variant", "nope"], monkeypatch, capsys)
+    assert code == 2 and "no variant 'nope'" in err
+    code, out, err = run_cli(["run", "no-such-recipe"], monkeypatch, capsys)
+    assert code == 2 and "no-such-recipe: no such recipe" in err
+
+
+def test_missing_source_is_an_input_error(project, tmp_path, monkeypatch):
+    text = RECIPE.replace('path = "meta"', 'env = "TINY_META_DIR"')
+    (project / "env.toml").write_text(text)
+    monkeypatch.delenv("TINY_META_DIR", raising=False)
+    with pytest.raises(JobFailed, match=r"\$TINY_META_DIR is not set") as e:
+        run_job(load_recipe(project / "env.toml"), workdir=project / "w", device="cpu")
+    assert e.value.exit_code == 2
+    monkeypatch.setenv("TINY_META_DIR", str(project / "meta"))
+    result = run_job(load_recipe(project / "env.toml"), workdir=project / "w", stage="convert")
+    assert statuses(result) == {"convert": "ran"} and result["ok"]

@@ -1,0 +1,251 @@
+"""The quantize stage on a small trained Llama: the saved checkpoint read by an independent numpy
+dequantiser reproduces the quantiser's fake-quantised weights exactly; perplexity (transformers'
+LlamaForCausalLM) rises less with GPTQ than with RTN; resume is bit-identical; bad input fails."""
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+import pipeline.quantize as stage
+from pipeline.cli import main
+from pipeline.errors import InputError, OutputExistsError
+from pipeline.gptq import QuantSpec, gptq
+from pipeline.quantize import LINEARS, quantize
+from trained_model import calibration_glob, eval_glob, make_trained_model
+
+CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
+
+
+def np_unpack(words: np.ndarray, bits: int) -> np.ndarray:
+    """Values packed down the rows of int32 `words` [rows, cols]: per column, the words form one
+    LSB-first bit stream; value j is bits [j·bits, (j+1)·bits)."""
+    cols = words.shape[1]
+    stream = np.ascontiguousarray(words.astype("<i4").view("<u4").T).view(np.uint8)  # [cols, rows·4]
+    b = np.unpackbits(stream.reshape(cols, -1), axis=1, bitorder="little").reshape(cols, -1, bits)
+    return (b.astype(np.int64) << np.arange(bits)).sum(-1).T  # [rows·32/bits, cols]
+
+
+def np_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarray:
+    """W [out, in] = scales[g]·(q − (qzeros + 1)), g = g_idx, in float32."""
+    q = np_unpack(t[prefix + ".qweight"], bits)  # [in, out]
+    z = np_unpack(t[prefix + ".qzeros"].T, bits).T + 1  # [groups, out]
+    g = t[prefix + ".g_idx"].astype(np.int64)
+    s = t[prefix + ".scales"].astype(np.float32)
+    return (s[g] * (q - z[g]).astype(np.float32)).T
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("trained")
+    make_trained_model(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def eval_tokens(trained) -> torch.Tensor:
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(trained / "model")
+    text = "".join(Path(p).read_text() for p in sorted(Path(trained).glob("text/eval/*.py")))
+    ids = torch.tensor(tok(text, verbose=False)["input_ids"])
+    n = ids.numel() // 128
+    return ids[:n * 128].view(n, 128)
+
+
+def perplexity(model_dir: Path, tokens: torch.Tensor, quantized: Path | None = None) -> float:
+    """transformers' LlamaForCausalLM on the fp16 model, linears replaced by the dequantised ones."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if quantized is not None:
+        bits = json.loads((quantized / "quantize_config.json").read_text())["bits"]
+        t = load_file(quantized / "model.safetensors")
+        for name, module in model.named_modules():
+            if name + ".qweight" in t:
+                module.weight.data = torch.from_numpy(np_dequantize(t, name, bits))
+    with torch.no_grad():
+        return math.exp(float(model(input_ids=tokens, labels=tokens).loss))
+
+
+def run(trained: Path, out: Path, spec: QuantSpec, **kw) -> dict:
+    return quantize(trained / "model", out, spec, calibration=calibration_glob(trained), **{**CAL, **kw})
+
+
+class Spy:
+    """Wraps the real gptq() to record each result (the fake-quantised weights), optionally
+    interrupting (Ctrl-C) at call number `stop_at`."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.real, self.results, self.stop_at = gptq, [], stop_at
+
+    def __call__(self, W, H, spec):
+        if len(self.results) == self.stop_at:
+            raise KeyboardInterrupt
+        self.results.append(self.real(W, H, spec))
+        return self.results[-1]
+
+
+@pytest.fixture(scope="module")
+def runs(trained, tmp_path_factory):
+    """The variants the tests compare, each quantised once; GPTQ results captured by a Spy."""
+    out = tmp_path_factory.mktemp("quantized")
+    specs = {"gptq3": QuantSpec(3, 32, True, sym=False), "rtn3": QuantSpec(3, 32, False, sym=False, method="rtn"),
+             "gptq4": QuantSpec(4, -1, False), "rtn4": QuantSpec(4, -1, False, method="rtn")}
+    done = {}
+    mp = pytest.MonkeyPatch()
+    for name, spec in specs.items():
+        spy = Spy()
+        mp.setattr(stage, "gptq", spy)
+        summary = run(trained, out / name, spec)
+        done[name] = (out / name, summary, spy.results)
+    mp.undo()
+    return done
+
+
+def test_saved_checkpoint_reproduces_fake_quantised_weights(runs):
+    path, summary, results = runs["gptq3"]
+    t = load_file(path / "model.safetensors")
+    names = [f"model.layers.{i}.{n}" for i in range(summary["layers"]) for n in LINEARS]
+    assert len(results) == len(names)
+    for name, r in zip(names, results):
+        assert np.array_equal(np_dequantize(t, name, 3), r.Q.numpy()), name
+        assert not np.array_equal(t[name + ".g_idx"], np.sort(t[name + ".g_idx"]))  # act-order
+
+
+def test_perplexity_gptq_rises_less_than_rtn(runs, trained, eval_tokens):
+    model = trained / "model"
+    fp = perplexity(model, eval_tokens)
+    rise = {k: perplexity(model, eval_tokens, runs[k][0]) / fp - 1 for k in runs}
+    assert 0 <= rise["gptq4"] < rise["rtn4"], rise
+    assert rise["gptq3"] < rise["rtn3"] / 4, rise
+    assert rise["rtn3"] > 0.02, rise  # the trained model is sensitive enough to show it
+
+
+def test_output_directory(runs, trained):
+    path, summary, _ = runs["gptq4"]
+    src = trained / "model"
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (path / name).read_bytes() == (src / name).read_bytes()
+    cfg = json.loads((path / "config.json").read_text())
+    qc = json.loads((path / "quantize_config.json").read_text())
+    assert cfg["quantization_config"] == qc and qc["bits"] == 4 and qc["group_size"] == -1
+    assert cfg["rope_theta"] == json.loads((src / "config.json").read_text())["rope_theta"]
+    t = load_file(path / "model.safetensors")
+    orig = load_file(src / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                 "model.layers.1.input_layernorm.weight"):
+        assert t[name].dtype == np.float16 and np.array_equal(t[name], orig[name])
+    assert t["model.layers.0.mlp.down_proj.qweight"].shape == (256 * 4 // 32, 128)
+    assert t["model.layers.0.mlp.down_proj.qzeros"].shape == (1, 128 * 4 // 32)
+    assert not any(n.endswith("proj.weight") for n in t)
+    log = json.loads((path / "quant_log.json").read_text())
+    assert log["method"] == "gptq" and log["spec"]["bits"] == 4
+    assert set(log["modules"]) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
+    assert all(m["damp"] == 0.01 and m["loss"] > 0 for m in log["modules"].values())
+    cal = log["calibration"]
+    assert (cal["nsamples"], cal["seqlen"], cal["seed"], cal["files"]) == (16, 128, 0, 1)
+    assert not list(path.parent.glob(".*partial*"))
+
+
+def test_sharded_output_and_resume_is_bit_identical(runs, trained, tmp_path, monkeypatch):
+    spec = QuantSpec(4, -1, False)
+    full = tmp_path / "full"
+    run(trained, full, spec, max_shard_size="100KB")
+    index = json.loads((full / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    single = load_file(runs["gptq4"][0] / "model.safetensors")
+    assert set(index["weight_map"]) == set(single)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(stage, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
+    with pytest.raises(KeyboardInterrupt):
+        run(trained, out, spec, max_shard_size="100KB")
+    assert not out.exists()
+    monkeypatch.undo()
+    summary = run(trained, out, spec, max_shard_size="100KB", resume=True)
+    assert summary["resumed_layers"] == 1
+    files = sorted(p.name for p in full.iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    for name in files:
+        if name != "quant_log.json":
+            assert (full / name).read_bytes() == (out / name).read_bytes(), name
+    logs = [json.loads((d / "quant_log.json").read_text())["modules"] for d in (full, out)]
+    assert {k: v["loss"] for k, v in logs[0].items()} == {k: v["loss"] for k, v in logs[1].items()}
+
+
+def write_model(directory: Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(state, str(directory / "model.safetensors"))
+    return directory
+
+
+def test_bad_input(trained, runs, tmp_path):
+    model = trained / "model"
+    cfg = json.loads((model / "config.json").read_text())
+    state = {k: torch.from_numpy(v) for k, v in load_file(model / "model.safetensors").items()}
+    spec = QuantSpec(4, 128, False)
+
+    gpt2 = write_model(tmp_path / "gpt2", {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, state)
+    with pytest.raises(InputError, match="not a Llama"):
+        quantize(gpt2, tmp_path / "o1", spec, calibration=calibration_glob(trained))
+    with pytest.raises(InputError, match="already quantised"):
+        quantize(runs["gptq4"][0], tmp_path / "o2", spec, calibration=calibration_glob(trained))
+    with pytest.raises(InputError, match=r"self_attn.q_proj has 128 inputs, not divisible by --group-size 48"):
+        quantize(model, tmp_path / "o3", QuantSpec(4, 48, False), calibration=calibration_glob(trained))
+    odd = {**cfg, "hidden_size": 80, "num_attention_heads": 2, "num_key_value_heads": 2}
+    with pytest.raises(InputError, match=r"self_attn.q_proj is \[80, 80\].*multiples of 32"):
+        quantize(write_model(tmp_path / "odd", odd, state), tmp_path / "o4", spec,
+                 calibration=calibration_glob(trained))
+    with pytest.raises(InputError, match="needs calibration text"):
+        quantize(model, tmp_path / "o5", spec)
+    with pytest.raises(InputError, match="no files found"):
+        quantize(model, tmp_path / "o6", spec, calibration=str(tmp_path / "none" / "*.py"), **CAL)
+    (tmp_path / "short.py").write_text("def f(x):\n    return x\n")
+    with pytest.raises(InputError, match="short.py.*windows of 128 tokens, 16 requested"):
+        quantize(model, tmp_path / "o7", spec, calibration=str(tmp_path / "short.py"), **CAL)
+    with pytest.raises(OutputExistsError):
+        quantize(model, runs["gptq4"][0], spec, calibration=calibration_glob(trained))
+
+    bad = dict(state)
+    bad["model.layers.1.post_attention_layernorm.weight"] = torch.full((128,), float("nan"), dtype=torch.float16)
+    nan_model = write_model(tmp_path / "nan", cfg, bad)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, nan_model)
+    with pytest.raises(InputError, match=r"model.layers.1.mlp.gate_proj: NaN/inf in the calibration"):
+        quantize(nan_model, tmp_path / "o8", spec, calibration=calibration_glob(trained), **CAL)
+
+
+def test_cli_exit_codes_and_json(trained, runs, tmp_path, monkeypatch, capsys):
+    def cli(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["pipeline", "quantize", *args])
+        try:
+            main()
+        except SystemExit as e:
+            return e.code
+        return 0
+
+    assert cli(str(trained / "model"), str(runs["rtn4"][0])) == 2  # exists, no --force
+    assert "already exists" in capsys.readouterr().err
+    out = tmp_path / "rtn"
+    code = cli(str(trained / "model"), str(out), "--method", "rtn", "--bits", "8",
+               "--group-size", "64", "--json", "--device", "cpu")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "rtn" and summary["bits"] == 8 and (out / "model.safetensors").is_file()
+
+    out = tmp_path / "static"
+    assert cli(str(trained / "model"), str(out), "--bits", "2", "--group-size", "64", "--act-order",
+               "--static-groups", "--no-true-sequential", "--asym", "--damp", "0.05", "--device", "cpu",
+               "--calibration", calibration_glob(trained), "--nsamples", "8", "--seqlen", "64") == 0
+    assert "quantized 2 layers (gptq, 2-bit, group 64, act-order True)" in capsys.readouterr().out
+    t = load_file(out / "model.safetensors")
+    assert np.array_equal(t["model.layers.1.mlp.down_proj.g_idx"], np.arange(256) // 64)  # static
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert (qc["static_groups"], qc["true_sequential"], qc["sym"], qc["damp_percent"]) == (True, False, False, 0.05)

@@ -1,0 +1,280 @@
+"""Recipe loading: the schema, every validation error, `extends`, paths, and the shipped recipes."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.recipe import find_recipe, load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+MINIMAL = """
+[model]
+name = "Tiny"
+
+[source]
+path = "ckpt"
+
+[calibration]
+source = "calib/*.py"
+
+[[variants]]
+branch = "main"
+bits = 4
+
+[verify]
+eval = "eval"
+
+[publish]
+fp16_repo = "org/Tiny-fp16"
+gptq_repo = "org/Tiny-GPTQ"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def edited(old: str, new: str) -> str:
+    assert old in MINIMAL
+    return MINIMAL.replace(old, new, 1)
+
+
+def test_minimal_recipe_defaults_and_paths(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL))
+    assert r.name == "r"
+    assert r.source.path == tmp_path / "ckpt"
+    assert r.calibration.source == str(tmp_path / "calib/*.py")
+    assert r.verify.eval == str(tmp_path / "eval")
+    assert r.convert.dtype == "float16" and r.convert.max_shard_size == "5GB"
+    (v,) = r.variants
+    assert r.default_variant is v
+    assert (v.branch, v.bits, v.group_size, v.act_order, v.damp, v.sym) == ("main", 4, 128, False, 0.01, True)
+    # variants inherit the calibration defaults
+    assert (v.calibration, v.nsamples, v.seqlen, v.seed) == (str(tmp_path / "calib/*.py"), 128, 2048, 0)
+    assert v.quant_options() == {"bits": 4, "group_size": 128, "act_order": False, "sym": True,
+                                 "damp": 0.01, "static_groups": False, "true_sequential": True,
+                                 "mse": False, "method": "gptq"}
+    assert r.verify.tolerance == {} and r.verify.prompts == [] and r.verify.max_windows is None
+
+
+def test_default_branch_names_and_per_variant_overrides(tmp_path):
+    text = MINIMAL + """
+[[variants]]
+bits = 8
+group_size = -1
+act_order = true
+calibration = "hf:wikitext:wikitext-2-raw-v1:train:text"
+nsamples = 16
+seqlen = 512
+
+[[variants]]
+bits = 3
+group_size = 32
+"""
+    r = load_recipe(write(tmp_path, text))
+    branches = [v.branch for v in r.variants]
+    assert branches == ["main", "gptq-8bit--1g-actorder_True", "gptq-3bit-32g-actorder_False"]
+    v8 = r.variant("gptq-8bit--1g-actorder_True")
+    assert (v8.calibration, v8.nsamples, v8.seqlen) == ("hf:wikitext:wikitext-2-raw-v1:train:text", 16, 512)
+    with pytest.raises(InputError, match="no variant 'nope'"):
+        r.variant("nope")
+
+
+def test_tolerance_and_lists_parse(tmp_path):
+    text = edited('eval = "eval"', 'eval = "eval"\ntolerance = { "4" = 0.05 }\nprompts = ["def f():"]\n'
+                  'max_windows = 3')
+    r = load_recipe(write(tmp_path, text))
+    assert r.verify.tolerance == {4: 0.05}
+    assert r.verify.prompts == ["def f():"] and r.verify.max_windows == 3
+
+
+@pytest.mark.parametrize("old,new,message", [
+    # unknown keys
+    ('name = "Tiny"', 'name = "Tiny"\ncolour = "red"', r"\[model\]: unknown key\(s\) colour"),
+    ("bits = 4", "bits = 4\nbitz = 4", r"\[\[variants\]\] #1: unknown key\(s\) bitz"),
+    ("[model]", "flavour = 1\n[model]", r"unknown top-level key\(s\) flavour"),
+    # missing keys / sections
+    ('name = "Tiny"', 'creator = "x"', r"\[model\]: missing required key 'name'"),
+    ('[verify]\neval = "eval"', "", r"missing section \[verify\]"),
+    ("bits = 4", "group_size = 128", r"missing required key 'bits'"),
+    # wrong types
+    ("bits = 4", 'bits = "4"', r"bits must be an integer, got str '4'"),
+    ("bits = 4", "bits = 4.0", r"bits must be an integer"),
+    ("bits = 4", "bits = true", r"bits must be an integer"),
+    ("bits = 4", "bits = 4\nact_order = 1", r"act_order must be true or false"),
+    ("bits = 4", "bits = 4\ndamp = true", r"damp must be a number"),
+    ('name = "Tiny"', "name = 7", r"\[model\] name must be a string"),
+    ('gptq_repo = "org/Tiny-GPTQ"', 'gptq_repo = "org/Tiny-GPTQ"\ntags = "code"', r"tags must be a list of strings"),
+    ('eval = "eval"', 'eval = "eval"\ntolerance = { "4" = "x" }', r"tolerance.4 must be a number"),
+    ('eval = "eval"', 'eval = "eval"\ntolerance = { "four" = 0.1 }', r"key 'four' must be a bit width"),
+    ('eval = "eval"', 'eval = "eval"\ntolerance = 0.1', r"tolerance must be a table"),
+    ('path = "ckpt"', "path = 3", r"\[source\] path must be a path"),
+    ("[[variants]]", "[variants]", r"variants must be an array of tables"),
+    # impossible values and combinations
+    ("bits = 4", "bits = 5", r"bits = 5: must be one of 2, 3, 4, 8"),
+    ("bits = 4", "bits = 4\ngroup_size = 100", r"group_size = 100: must be -1 .* or a power of two"),
+    ("bits = 4", "bits = 4\ngroup_size = 0", r"group_size = 0"),
+    ("bits = 4", "bits = 4\ngroup_size = -2", r"group_size = -2"),
+    ("bits = 4", "bits = 4\ndamp = 0", r"damp = 0.0: must be in \(0, 1\)"),
+    ("bits = 4", "bits = 4\ndamp = 1", r"damp = 1.0"),
+    ("bits = 4", "bits = 4\nmethod = \"awq\"", r"method = 'awq'"),
+    ("bits = 4", "bits = 4\ngroup_size = -1\nstatic_groups = true", r"static_groups needs a group_size"),
+    ("bits = 4", "bits = 4\nnsamples = 0", r"nsamples = 0"),
+    ('branch = "main"', 'branch = "my branch"', r"branch = 'my branch'"),
+    ('branch = "main"', 'branch = "gptq-4bit-128g"', r'no variant has branch = "main"'),
+    ('[[variants]]\nbranch = "main"\nbits = 4', "", r"missing section \[variants\]"),
+    ('path = "ckpt"', 'path = "ckpt"\nenv = "CKPT"', r"exactly one of `path` or `env` \(got both\)"),
+    ('path = "ckpt"', "", r"exactly one of `path` or `env` \(got neither\)"),
+    ('path = "ckpt"', 'env = "not a name"', r"not an environment variable name"),
+    ('name = "Tiny"', 'name = "Tiny"\nprompt_template = "Q:"', r"prompt_template must contain \{prompt\}"),
+    ('name = "Tiny"', 'name = "Tiny"\noriginal_card = "card.md"', r"original_card = .*card.md.*file not found"),
+    ("[calibration]", "[convert]\ndtype = \"int8\"\n[calibration]", r"dtype = 'int8'"),
+    ("[calibration]", "[convert]\nmax_shard_size = \"lots\"\n[calibration]", r"max_shard_size = 'lots'"),
+    ('source = "calib/*.py"', 'source = "hf:wikitext"', r"expected hf:DATASET\[:CONFIG\]:SPLIT:FIELD"),
+    ('eval = "eval"', 'eval = "eval"\ntolerance = { "5" = 0.1 }', r"keys must be bit widths"),
+    ('eval = "eval"', 'eval = "eval"\ntolerance = { "8" = 0.1 }', r"no entry for the 4-bit variant"),
+    ('eval = "eval"', 'eval = "eval"\nmax_windows = 0', r"max_windows = 0"),
+    ('gptq_repo = "org/Tiny-GPTQ"', 'gptq_repo = "org/Tiny-fp16"', r"fp16_repo and gptq_repo must differ"),
+    ('gptq_repo = "org/Tiny-GPTQ"', 'gptq_repo = "Tiny-GPTQ"', r"gptq_repo = 'Tiny-GPTQ': expected a repository id"),
+])
+def test_invalid_recipes_name_file_and_key(tmp_path, old, new, message):
+    path = write(tmp_path, edited(old, new))
+    with pytest.raises(InputError, match=message) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value)
+
+
+def test_duplicate_branches(tmp_path):
+    explicit = MINIMAL + '\n[[variants]]\nbranch = "main"\nbits = 8\n'
+    with pytest.raises(InputError, match=r"#2 \(main\): branch 'main' is also used by \[\[variants\]\] #1"):
+        load_recipe(write(tmp_path, explicit))
+    computed = MINIMAL + ('\n[[variants]]\nbits = 8\n\n[[variants]]\nbranch = "gptq-8bit-128g-actorder_False"\n'
+                          "bits = 3\n")
+    with pytest.raises(InputError, match="also used by"):
+        load_recipe(write(tmp_path, computed))
+
+
+def test_empty_variant_list(tmp_path):
+    text = "variants = []\n" + edited('[[variants]]\nbranch = "main"\nbits = 4', "")
+    with pytest.raises(InputError, match=r"no \[\[variants\]\]; at least the one on branch"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"r.toml: invalid TOML"):
+        load_recipe(write(tmp_path, "[model\nname = 1"))
+    with pytest.raises(InputError, match=r"nope.toml: recipe file not found"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def test_extends_merges_tables_and_resolves_paths_per_file(tmp_path):
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / "card.md").write_text("# card\n")
+    write(base_dir, MINIMAL.replace('name = "Tiny"', 'name = "Base"\noriginal_card = "card.md"\n'
+                                    'license = "llama2"'), "common.toml")
+    leaf = write(tmp_path, """
+        extends = "base/common.toml"
+
+        [model]
+        name = "Leaf"
+
+        [calibration]
+        nsamples = 7
+
+        [[variants]]
+        branch = "main"
+        bits = 8
+        group_size = 64
+        """)
+    r = load_recipe(leaf)
+    assert r.model.name == "Leaf" and r.model.license == "llama2"           # merged key by key
+    assert r.model.original_card == base_dir / "card.md"                    # base's own directory
+    assert r.calibration.source == str(base_dir / "calib/*.py") and r.calibration.nsamples == 7
+    assert [(v.bits, v.group_size, v.nsamples) for v in r.variants] == [(8, 64, 7)]  # list replaced
+    assert r.name == "r"
+
+
+def test_extends_errors(tmp_path):
+    write(tmp_path, 'extends = "b.toml"\n', "a.toml")
+    write(tmp_path, 'extends = "a.toml"\n', "b.toml")
+    with pytest.raises(InputError, match="`extends` cycle"):
+        load_recipe(tmp_path / "a.toml")
+    with pytest.raises(InputError, match=r"missing.toml: recipe file not found \(extended by .*c.toml\)"):
+        load_recipe(write(tmp_path, 'extends = "missing.toml"\n', "c.toml"))
+    with pytest.raises(InputError, match="extends must be a string"):
+        load_recipe(write(tmp_path, "extends = 3\n", "d.toml"))
+
+
+def test_source_resolve(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    assert load_recipe(write(tmp_path, MINIMAL)).source.resolve() == tmp_path / "ckpt"
+    r = load_recipe(write(tmp_path, edited('path = "ckpt"', 'env = "TINY_CKPT"')))
+    monkeypatch.delenv("TINY_CKPT", raising=False)
+    with pytest.raises(InputError, match=r"\$TINY_CKPT is not set"):
+        r.source.resolve()
+    monkeypatch.setenv("TINY_CKPT", str(tmp_path / "absent"))
+    with pytest.raises(InputError, match=r"\$TINY_CKPT = .*absent.* is not a directory"):
+        r.source.resolve()
+    monkeypatch.setenv("TINY_CKPT", str(tmp_path / "ckpt"))
+    assert r.source.resolve() == tmp_path / "ckpt"
+
+
+SHIPPED = sorted(p for p in RECIPES.glob("*.toml") if not p.name.startswith("_"))
+CODELLAMA_SET = [  # (branch, bits, group, act-order) as quantisers published them for CodeLlama
+    ("main", 4, 128, False),
+    ("gptq-4bit-32g-actorder_True", 4, 32, True),
+    ("gptq-4bit-64g-actorder_True", 4, 64, True),
+    ("gptq-8bit-128g-actorder_True", 8, 128, True),
+    ("gptq-3bit-128g-actorder_True", 3, 128, True),
+]
+
+
+def test_every_expected_recipe_is_shipped():
+    names = {p.stem for p in SHIPPED}
+    expected = {f"codellama-{s}{f}" for s in ("7b", "13b", "34b") for f in ("", "-python", "-instruct")}
+    expected |= {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "demo"}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipe_is_valid(path):
+    r = load_recipe(path)
+    assert r.default_variant.branch == "main"
+    assert r.publish.fp16_repo != r.publish.gptq_repo
+    if path.stem.startswith("codellama"):
+        got = [(v.branch, v.bits, v.group_size, v.act_order) for v in r.variants]
+        assert got == CODELLAMA_SET
+        size, *flavour = path.stem.split("-")[1:]
+        assert r.source.env == "_".join(["CODELLAMA", size, *flavour]).upper()
+        instruct = flavour == ["instruct"]
+        assert ("[INST]" in r.model.prompt_template) == instruct
+        assert r.model.original_card is not None and r.model.original_card.is_file()
+
+
+def test_shipped_demo_points_into_work(tmp_path):
+    r = load_recipe(RECIPES / "demo.toml")
+    root = RECIPES.parent
+    assert r.source.path == root / "work" / "demo-model" / "meta"
+    assert Path(r.calibration.source) == root / "work" / "demo-model" / "text" / "calib"
+    assert os.path.isabs(r.verify.eval)
+
+
+def test_find_recipe_by_path_or_name(tmp_path, monkeypatch):
+    path = write(tmp_path, MINIMAL, "mine.toml")
+    assert find_recipe(str(path)) == path
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("demo").resolve() == RECIPES / "demo.toml"      # beside the package
+    (tmp_path / "recipes").mkdir()
+    write(tmp_path / "recipes", MINIMAL, "demo.toml")
+    assert find_recipe("demo").resolve() == tmp_path / "recipes" / "demo.toml"  # ./recipes first
+    with pytest.raises(InputError, match=r"nope: no such recipe file.*shipped: .*codellama-7b"):
+        find_recipe("nope")

@@ -1,0 +1,64 @@
+"""The numbers verify judges by: perplexity under the standard protocol (GPTQ paper), logits
+parity between two forwards, and degenerate-generation detection."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import InputError
+
+# Conversion parity thresholds by compute dtype: float32 on the CPU, fp16 on CUDA.
+PARITY_THRESHOLDS = {
+    torch.float32: {"max_rel_err": 1e-4, "top1_agreement": 0.999},
+    torch.float16: {"max_rel_err": 2e-2, "top1_agreement": 0.98},
+}
+
+
+def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
+    """The standard protocol's token stream [N]: texts joined with "\\n\\n", tokenised once."""
+    return torch.tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"], dtype=torch.long)
+
+
+def windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None,
+            source: str = "evaluation text") -> torch.Tensor:
+    """Non-overlapping windows [N, seqlen] of a token stream (the tail shorter than seqlen is
+    dropped), the first max_windows of them."""
+    n = tokens.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise InputError(f"{source}: {tokens.numel()} tokens, shorter than one window of "
+                         f"{seqlen}; give more text or a smaller --seqlen")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+def perplexity(nll: torch.Tensor, seqlen: int) -> float:
+    """exp(mean NLL) from per-window summed NLLs [N], each over seqlen - 1 predicted tokens."""
+    return float(torch.exp(nll.double().sum() / (nll.numel() * (seqlen - 1))))  # inf, not an error
+
+
+def logits_parity(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """max_rel_err: max over positions of max|ours − ref| / max|ref| (logits [..., V]);
+    top1_agreement: fraction of positions where both pick the same token."""
+    ours, ref = ours.double(), ref.double()
+    rel = (ours - ref).abs().amax(-1) / ref.abs().amax(-1).clamp_min(1e-30)
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).double().mean()
+    return {"max_rel_err": float(rel.max()), "top1_agreement": float(top1)}
+
+
+def parity_passed(metrics: dict[str, float], thresholds: dict[str, float]) -> bool:
+    return (metrics["max_rel_err"] <= thresholds["max_rel_err"]
+            and metrics["top1_agreement"] >= thresholds["top1_agreement"])
+
+
+def degenerate(tokens: list[int], text: str) -> str | None:
+    """Why a greedy sample is not text (None when it is): one token repeated, empty (or only
+    whitespace), or one character repeated (`!!!!`)."""
+    s = text.strip()
+    if len(tokens) > 1 and len(set(tokens)) == 1:
+        return f"one token repeated ({tokens[0]} × {len(tokens)})"
+    if not s:
+        return "empty output"
+    if len(s) > 1 and len(set(s)) == 1:
+        return f"one character repeated ({s[0]!r} × {len(s)})"
+    return None
