@@ -45,9 +45,11 @@ verify: $(STAMP)
 publish: $(STAMP)
 	$(PY) -m pipeline run $(RECIPE) --stage publish $(ARGS)
 
+# Benchmarks (not tests): numbers and ratios against a baseline measured in the same run.
 bench: $(STAMP)
-	$(PY) bench/convert.py $(ARGS)
-	$(PY) bench/quantize.py $(ARGS)
+	mkdir -p bench/results
+	$(PY) bench/convert.py --layers 2 | tee bench/results/convert.txt
+	$(PY) bench/quantize.py | tee bench/results/quantize.txt
 
 clean:
 	rm -rf $(VENV) out work .pytest_cache

@@ -59,28 +59,29 @@ def file_documents(path: Path) -> Iterator[str]:
         yield str(record[field])
 
 
-def hf_documents(source: str, seed: int) -> Iterator[str]:
-    """Documents of "hf:DATASET[:CONFIG]:SPLIT:FIELD", streamed and shuffled with the seed."""
+def hf_documents(source: str, seed: int | None) -> Iterator[str]:
+    """Documents of "hf:DATASET[:CONFIG]:SPLIT:FIELD", streamed; shuffled with the seed, or in
+    the dataset's order when seed is None (evaluation text)."""
     parts = source[len("hf:"):].split(":")
     if len(parts) not in (3, 4):
-        raise InputError(f"calibration source {source!r}: expected hf:DATASET[:CONFIG]:SPLIT:FIELD")
+        raise InputError(f"text source {source!r}: expected hf:DATASET[:CONFIG]:SPLIT:FIELD")
     name, config, split, field = parts if len(parts) == 4 else (parts[0], None, *parts[1:])
     try:
         import datasets
     except ImportError as e:
-        raise InputError(f"calibration source {source!r} needs the `datasets` library "
+        raise InputError(f"text source {source!r} needs the `datasets` library "
                          "(pip install datasets), or use local files") from e
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        for record in ds.shuffle(seed=seed, buffer_size=10_000):
+        for record in ds if seed is None else ds.shuffle(seed=seed, buffer_size=10_000):
             if field not in record:
-                raise InputError(f"calibration source {source!r}: records have no field {field!r} "
+                raise InputError(f"text source {source!r}: records have no field {field!r} "
                                  f"(fields: {sorted(record)})")
             yield str(record[field])
     except InputError:
         raise
     except Exception as e:  # network, missing dataset or split: the library's own message
-        raise InputError(f"calibration source {source!r}: {e}") from e
+        raise InputError(f"text source {source!r}: {e}") from e
 
 
 def documents(source: str, seed: int) -> tuple[Iterator[str], dict[str, Any]]:

@@ -54,8 +54,8 @@ class DemoSettings:
     n_shards: int = 2
     seqlen: int = 256
     batch: int = 16
-    steps: int = 300
-    lr: float = 3e-3
+    steps: int = 500
+    lr: float = 1e-2
     warmup: int = 40
     weight_decay: float = 0.1
     seed: int = 0

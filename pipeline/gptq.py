@@ -137,9 +137,11 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean)
         L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd
+        del Hd  # few [in, in] matrices alive at once: 34B down_proj's H alone is 1.9 GB
         if int(info) == 0:
-            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return Hinv, damp, failed
         failed.append(damp)
@@ -166,6 +168,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult:
         W, H = W[:, perm], H[perm][:, perm]
     static_of = (perm.cpu() // g).tolist()  # static group of each processed column (one sync)
     Hinv, damp, retries = inverse_cholesky(H, spec.damp)
+    del H
     # blocks hold whole groups, so a group is fitted on fully updated columns
     B = spec.blocksize if static or spec.blocksize % g == 0 else g * max(1, spec.blocksize // g)
 

@@ -30,7 +30,7 @@ from huggingface_hub.utils.sha import git_hash
 from pipeline import __version__, card
 from pipeline.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import staged_dir
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import Recipe, find_recipe, load_recipe
 from verify.report import check_integrity, read_report
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -342,14 +342,6 @@ def add_operation(f: PlannedFile) -> CommitOperationAdd:
     return op
 
 
-def recipe_file(name: str) -> Path:
-    """A recipe path, or the name of a file in recipes/ (`codellama-34b` -> recipes/codellama-34b.toml)."""
-    for path in (Path(name), Path("recipes") / f"{name}.toml"):
-        if path.is_file():
-            return path
-    raise InputError(f"{name}: no such recipe file (nor recipes/{name}.toml)")
-
-
 @click.command("publish")
 @click.argument("recipe")
 @click.option("--workdir", type=click.Path(path_type=Path),
@@ -365,7 +357,7 @@ def recipe_file(name: str) -> Path:
 def command(recipe: str, workdir: Path | None, dry_run: bool, plan_dir: Path | None,
             endpoint: str | None, private: bool, as_json: bool) -> None:
     """Publish RECIPE's verified fp16 model and GPTQ branches to the Hub (token: HF_TOKEN or `hf auth login`)."""
-    r = load_recipe(recipe_file(recipe))
+    r = load_recipe(find_recipe(recipe))
     if private:
         r = dataclasses.replace(r, publish=dataclasses.replace(r.publish, private=True))
     workdir = workdir or Path("work") / r.name

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline import __version__
-from pipeline.calibration import file_documents, local_files
+from pipeline.calibration import file_documents, hf_documents, local_files
 from pipeline.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
 from pipeline.gptq import QuantSpec, rtn
@@ -35,7 +35,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 def eval_documents(source: str) -> tuple[list[Path], list[str]]:
     """Files and documents of the evaluation text (a glob, a directory or a file, read as the
-    calibration text is: a text file is one document, each .jsonl record one)."""
+    calibration text is: a text file is one document, each .jsonl record one), or the records of
+    "hf:DATASET[:CONFIG]:SPLIT:FIELD" in the dataset's order (needs `datasets`)."""
+    if source.startswith("hf:"):
+        return [], list(hf_documents(source, seed=None))
     try:
         files = local_files(source)
     except InputError as e:

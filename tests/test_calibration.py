@@ -85,3 +85,34 @@ def test_errors(tok, tmp_path, monkeypatch):
         load_calibration("hf:allenai/c4:en:train:text", tok, 4, 32)
     with pytest.raises(InputError, match=r"expected hf:DATASET\[:CONFIG\]:SPLIT:FIELD"):
         load_calibration("hf:c4", tok, 4, 32)
+
+
+class _Stream(list):
+    """A stand-in for a streamed `datasets` split: iterable records and a seeded shuffle."""
+
+    def shuffle(self, seed: int, buffer_size: int) -> "_Stream":
+        return _Stream(sorted(self, key=lambda r: hashlib.sha256(f"{seed}{r}".encode()).digest()))
+
+
+def test_hf_source_keeps_dataset_order_for_eval_and_shuffles_for_calibration(monkeypatch):
+    """The `datasets` path: evaluation text in the split's order, calibration seeded-shuffled."""
+    from types import SimpleNamespace
+
+    from pipeline.calibration import hf_documents
+
+    records = _Stream({"text": f"doc {i}"} for i in range(20))
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return records
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    assert list(hf_documents("hf:wikitext:wikitext-2-raw-v1:test:text", None)) == \
+        [f"doc {i}" for i in range(20)]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test", True)]
+    shuffled = list(hf_documents("hf:some/set:train:text", 0))
+    assert sorted(shuffled) == sorted(f"doc {i}" for i in range(20))
+    assert shuffled != [f"doc {i}" for i in range(20)]
+    with pytest.raises(InputError, match="records have no field 'content'"):
+        list(hf_documents("hf:some/set:train:content", None))

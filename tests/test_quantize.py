@@ -2,6 +2,7 @@
 dequantiser reproduces the quantiser's fake-quantised weights exactly; perplexity (transformers'
 LlamaForCausalLM) rises less with GPTQ than with RTN; resume is bit-identical; bad input fails."""
 
+import glob
 import json
 import math
 import shutil
@@ -42,6 +43,16 @@ def np_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarra
     return (s[g] * (q - z[g]).astype(np.float32)).T
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model is tiny: per-column GPTQ steps are microseconds, and on a busy 2-core machine
+    intra-op threads waiting for each other make them 10× slower. One thread for this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("trained")
@@ -53,7 +64,7 @@ def trained(tmp_path_factory) -> Path:
 def eval_tokens(trained) -> torch.Tensor:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(trained / "model")
-    text = "".join(Path(p).read_text() for p in sorted(Path(trained).glob("text/eval/*.py")))
+    text = "".join(Path(p).read_text() for p in sorted(glob.glob(eval_glob(trained))))
     ids = torch.tensor(tok(text, verbose=False)["input_ids"])
     n = ids.numel() // 128
     return ids[:n * 128].view(n, 128)
