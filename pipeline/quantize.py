@@ -170,10 +170,10 @@ def restore_layer(layer: DecoderLayer, file: Path, bits: int, prefix: str, dev: 
             mod.weight.data = dequantize(*t, bits, name=prefix + name).to(mod.weight.dtype)
 
 
-def layer_state(model: Path, i: int) -> dict[str, torch.Tensor]:
-    """Decoder layer i's tensors, read through a checkpoint opened for this layer alone, so its
-    memory map (and the pages it touched) goes away with the layer: RSS does not grow with depth."""
-    return {k: v for k, v in HFCheckpoint(model).layer_state(i).items() if not k.endswith(IGNORED)}
+def layer_state(ck: HFCheckpoint, i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer i's weights (HFCheckpoint drops its memory maps after each layer, so RSS
+    does not grow with depth)."""
+    return {k: v for k, v in ck.layer_state(i).items() if not k.endswith(IGNORED)}
 
 
 def output_plan(ck: HFCheckpoint, spec: QuantSpec) -> list[TensorSpec]:
@@ -264,7 +264,7 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
                 modules.update(json.loads(f.metadata()["log"]))
             if not replay:
                 continue
-        state = layer_state(ck.path, i)
+        state = layer_state(ck, i)
         try:
             layer = load_layer(a, {k: v.to(dev, dtype) for k, v in state.items()})
         except RuntimeError as e:

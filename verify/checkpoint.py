@@ -80,9 +80,12 @@ class HFCheckpoint:
         return self._handles[file].get_tensor(name)
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
-        """All tensors of decoder layer i, keyed without the `model.layers.{i}.` prefix."""
+        """All tensors of decoder layer i, keyed without the `model.layers.{i}.` prefix. The memory
+        maps are dropped afterwards, so the pages they touched do not pile up layer after layer."""
         prefix = f"model.layers.{i}."
-        return {n[len(prefix):]: self.tensor(n) for n in self.weight_map if n.startswith(prefix)}
+        state = {n[len(prefix):]: self.tensor(n) for n in self.weight_map if n.startswith(prefix)}
+        self._handles.clear()
+        return state
 
     def lm_head(self) -> torch.Tensor:
         """The output projection (the embedding when tied)."""
