@@ -3,23 +3,34 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TF4    := .venv-tf4
+TF4_STAMP := $(TF4)/.installed
 RECIPE ?= demo
 ARGS   ?=
 
-.PHONY: install test demo all convert quantize verify publish bench clean
+.PHONY: install test demo all convert quantize gguf verify publish bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(TF4_STAMP)
 
 # torch is pinned here (a CPU build lies on the dev/CI disk); pyproject keeps an open range for users.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,gguf]'
+	# GPTQ runtimes: gptqmodel's build imports torch, so no build isolation, and no CUDA extension
+	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation -e '.[runtimes]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(TF4_STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# transformers 4.x beside the project's 5.x: tests load converted tokenizers (chat templates,
+# infilling) in both. Tokenizers only, so no torch: about 20 s to install.
+$(TF4_STAMP):
+	$(PYTHON) -m venv $(TF4)
+	$(TF4)/bin/python -m pip install -q 'transformers<5' sentencepiece protobuf tiktoken jinja2
+	touch $(TF4_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pipeline demo $(ARGS)
@@ -39,6 +50,14 @@ endif
 quantize: $(STAMP)
 	$(PY) -m pipeline run $(RECIPE) --stage quantize $(ARGS)
 
+# make gguf FP16=work/demo/fp16 OUT=demo.Q4_K_M.gguf ARGS="--type Q4_K_M"
+gguf: $(STAMP)
+ifdef FP16
+	$(PY) -m pipeline gguf $(FP16) $(OUT) $(ARGS)
+else
+	$(PY) -m pipeline run $(RECIPE) --stage gguf $(ARGS)
+endif
+
 verify: $(STAMP)
 	$(PY) -m pipeline run $(RECIPE) --stage verify $(ARGS)
 
@@ -50,6 +69,7 @@ bench: $(STAMP)
 	mkdir -p bench/results
 	$(PY) bench/convert.py --layers 2 | tee bench/results/convert.txt
 	$(PY) bench/quantize.py | tee bench/results/quantize.txt
+	$(PY) bench/gguf.py --layers 2 | tee bench/results/gguf.txt
 
 clean:
-	rm -rf $(VENV) out work .pytest_cache
+	rm -rf $(VENV) $(TF4) out work .pytest_cache

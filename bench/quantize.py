@@ -2,7 +2,7 @@
 child processes. Reports peak RSS for 2 vs 8 layers of the same width (memory must not grow with
 depth), seconds per layer for GPTQ and the RTN baseline, and seconds per layer at width 4096.
 
-    python bench/quantize.py [--width 1024] [--wide 4096] [--dir /tmp] [--json]
+    python bench/quantize.py [--width 1024] [--wide 4096] [--dir /tmp] [--device cpu] [--json]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     spec = QuantSpec(args.bits, 128, False, method=args.method)
     t0 = time.perf_counter()
     s = quantize(Path(args.model), Path(args.out), spec, calibration=args.calibration,
-                 nsamples=args.nsamples, seqlen=args.seqlen, device="cpu", force=True)
+                 nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, force=True)
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": round(seconds, 2), "seconds_per_layer": round(seconds / s["layers"], 2),
                       "peak_rss_mib": peak_rss_mib()}))
@@ -76,10 +76,11 @@ def peak_rss_mib() -> int:
     return int(status["VmHWM"].split()[0]) // 1024
 
 
-def measure(model: Path, method: str, calibration: str, nsamples: int, seqlen: int, tmp: Path) -> dict:
+def measure(model: Path, method: str, calibration: str, nsamples: int, seqlen: int, tmp: Path,
+            device: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--out", str(tmp / "out"),
            "--method", method, "--calibration", calibration, "--nsamples", str(nsamples),
-           "--seqlen", str(seqlen)]
+           "--seqlen", str(seqlen), "--device", device]
     # a fixed malloc mmap threshold: freed tensors go back to the OS at once, so peak RSS measures
     # what is live, not glibc's heap fragmentation (which at this small width would add noise)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--model", "--out", "--calibration"):
         ap.add_argument(a, help=argparse.SUPPRESS)
@@ -117,7 +119,7 @@ def main() -> None:
         for name, width, layers, nsamples, seqlen in runs:
             model = build(tmp / name, width, layers, tmp / "tok")
             for method in ("gptq", "rtn"):
-                r = measure(model, method, str(text), nsamples, seqlen, tmp)
+                r = measure(model, method, str(text), nsamples, seqlen, tmp, args.device)
                 results[f"{name} {method}"] = {"layers": layers, "width": width, "nsamples": nsamples,
                                                "seqlen": seqlen, **r}
                 print(f"{name:>8} {method:4}: {r['seconds_per_layer']:7.2f} s/layer, "

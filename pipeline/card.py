@@ -2,7 +2,7 @@
 
 The text lives in pipeline/templates (string.Template, `$name` fields); this module fills it from
 the recipe, the artifacts (quantisation parameters, sizes measured from the files) and the verify
-report (perplexities, parity). Rendering is deterministic: the same inputs give the same bytes.
+report (perplexities, KL and top-1 against fp16, parity, generation samples). Rendering is deterministic: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from pipeline.chat import chat_format
 from pipeline.errors import InputError
 from pipeline.recipe import Recipe, Variant
+from verify.report import check_metrics
 
 TEMPLATES = Path(__file__).parent / "templates"
 PART = re.compile(r"^<!-- part: (\w+) -->\n", re.M)
@@ -73,8 +75,10 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
                   dataset=variant.calibration, seqlen=seqlen, size=size, description=variant.description)
 
 
-def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: str, hub_url: str) -> str:
-    """README.md of the GPTQ repository: one table row and one perplexity per branch."""
+def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: str, hub_url: str,
+              infill: dict[str, int] | None = None) -> str:
+    """README.md of the GPTQ repository: one table row and one perplexity per branch; `infill`:
+    the tokenizer's infilling ids (conversion.json), for the fill-in-the-middle prompt."""
     pub, ppl = recipe.publish, report["perplexity"]
     rows = [[f"[{b.name}]({repo_url(hub_url, pub.gptq_repo)}/tree/{b.name})", str(b.bits),
              "None" if b.group_size == -1 else str(b.group_size), "Yes" if b.desc_act else "No",
@@ -86,18 +90,24 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
         measured.append((b.artifact, f"`{b.name}` ({b.bits}-bit, {group_label(b.group_size)})"))
         measured.append((f"{b.artifact}:rtn", f"`{b.name}` RTN baseline"))
     measured = [(key, label) for key, label in measured if key in ppl]
-    ppl_rows = [[label, f"{ppl[key]:.4f}", "—" if key == "fp16" else f"{(ppl[key] / ppl['fp16'] - 1) * 100:+.2f}%"]
-                for key, label in measured]
+    kl = check_metrics(report, "kl_divergence")
+    ppl_rows = [[label, f"{ppl[key]:.4f}", "—" if key == "fp16" else f"{(ppl[key] / ppl['fp16'] - 1) * 100:+.2f}%",
+                 *kl_cells(kl.get(key))] for key, label in measured]
     has_rtn = any(key.endswith(":rtn") for key, _ in measured)
     example = next((b.name for b in branches if b.name != "main"), "main")
     meta = metadata(recipe, model_type, pub.gptq_repo, [(labels[k], ppl[k]) for k in labels if k in ppl])
+    shown = [("fp16", "fp16"), *((b.artifact, f"`{b.name}`") for b in branches)]
     return render("gptq", recipe, report, hub_url, metadata=meta, branch_rows=table(rows),
+                  prompt_notes=prompt_notes(recipe, infill),
                   ppl_rows=table(ppl_rows), rtn_note="\n" + part("rtn_note") if has_rtn else "",
+                  generation=generation(report, shown, part("agreement_note")),
                   example_branch=example, local_dir=pub.gptq_repo.split("/")[1])
 
 
-def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: str, hub_url: str) -> str:
-    """README.md of the fp16 repository; `files` maps each file to its measured size."""
+def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: str, hub_url: str,
+              infill: dict[str, int] | None = None) -> str:
+    """README.md of the fp16 repository; `files` maps each file to its measured size, `infill` as
+    for gptq_card."""
     pub, ppl = recipe.publish, report["perplexity"]
     parity = next((c["metrics"] for c in report["checks"]
                    if c["check"] == "conversion_parity" and c.get("artifact") == "fp16"), None)
@@ -107,14 +117,119 @@ def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: s
     meta = metadata(recipe, model_type, pub.fp16_repo, [("fp16", ppl["fp16"])])
     weights = [f for f in files if f.endswith(".safetensors")]
     return render("fp16", recipe, report, hub_url, metadata=meta, parity=parity_text,
+                  prompt_notes=prompt_notes(recipe, infill),
+                  generation=generation(report, [("fp16", "fp16")], ""),
                   size=human_size(sum(files.values())), n_weight_files=str(len(weights)), dtype=recipe.convert.dtype,
                   fp16_ppl=f"{ppl['fp16']:.4f}", local_dir=pub.fp16_repo.split("/")[1])
 
 
+@dataclass(frozen=True)
+class GGUFRow:
+    """One GGUF file as its card row shows it: type and bits from pipeline/gguf.py, size measured."""
+
+    name: str  # the file name, also the verify report's name for it
+    type: str
+    bits: int
+    size: int
+    use_case: str
+
+
+def kv_cache(config: dict) -> tuple[int, int]:
+    """(trained context length, bytes of llama.cpp's f16 KV cache per token) from config.json."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    return config["max_position_embeddings"], 2 * layers * kv_heads * (config["hidden_size"] // heads) * 2
+
+
+def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, hub_url: str) -> str:
+    """README.md of the GGUF repository: one row per file with its measured size and the RAM it
+    needs at the full context (`config`: the fp16 config.json), and what llama.cpp measured."""
+    from shlex import quote
+
+    pub, ppl, m = recipe.publish, report["perplexity"], recipe.model
+    context, per_token = kv_cache(config)
+    url = repo_url(hub_url, pub.gguf_repo)
+    files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type, str(r.bits), human_size(r.size),
+              human_size(r.size + context * per_token), r.use_case] for r in rows]
+    kl = check_metrics(report, "kl_divergence")
+    measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
+                *((r.name, f"`{r.name}`") for r in rows)]
+    ppl_rows = [[label, f"{ppl[key]:.4f}",
+                 "—" if key == "fp16" else f"{(ppl[key] / ppl['fp16'] - 1) * 100:+.2f}%",
+                 *kl_cells(kl.get(key))] for key, label in measured if key in ppl]
+    parity = check_metrics(report, "gguf_parity")
+    parity = next(iter(parity.values()), None)
+    example = next((r.name for r in rows if r.type == "Q4_K_M"), rows[0].name)
+    fmt = chat_format(m.chat_format)
+    chat = fmt.template is not None
+    runtime = next((a.get("runtime") for a in report["artifacts"].values() if a.get("kind") == "gguf"),
+                   None) or "llama-cpp-python"
+    meta = metadata(recipe, "llama", pub.gguf_repo, [(r.type, ppl[r.name]) for r in rows if r.name in ppl])
+    return render("gguf", recipe, report, hub_url, metadata=meta, file_rows=table(files),
+                  ppl_rows=table(ppl_rows), gguf_repo=pub.gguf_repo, gguf_url=url,
+                  runtime=runtime, context=str(context), kv_per_token=human_size(per_token),
+                  parity=part("gguf_parity", max_rel_err=f"{parity['max_rel_err']:.3g}",
+                              top1_agreement=f"{parity['top1_agreement']:.4f}") if parity else "",
+                  chat_note="\n\n" + part("gguf_chat_note", reference=fmt.reference) if chat else "",
+                  chat_cli="\n\n" + part("gguf_chat_cli", example_file=example) if chat else "",
+                  chat_python="\n" + part("gguf_chat_python") + "\n" if chat else "",
+                  example_file=example,
+                  prompt_shell=quote(m.prompt_template.replace("{prompt}", EXAMPLE_PROMPT)))
+
+
+def kl_cells(metrics: dict | None) -> list[str]:
+    """Mean KL, 99th-percentile KL and same-top-token share against fp16 ("—" for fp16 and RTN)."""
+    if not metrics:
+        return ["—"] * 3
+    return [f"{metrics['kl_mean']:.4f}", f"{metrics['kl_p99']:.3f}", f"{metrics['top1']:.1%}"]
+
+
+def generation(report: dict, shown: list[tuple[str, str]], note: str) -> str:
+    """The generation-samples section: for each prompt the greedy continuation of every artifact
+    in `shown` ((report name, label)), as the report's generation checks recorded them."""
+    gen = {c["artifact"]: c["samples"] for c in report["checks"] if c["check"] == "generation"}
+    shown = [(name, label) for name, label in shown if name in gen]
+    if not shown:
+        return ""
+    blocks = []
+    for i, prompt in enumerate(s["prompt"] for s in gen[shown[0][0]]):
+        blocks.append(f"Prompt {code_span(json.dumps(prompt))}:")
+        for name, label in shown:
+            s = gen[name][i]
+            agree = f" (matches fp16 for the first {s['agree']} of {s['compared']} tokens)" if "agree" in s else ""
+            blocks.append(f"{label}{agree}:\n\n{code_block(s['text'])}")
+    return "\n\n" + part("generation", note=note, samples="\n\n".join(blocks))
+
+
+def code_span(text: str) -> str:
+    """Inline code holding `text` verbatim: delimited by more backticks than it contains in a row."""
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def code_block(text: str) -> str:
+    """A fenced block holding `text` verbatim: the fence is longer than any backtick run in it."""
+    fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence}text\n{text.rstrip(chr(10))}\n{fence}"
+
+
+def prompt_notes(recipe: Recipe, infill: dict[str, int] | None) -> str:
+    """What follows the prompt template: the chat template the tokenizer carries (its format from
+    pipeline/chat.py, as the template above) and the fill-in-the-middle prompt, where they apply."""
+    fmt = chat_format(recipe.model.chat_format)
+    notes = [part("chat_template", reference=fmt.reference)] if fmt.template is not None else []
+    if infill is not None:
+        notes.append(part("infill", **{role: str(i) for role, i in infill.items()}))
+    return "".join("\n\n" + n for n in notes)
+
+
 def metadata(recipe: Recipe, model_type: str, repo: str, ppl: list[tuple[str, float]]) -> str:
-    """The YAML front matter; empty fields are left out. GPTQ cards name the quantised base model."""
+    """The YAML front matter; empty fields are left out. GPTQ and GGUF cards name the quantised
+    base model and carry their format's tag (and only theirs)."""
     m, pub = recipe.model, recipe.publish
-    gptq = repo == pub.gptq_repo
+    fmt = {pub.gptq_repo: "gptq", pub.gguf_repo: "gguf"}.get(repo)
+    gptq = fmt is not None  # a quantised repository
     metrics = [{"type": "perplexity", "name": f"perplexity, {label}", "value": round(value, 4),
                 "verified": False} for label, value in ppl]
     eval_name, eval_type = dataset_id(recipe, recipe.verify.eval)
@@ -126,8 +241,9 @@ def metadata(recipe: Recipe, model_type: str, repo: str, ppl: list[tuple[str, fl
         "model_creator": m.creator,
         "model_type": model_type,
         "pipeline_tag": "text-generation",
-        "library_name": "transformers",
-        "tags": [t for t in dict.fromkeys([*pub.tags, "gptq"]) if gptq or t != "gptq"],
+        "library_name": "gguf" if fmt == "gguf" else "transformers",
+        "tags": [t for t in dict.fromkeys([*pub.tags, *([fmt] if fmt else [])])
+                 if t not in ("gptq", "gguf") or t == fmt],
         "inference": False,
         "quantized_by": pub.quantized_by if gptq else "",
         "prompt_template": m.prompt_template,
@@ -146,7 +262,7 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
                 else f"{m.name} (original checkpoint)")
     original_card = ""
     if m.original_card is not None:
-        text = FRONT_MATTER.sub("", m.original_card.read_text(), count=1).strip()
+        text = FRONT_MATTER.sub("", m.original_card_text, count=1).strip()
         original_card = "\n" + part("original_card", creator=m.creator, model_name=m.name, card=text)
     common = {
         "model_name": m.name, "creator": m.creator, "original": original,

@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 COMMANDS = {
     "convert": "pipeline.convert",
     "quantize": "pipeline.quantize",
+    "gguf": "pipeline.gguf",
     "verify": "pipeline.verify",
     "publish": "pipeline.publish",
     "run": "pipeline.job",

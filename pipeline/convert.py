@@ -24,6 +24,7 @@ from pipeline.meta import (CHECKLIST, FAMILIES, NOT_WEIGHTS, PARAMS, ROTARY_HEAD
                            prefetch, release, shard_dim, split_name, verify_checksums)
 from pipeline.output import check_target, staged_dir
 from pipeline.safetensors_stream import ShardedWriter, TensorSpec, parse_size
+from pipeline.chat import FORMATS
 from pipeline.tokenizer import convert_tokenizer, load_source
 from verify.llama import LlamaArgs
 
@@ -67,6 +68,9 @@ def check_consistent(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]]
         if set(s) - NOT_WEIGHTS != names:
             diff = sorted(names ^ (set(s) - NOT_WEIGHTS))
             raise InputError(f"{path}: holds different tensors than {paths[0].name}: {diff[:6]}")
+    if p["n_layers"] > len(names):  # before listing n_layers' names: it may be absurd
+        raise InputError(f"{ckpt.path / PARAMS}: n_layers={p['n_layers']}, but the shards hold "
+                         f"only {len(names)} tensors")
     expected = set(meta_names(p["n_layers"], tied="output.weight" not in names))
     if names != expected:
         layers = sorted({i for n in names for i, _ in [split_name(n)] if i is not None})
@@ -203,6 +207,7 @@ def hf_config(a: LlamaArgs, dtype: str, tok: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
         "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_seq_len,
         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"],
+        "pad_token_id": tok["pad_token_id"],
         "tie_word_embeddings": a.tie_word_embeddings, "hidden_act": "silu",
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
@@ -210,18 +215,21 @@ def hf_config(a: LlamaArgs, dtype: str, tok: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def source_hashes(ckpt: MetaCheckpoint, skip_checksums: bool) -> tuple[str, dict[str, Any]]:
-    """md5 of every source file: verified against checklist.chk (default), computed when there
-    is no checklist, or (skip) the checklist's claims unverified."""
+def source_hashes(ckpt: MetaCheckpoint, skip_checksums: bool) -> dict[str, Any]:
+    """conversion.json's record of the source files: md5 of each (none when skipped), and which
+    were checked against checklist.chk ("verified" only when every one was) and which were not
+    (no checklist, or one that omits them: their md5 is computed, not checked)."""
     files = [*ckpt.shards, ckpt.path / PARAMS, ckpt.tokenizer]
     has_checklist = (ckpt.path / CHECKLIST).is_file()
-    if skip_checksums:
-        status, sums = "skipped", {}
-    elif has_checklist:
-        status, sums = "verified", verify_checksums(ckpt.path)
-    else:
-        status, sums = f"no {CHECKLIST}", md5_files(files, desc="md5")
-    return status, {p.name: {"bytes": p.stat().st_size, "md5": sums.get(p.name)} for p in files}
+    checked = verify_checksums(ckpt.path) if has_checklist and not skip_checksums else {}
+    unchecked = [p for p in files if p.name not in checked]
+    sums = checked if skip_checksums else {**checked, **md5_files(unchecked, desc="md5")}
+    status = ("skipped" if skip_checksums else f"no {CHECKLIST}" if not has_checklist
+              else "partial" if unchecked else "verified")
+    return {"checksums": status,
+            "md5_checked": [p.name for p in files if p.name in checked],
+            "md5_unchecked": [p.name for p in unchecked],
+            "files": {p.name: {"bytes": p.stat().st_size, "md5": sums.get(p.name)} for p in files}}
 
 
 def write_tensors(tmp: Path, shards: list[dict[str, torch.Tensor]], paths: list[Path],
@@ -257,43 +265,47 @@ def write_tensors(tmp: Path, shards: list[dict[str, torch.Tensor]], paths: list[
 
 
 def convert(src: Path, out: Path, *, dtype: str = "float16", max_shard_size: str = "5GB",
-            skip_checksums: bool = False, force: bool = False, family: str | None = None) -> dict:
-    """Convert the Meta checkpoint in `src` to a Hugging Face directory `out`; returns the summary
-    that is also written to out/conversion.json."""
+            skip_checksums: bool = False, force: bool = False, family: str | None = None,
+            chat_format: str = "none") -> dict:
+    """Convert the Meta checkpoint in `src` to a Hugging Face directory `out` (its tokenizer with
+    the chat template of `chat_format`); returns the summary also written to out/conversion.json."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if chat_format not in FORMATS:
+        raise InputError(f"--chat-format {chat_format!r}: choose one of {', '.join(FORMATS)}")
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise InputError(f"--max-shard-size: {e}") from e
-    check_target(out, force)
+    check_target(out, force, manifest=MANIFEST, inputs=[src])
     ckpt = MetaCheckpoint(src, family)
-    checksums, files = source_hashes(ckpt, skip_checksums)
+    hashes = source_hashes(ckpt, skip_checksums)
     shards = [load_shard(p) for p in ckpt.shards]
     layout = read_layout(ckpt, shards, load_source(ckpt.tokenizer, ckpt.family).vocab_size)
     specs = [TensorSpec(hf_name(n), DTYPES[dtype], shape) for n, shape in layout.shapes.items()]
     total = sum(s.nbytes for s in specs)
 
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, manifest=MANIFEST, inputs=[src]) as tmp:
         try:
             with ThreadPoolExecutor(max_workers=2) as pool:  # tokenizer | tensor writes
                 tok_job = pool.submit(convert_tokenizer, ckpt.tokenizer, tmp, ckpt.family,
-                                      layout.args.max_seq_len)
+                                      layout.args.max_seq_len, chat_format)
                 written = write_tensors(tmp, shards, ckpt.shards, layout, specs, shard_bytes,
                                         pool, tok_job)
                 tok = tok_job.result()
             config = hf_config(layout.args, dtype, tok)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             generation = {"bos_token_id": tok["bos_token_id"], "eos_token_id": tok["stop_ids"],
+                          "pad_token_id": tok["pad_token_id"],
                           "transformers_version": config["transformers_version"]}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
             summary = {
                 "tool": "llama-gptq-pipeline convert", "tool_version": __version__,
                 "source": {"path": str(src.resolve()), "family": ckpt.family,
                            "family_name": FAMILIES[ckpt.family].name, "n_shards": layout.n_shards,
-                           "checksums": checksums, "files": files},
+                           **hashes},
                 "params": ckpt.params,
                 "detected": {**asdict(layout.args),
                              "embedding_split": EMBEDDING_SPLIT[layout.embedding_dim]},
@@ -316,16 +328,20 @@ def convert(src: Path, out: Path, *, dtype: str = "float16", max_shard_size: str
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest safetensors file (e.g. 5GB, 500MB).")
 @click.option("--skip-checksums", is_flag=True, help="Do not verify checklist.chk's md5 sums.")
+@click.option("--chat-format", type=click.Choice(FORMATS), default="none", show_default=True,
+              help="Chat template written with the tokenizer (llama2: Llama 2-Chat and "
+                   "CodeLlama-Instruct; llama3: Llama 3.x Instruct).")
 @click.option("--family", type=click.Choice(sorted(FAMILIES)), default=None,
               help="Override the detected model family.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def command(src: Path, out: Path, dtype: str, max_shard_size: str, skip_checksums: bool,
-            family: str | None, force: bool, as_json: bool) -> None:
+            chat_format: str, family: str | None, force: bool, as_json: bool) -> None:
     """Convert Meta's original checkpoint SRC (consolidated.*.pth + params.json + tokenizer.model)
     into a Hugging Face Llama directory OUT, streamed tensor by tensor."""
     s = convert(src, out, dtype=dtype, max_shard_size=max_shard_size,
-                skip_checksums=skip_checksums, force=force, family=family)
+                skip_checksums=skip_checksums, force=force, family=family,
+                chat_format=chat_format)
     if as_json:
         click.echo(json.dumps(s))
     a, o = s["detected"], s["output"]
@@ -333,4 +349,14 @@ def command(src: Path, out: Path, dtype: str, max_shard_size: str, skip_checksum
                f"{a['n_layers']} layers, vocab {a['vocab_size']}) to {out}: "
                f"{o['bytes'] / 1e9:.2f} GB {o['dtype']} in {len(o['files'])} files, "
                f"{s['seconds']:.1f} s "
-               f"({o['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s)", err=as_json)
+               f"({o['bytes'] / 1e9 / max(s['seconds'], 1e-9):.2f} GB/s); {checksum_note(s['source'])}",
+               err=as_json)
+
+
+def checksum_note(source: dict[str, Any]) -> str:
+    """Which source files checklist.chk vouched for, for the summary line."""
+    unchecked = source["md5_unchecked"]
+    if not unchecked:
+        return f"md5 of all {len(source['md5_checked'])} source files verified against {CHECKLIST}"
+    return (f"md5 NOT checked against {CHECKLIST} ({source['checksums']}) for: {', '.join(unchecked)}"
+            + (f"; verified: {', '.join(source['md5_checked'])}" if source["md5_checked"] else ""))

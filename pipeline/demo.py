@@ -1,17 +1,17 @@
-"""`python -m pipeline demo`: train a tiny CodeLlama-shaped model on the Python standard library
-(cached), then run recipes/demo.toml end to end with a dry-run publish.
+"""`python -m pipeline demo`: run recipes/demo.toml end to end, with a dry-run publish, on the
+tiny CodeLlama-shaped model shipped in recipes/demo/ (`--retrain` trains it again).
 
 The model has CodeLlama's shape at toy size: grouped-query attention, RoPE θ = 1e6, two
 model-parallel shards in Meta's on-disk format (bf16 consolidated.*.pth, params.json, a
-SentencePiece tokenizer.model trained here with Llama's normaliser settings). Held-out
-standard-library packages are the evaluation text; the calibration text comes from packages seen
-in training. Everything lands under work/demo-model/, reused while the settings hash matches.
+SentencePiece tokenizer.model trained with Llama's normaliser settings), trained on the Python
+standard library. Held-out standard-library packages are the evaluation text; the calibration
+text comes from packages seen in training. It is trained once and committed, because float32
+training gives different weights on different CPUs: the shipped bytes are the same everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -43,18 +43,18 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_
 class DemoSettings:
     """Everything that decides the demo model; its hash keys the cache."""
 
-    dim: int = 128
+    dim: int = 256                  # a multiple of 256, llama.cpp's K-quant super-block
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    multiple_of: int = 128          # FFN width 384: every group size (32/64/128) divides it
+    multiple_of: int = 256          # FFN width 768: every group size (32/64/128) and 256 divide it
     vocab_size: int = 2048
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
     n_shards: int = 2
     seqlen: int = 256
     batch: int = 16
-    steps: int = 500
+    steps: int = 600
     lr: float = 1e-2
     warmup: int = 40
     weight_decay: float = 0.1
@@ -69,12 +69,6 @@ class DemoSettings:
                 "n_kv_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
                 "multiple_of": self.multiple_of, "ffn_dim_multiplier": None,
                 "norm_eps": self.norm_eps, "rope_theta": self.rope_theta}
-
-    def key(self) -> str:
-        """Hash of the settings, the stdlib's Python version and the tool version."""
-        blob = json.dumps({"settings": dataclasses.asdict(self), "tool": __version__,
-                           "python": list(sys.version_info[:2])}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stdlib_split(root: Path, settings: DemoSettings) -> dict[str, list[Path]]:
@@ -210,14 +204,15 @@ def held_out_loss(model: torch.nn.Module, tokens: torch.Tensor, seqlen: int,
 
 
 def copy_text(files: list[Path], root: Path, out: Path) -> None:
-    """Copy files into one flat directory, named after their path in the standard library."""
+    """Copy files into one flat directory, named after their path in the standard library plus
+    .txt (they are text for the model, not this project's code)."""
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
-        shutil.copyfile(f, out / ".".join(f.relative_to(root).parts))
+        shutil.copyfile(f, out / (".".join(f.relative_to(root).parts) + ".txt"))
 
 
 def demo_layout(recipe) -> tuple[Path, dict[str, Path]]:
-    """The cache root and where the demo recipe expects the checkpoint and the text."""
+    """The shipped model's root and where the demo recipe expects the checkpoint and the text."""
     meta = Path(recipe.source.path)
     root = meta.parent
     parts = {"meta": meta, "calib": Path(recipe.calibration.source), "eval": Path(recipe.verify.eval)}
@@ -227,18 +222,29 @@ def demo_layout(recipe) -> tuple[Path, dict[str, Path]]:
     return root, parts
 
 
-def ensure_model(recipe, settings: DemoSettings, retrain: bool = False,
-                 stdlib: Path | None = None) -> dict[str, Any]:
-    """Train the demo model into the recipe's paths unless a cache with the same settings key
-    is there; returns the cache's settings.json content (with `reused`)."""
+def shipped_model(recipe) -> dict[str, Any]:
+    """The settings.json of the committed demo model; InputError when any part is missing."""
     root, parts = demo_layout(recipe)
-    key = settings.key()
     info_file = root / SETTINGS_NAME
-    complete = (parts["meta"] / "params.json").is_file() and all(p.is_dir() for p in parts.values())
-    if not retrain and info_file.is_file() and complete:
-        info = json.loads(info_file.read_text())
-        if info.get("key") == key:
-            return {**info, "reused": True}
+    missing = [str(p) for p in (info_file, parts["meta"] / "params.json", *parts.values())
+               if not p.exists()]
+    if missing:
+        raise InputError(f"{root}: the shipped demo model is incomplete (missing "
+                         f"{', '.join(missing)}); restore it with git or regenerate it with "
+                         "`python -m pipeline demo --retrain`")
+    try:
+        return json.loads(info_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{info_file}: not valid JSON ({e})") from e
+
+
+def retrain_model(recipe, settings: DemoSettings, stdlib: Path | None = None) -> dict[str, Any]:
+    """Train the demo model on this machine's standard library and replace the shipped one
+    (recipes/demo/, to be committed); returns its settings.json content."""
+    root, parts = demo_layout(recipe)
+    if root.exists() and not (root / SETTINGS_NAME).is_file():
+        raise InputError(f"{root}: exists but holds no {SETTINGS_NAME}, so it is not a demo model "
+                         "this tool wrote; move it away first")
     from pipeline.meta import write_meta_checkpoint
 
     stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
@@ -250,10 +256,11 @@ def ensure_model(recipe, settings: DemoSettings, retrain: bool = False,
     train_ids = token_stream(texts["train"], tok_model)
     eval_ids = token_stream(texts["eval"], tok_model)
     state, log = train(settings, train_ids, eval_ids)
-    info = {"key": key, "settings": dataclasses.asdict(settings), "stdlib": str(stdlib),
+    info = {"settings": dataclasses.asdict(settings), "tool_version": __version__,
+            "python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__,
             "files": {k: len(v) for k, v in split.items()}, "train_stream_tokens": len(train_ids),
             "train": {k: v for k, v in log.items() if k != "losses"}}
-    with staged_dir(root, force=True) as tmp:
+    with staged_dir(root, force=True, manifest=SETTINGS_NAME) as tmp:
         (tmp / "tokenizer.model").write_bytes(tok_model)
         write_meta_checkpoint(tmp / parts["meta"].relative_to(root), settings.params(), state,
                               settings.n_shards, tmp / "tokenizer.model")
@@ -262,41 +269,48 @@ def ensure_model(recipe, settings: DemoSettings, retrain: bool = False,
             copy_text(split[name], stdlib, tmp / parts[name].relative_to(root))
         (tmp / "train_log.json").write_text(json.dumps(log) + "\n")
         (tmp / SETTINGS_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    return {**info, "reused": False}
+    return info
 
 
-def run_demo(*, workdir: Path | None = None, settings: DemoSettings = DemoSettings(),
-             retrain: bool = False, device: str = "auto", force: bool = False) -> dict[str, Any]:
-    """Train or load the demo model, then run the demo recipe's job with a dry-run publish."""
+def run_demo(*, workdir: Path | None = None, retrain: bool = False,
+             settings: DemoSettings = DemoSettings(), device: str = "auto",
+             force: bool = False) -> dict[str, Any]:
+    """Run the demo recipe's job (dry-run publish) on the shipped model, retrained first when
+    asked."""
     from pipeline.job import run_job
     from pipeline.recipe import RECIPES_DIR, load_recipe
 
     recipe = load_recipe(RECIPES_DIR / "demo.toml")
     t0 = time.perf_counter()
-    model = ensure_model(recipe, settings, retrain)
+    model = retrain_model(recipe, settings) if retrain else shipped_model(recipe)
     train_s = time.perf_counter() - t0
     job = run_job(recipe, workdir=workdir, dry_run=True, device=device, force=force)
-    return {"model": model, "model_seconds": round(train_s, 1), "job": job}
+    return {"model": {**model, "retrained": retrain}, "model_seconds": round(train_s, 1),
+            "job": job}
 
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Job work directory [default: work/demo].")
-@click.option("--retrain", is_flag=True, help="Train the demo model again even if cached.")
-@click.option("--steps", type=int, default=None, help="Training steps (changes the cache key).")
+@click.option("--retrain", is_flag=True,
+              help="Train the demo model again (minutes) and replace the shipped recipes/demo/.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps, with --retrain.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--force", is_flag=True, help="Recompute every stage of the job.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(workdir: Path | None, retrain: bool, steps: int | None, device: str, force: bool,
             as_json: bool) -> None:
-    """Train (or reuse) the tiny demo CodeLlama and run recipes/demo.toml end to end."""
+    """Run recipes/demo.toml end to end on the shipped tiny CodeLlama (or retrain it first)."""
     from pipeline.job import render_summary
 
+    if steps is not None and not retrain:
+        raise InputError("--steps applies only with --retrain")
     settings = DemoSettings() if steps is None else DemoSettings(steps=steps)
-    result = run_demo(workdir=workdir, settings=settings, retrain=retrain, device=device,
+    result = run_demo(workdir=workdir, retrain=retrain, settings=settings, device=device,
                       force=force)
     model, job = result["model"], result["job"]
-    how = "reused" if model["reused"] else f"trained in {result['model_seconds']:.0f}s"
+    how = f"retrained in {result['model_seconds']:.0f}s" if retrain else "shipped"
     lines = [f"demo model ({how}): {model['train']['train_tokens']} training tokens, final loss "
              f"{model['train']['final_loss']}, held-out loss {model['train'].get('eval_loss')}",
              render_summary(job)]

@@ -216,5 +216,6 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantResult:
 
 
 def n_groups(in_features: int, group_size: int) -> int:
-    """Rows of scales/qzeros for a linear with in_features inputs."""
+    """Rows of scales/qzeros for a linear with in_features inputs (the last group is partial
+    when group_size does not divide in_features)."""
     return 1 if group_size == -1 else math.ceil(in_features / group_size)

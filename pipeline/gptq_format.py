@@ -14,6 +14,23 @@ from pipeline.errors import InputError
 BITS = (2, 3, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # tensors of one quantised linear
 MASK32 = 0xFFFFFFFF
+# Runtimes whose GPTQ kernels refuse a linear whose input width is not a multiple of the group
+# size. The format (ceil(in/group) groups, g_idx) and GPTQModel's torch kernel accept it;
+# transformers (optimum) picks GPTQModel's int4/AVX-512 CPU kernels, which refuse it (measured).
+RAGGED_REFUSED_BY = ("vLLM", "Marlin", "ExLlama", "transformers")
+
+
+def ragged(n_in: int, group_size: int) -> bool:
+    """Whether a linear with n_in inputs has a partial last group (fewer than group_size)."""
+    return group_size != -1 and n_in % group_size != 0
+
+
+def packed_shapes(n_out: int, n_in: int, bits: int, groups: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+    """dtype and shape of each tensor of a packed linear W [n_out, n_in] with `groups` groups."""
+    return {"qweight": (torch.int32, (n_in * bits // 32, n_out)),
+            "qzeros": (torch.int32, (groups, n_out * bits // 32)),
+            "scales": (torch.float16, (groups, n_out)),
+            "g_idx": (torch.int32, (n_in,))}
 
 
 def _layout(bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""`python -m pipeline run RECIPE`: convert → quantize (each variant) → verify → publish in one
-work directory, re-running a stage only when its inputs changed (like make, but by fingerprint).
+"""`python -m pipeline run RECIPE`: convert → quantize (each variant) → gguf (each [[gguf]] type)
+→ verify → publish in one work directory, re-running a stage only when its inputs changed (like
+make, but by fingerprint).
 
-Work directory (work/<recipe name>/): fp16/, gptq/<branch>/, verify/verify.json, publish-plan/,
+Work directory (work/<recipe name>/): fp16/, gptq/<branch>/, gguf/<name>.<TYPE>.gguf,
+verify/verify.json, publish-plan/,
 job.json (per stage: input fingerprints, output fingerprint, status) and job.log. A stage's
 inputs are its options, the files it reads (size + mtime) and the fingerprints of the upstream
 outputs it uses, so changing one variant's options re-runs that variant and verify only.
@@ -25,11 +27,11 @@ from typing import Any, Callable
 import click
 
 from pipeline import __version__
-from pipeline.errors import CheckFailed, InputError, PipelineError
-from pipeline.output import partial_path
-from pipeline.recipe import Recipe, find_recipe, load_recipe
+from pipeline.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from pipeline.output import overlap, partial_path
+from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 
-STAGES = ("convert", "quantize", "verify", "publish")
+STAGES = ("convert", "quantize", "gguf", "verify", "publish")
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
 SCHEMA = 1
 log = logging.getLogger("pipeline.job")
@@ -154,6 +156,11 @@ class Job:
     def gptq(self, branch: str) -> Path:
         return self.workdir / "gptq" / branch
 
+    def gguf(self, type_name: str) -> Path:
+        from pipeline.gguf import file_name
+
+        return self.workdir / "gguf" / file_name(self.recipe.model.name, type_name)
+
     @property
     def verify_dir(self) -> Path:
         return self.workdir / "verify"
@@ -177,6 +184,10 @@ class Job:
                 self.rows.append({"stage": key, "status": "reused", "seconds": 0.0,
                                   "output": str(output), "reason": "inputs unchanged"})
                 return old
+            if old is None and (output.exists() or output.is_symlink()):
+                raise OutputExistsError(
+                    f"{output}: exists, but {self.workdir / JOB_NAME} has no record of this job "
+                    "writing it; the job replaces only its own outputs: move it away")
             resume = bool(old and old.get("inputs") == inputs and old.get("status") != "done"
                           and partial_path(output).exists())
             log.info("%s: running (%s)%s", key, reason, ", resuming" if resume else "")
@@ -218,19 +229,50 @@ class Job:
             return "output missing or modified"
         return None
 
+    def check_inputs(self) -> Path:
+        """Every local input of the stages to run, checked before the first one starts (a missing
+        evaluation text must not surface after the quantisation); returns the source directory.
+        The stages pass force=True: each replaces only an output of its own (its manifest), and
+        `stage` only one that job.json records."""
+        from pipeline.calibration import local_files
+        from pipeline.meta import MetaCheckpoint
+
+        r = self.recipe
+        src = r.source.resolve()
+        how = overlap(self.workdir, src)
+        if how:
+            raise InputError(f"{self.workdir}: the work directory {how} the source {src}; "
+                             "choose another --workdir")
+        MetaCheckpoint(src)  # params.json valid, shards and tokenizer present
+        texts = []
+        if self.wants("quantize"):
+            texts += [(f"[[variants]] {b}: calibration", r.variant(b).calibration)
+                      for b in self.branches if r.variant(b).method == "gptq"]
+        if self.wants("verify"):
+            texts.append(("[verify] eval", r.verify.eval))
+        for where, source in texts:
+            if source.startswith("hf:"):
+                continue  # a dataset on the Hub: read by the stage
+            try:
+                local_files(source)
+            except InputError:
+                raise InputError(f"{r.path}: {where} = {source!r}: no files found") from None
+        return src
+
     def run(self) -> None:
         """The stages up to `last_stage`, in order; raises the first failure."""
         r = self.recipe
-        src = r.source.resolve()
+        src = self.check_inputs()
         source_fp = tree_fingerprint(src)
         tool = __version__
 
         from pipeline.convert import convert
         conv = self.stage("convert", {"source": source_fp, "options": options_fingerprint(
-            dataclasses.asdict(r.convert)), "tool": tool}, self.fp16,
-            lambda resume: convert(src, self.fp16, dtype=r.convert.dtype,
-                                   max_shard_size=r.convert.max_shard_size,
-                                   skip_checksums=r.convert.skip_checksums, force=True))
+            {**dataclasses.asdict(r.convert), "chat_format": r.model.chat_format}), "tool": tool},
+            self.fp16, lambda resume: convert(src, self.fp16, dtype=r.convert.dtype,
+                                              max_shard_size=r.convert.max_shard_size,
+                                              skip_checksums=r.convert.skip_checksums,
+                                              chat_format=r.model.chat_format, force=True))
         if not self.wants("quantize"):
             return
 
@@ -251,6 +293,16 @@ class Job:
                                  device=self.device, resume=resume, force=True,
                                  max_shard_size=r.convert.max_shard_size))
             quants[branch] = rec["output"]
+        ggufs: dict[str, str] = {}
+        if r.gguf and self.wants("gguf"):
+            from pipeline.gguf import write_gguf
+            for g in r.gguf:
+                inputs = {"fp16": conv["output"], "type": g.type, "name": r.model.name, "tool": tool}
+                rec = self.stage(f"gguf/{g.type}", inputs, self.gguf(g.type),
+                                 lambda resume, g=g: write_gguf(
+                                     self.fp16, self.gguf(g.type), type_name=g.type,
+                                     name=r.model.name, force=True))
+                ggufs[g.type] = rec["output"]
         if not self.wants("verify"):
             return
 
@@ -259,14 +311,18 @@ class Job:
         vo = r.verify
         inputs = {"fp16": conv["output"], "variants": quants, "meta": source_fp,
                   "eval": text_fingerprint(vo.eval), "tool": tool,
-                  "options": options_fingerprint(dataclasses.asdict(vo))}
+                  "options": options_fingerprint(dataclasses.asdict(vo)), "gguf": ggufs,
+                  "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
 
         def run_verify(resume: bool) -> dict[str, Any]:
             report = verify(fp16=self.fp16, quants=[self.gptq(b) for b in self.branches], meta=src,
                             eval_text=vo.eval, out=self.verify_dir, seqlen=vo.seqlen,
-                            max_windows=vo.max_windows, tolerances=vo.tolerance or None,
+                            max_windows=vo.max_windows, thresholds=vo.thresholds(),
                             baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
-                            device=self.device, force=True)
+                            chat_prompts=vo.chat_prompts,
+                            device=self.device, force=True,
+                            ggufs=[self.gguf(g.type) for g in r.gguf],
+                            gguf_thresholds={g.type: g.thresholds() for g in r.gguf})
             self.report = report
             if not report["passed"]:
                 failed = [f"{c['check']} ({c.get('artifact')})" for c in report["checks"]
@@ -287,6 +343,7 @@ class Job:
         try:
             self.published = publish(r, fp16=self.fp16,
                                      variants={b: self.gptq(b) for b in self.branches},
+                                     ggufs={g.type: self.gguf(g.type) for g in r.gguf},
                                      report=self.verify_dir / "verify.json", dry_run=self.dry_run,
                                      plan_dir=self.plan_dir, endpoint=self.endpoint,
                                      token=self.token)
@@ -355,8 +412,12 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
 
 
 def perplexity_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """fp16 / GPTQ / RTN perplexity per artifact of a verify report, with ratios to fp16."""
+    """fp16 / GPTQ / RTN perplexity per artifact of a verify report, with ratios to fp16, and each
+    variant's mean KL and top-1 agreement against fp16."""
+    from verify.report import check_metrics
+
     ppl = report.get("perplexity", {})
+    kl = check_metrics(report, "kl_divergence")
     base = ppl.get("fp16")
     rows = []
     for name, art in report.get("artifacts", {}).items():
@@ -366,23 +427,26 @@ def perplexity_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"artifact": name, "bits": art.get("bits", 16), "group_size": art.get("group_size"),
                      "act_order": art.get("desc_act"), "ppl": ppl[name],
                      "ratio": ppl[name] / base if base else None, "ppl_rtn": rtn,
-                     "ratio_rtn": rtn / base if rtn and base else None})
+                     "ratio_rtn": rtn / base if rtn and base else None,
+                     "kl_mean": kl.get(name, {}).get("kl_mean"), "top1": kl.get(name, {}).get("top1")})
     return rows
 
 
 def render_perplexity(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: artifact, bits, group, act-order, GPTQ ppl (Δ), RTN ppl (Δ)."""
+    """A markdown table: artifact, bits, group, act-order, GPTQ ppl (Δ), RTN ppl (Δ), KL, top-1."""
     def delta(r: float | None) -> str:
         return "" if r is None else f" ({(r - 1) * 100:+.1f}%)"
 
-    out = ["| artifact | bits | group | act-order | perplexity | RTN perplexity |",
-           "|---|---|---|---|---|---|"]
+    out = ["| artifact | bits | group | act-order | perplexity | RTN perplexity | KL mean | top-1 |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         group = "" if r["group_size"] is None else str(r["group_size"])
         act = "" if r["act_order"] is None else str(r["act_order"])
         gptq = f"{r['ppl']:.3f}" + ("" if r["artifact"] == "fp16" else delta(r["ratio"]))
         rtn = "" if r["ppl_rtn"] is None else f"{r['ppl_rtn']:.3f}{delta(r['ratio_rtn'])}"
-        out.append(f"| {r['artifact']} | {r['bits']} | {group} | {act} | {gptq} | {rtn} |")
+        kl = "" if r["kl_mean"] is None else f"{r['kl_mean']:.4f}"
+        top1 = "" if r["top1"] is None else f"{r['top1']:.1%}"
+        out.append(f"| {r['artifact']} | {r['bits']} | {group} | {act} | {gptq} | {rtn} | {kl} | {top1} |")
     return "\n".join(out)
 
 
@@ -419,11 +483,13 @@ def render_summary(result: dict[str, Any]) -> str:
 @click.option("--endpoint", default=None, help="Hub URL [default: $HF_ENDPOINT or huggingface.co].")
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@allow_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(recipe: str, stage: str, variants: tuple[str, ...], workdir: Path | None,
-            dry_run: bool, endpoint: str | None, force: bool, device: str, as_json: bool) -> None:
+            dry_run: bool, endpoint: str | None, force: bool, device: str,
+            allow_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Run RECIPE (a path, or a name in recipes/) end to end, reusing unchanged stage outputs."""
-    r = load_recipe(find_recipe(recipe))
+    r = load_recipe(find_recipe(recipe), allow_dirs)
     try:
         result = run_job(r, workdir=workdir, stage=stage, variants=list(variants),
                          dry_run=dry_run, endpoint=endpoint, force=force, device=device)

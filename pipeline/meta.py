@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.errors import InputError
 from pipeline.tokenizer import tokenizer_kind
-from verify.llama import LlamaArgs
+from verify.llama import LlamaArgs, check_heads, config_float, config_int
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"
@@ -44,6 +44,9 @@ PARAMS_KEYS = frozenset({
     "max_batch_size", "max_seq_len",
 })
 REQUIRED_KEYS = ("dim", "n_layers", "n_heads", "norm_eps")
+NULLABLE_KEYS = frozenset({"n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor",
+                           "rope_high_freq_factor"})  # Optional in Meta's ModelArgs
+MAX_PARAMS_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -192,13 +195,38 @@ def model_args(params: dict[str, Any], family: str, vocab_size: int | None = Non
         max_seq_len=FAMILIES[family].max_positions, tie_word_embeddings=tied)
 
 
+def check_params(p: dict[str, Any]) -> None:
+    """Every value of Meta's ModelArgs type and a usable range (ValueError naming the key): sizes
+    positive integers (not 4.0, "4" or true), vocab_size -1 or positive, numbers finite and
+    positive, null only where ModelArgs allows None, heads that split dim into even halves."""
+    for key in ("dim", "n_layers", "n_heads"):
+        config_int(p, key)
+    for key in ("n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+        config_int(p, key, None, nullable=key in NULLABLE_KEYS)
+    if not (type(p.get("vocab_size")) is int and p["vocab_size"] == -1):
+        config_int(p, "vocab_size", None)  # -1: as many as the tokenizer has
+    config_float(p, "norm_eps", below=1.0)
+    config_float(p, "rope_theta", None, above=1.0)
+    for key in ("ffn_dim_multiplier", "rope_scaling_factor", "rope_high_freq_factor"):
+        config_float(p, key, None, nullable=key in NULLABLE_KEYS)
+    if not isinstance(p.get("use_scaled_rope", False), bool):
+        raise ValueError(f"use_scaled_rope = {p['use_scaled_rope']!r}: must be true or false")
+    check_heads(p["dim"], p["n_heads"], p.get("n_kv_heads") or p["n_heads"],
+                ("dim", "n_heads", "n_kv_heads"))
+
+
 def read_params(path: Path) -> dict[str, Any]:
-    """params.json, unwrapped from `{"model": {...}}`; every key known, required ones present."""
+    """params.json, unwrapped from `{"model": {...}}`; every key known, required ones present,
+    every value checked (check_params)."""
     if not path.is_file():
         raise InputError(f"{path}: missing (every Meta checkpoint has params.json)")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size} bytes; not a params.json")
     try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        params = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text, so not JSON ({e})") from e
+    except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e})") from e
     if isinstance(params, dict) and isinstance(params.get("model"), dict):
         params = params["model"]
@@ -211,6 +239,10 @@ def read_params(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in params]
     if missing:
         raise InputError(f"{path}: missing key(s) {missing}")
+    try:
+        check_params(params)
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from e
     return params
 
 
@@ -273,15 +305,25 @@ def release(t: torch.Tensor) -> None:
 
 
 def read_checklist(path: Path) -> dict[str, str]:
-    """checklist.chk (`md5  filename` per line, md5sum's format) -> {filename: md5}."""
+    """checklist.chk (`md5  filename` per line, md5sum's format) -> {filename: md5}. It names
+    files of its own directory: plain file names only, never a path."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (a binary file?); expected `md5  filename` "
+                         "lines") from None
     sums = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         m = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
         if not m:
             raise InputError(f"{path}:{n}: not an `md5  filename` line: {line[:80]!r}")
-        sums[m.group(2).strip().removeprefix("./")] = m.group(1).lower()
+        name = m.group(2).strip().removeprefix("./")
+        if name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise InputError(f"{path}:{n}: {name[:80]!r} is not a plain file name; a checklist "
+                             "names files of its own directory only")
+        sums[name] = m.group(1).lower()
     return sums
 
 
@@ -302,8 +344,13 @@ def md5_files(paths: list[Path], desc: str = "md5") -> dict[str, str]:
 
 
 def verify_checksums(src: Path) -> dict[str, str]:
-    """Check every file listed in checklist.chk; a missing file or a mismatch stops, naming it."""
+    """Check every file listed in checklist.chk; a missing file, one that is a link out of src, or
+    a mismatch stops, naming it. Returns {filename: md5} of the files checked."""
     claimed = read_checklist(src / CHECKLIST)
+    outside = [n for n in claimed if (src / n).resolve().parent != src.resolve()]
+    if outside:
+        raise InputError(f"{src / CHECKLIST} lists {outside}, links to files outside {src}; "
+                         "a checklist names files of its own directory only")
     missing = [n for n in claimed if not (src / n).is_file()]
     if missing:
         raise InputError(f"{src / CHECKLIST} lists {missing} but they are not in {src}")

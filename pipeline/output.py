@@ -1,59 +1,183 @@
-"""Atomic outputs: build in a hidden temporary directory beside the target, rename at the end.
+"""Atomic, safe outputs: build in a hidden temporary directory beside the target, rename at the end.
 
 A crash, a full disk or Ctrl-C never leaves a complete-looking output: the temporary directory
-is removed, or (after SIGKILL) left under an unmistakable `.NAME.partial-PID` name.
+is removed, or (after SIGKILL) left under an unmistakable `.NAME.partial` name.
+Nothing is ever destroyed that is not this tool's: an output may not be, contain or lie inside
+one of the stage's inputs; links are never followed or replaced; and even with --force only an
+empty directory or one of this tool's outputs is replaced. An output is recognised as ours by its
+manifest, the file its stage always writes (conversion.json, quant_log.json, verify.json, ...).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import OutputExistsError
-
-
-def check_target(target: Path, force: bool) -> None:
-    """Refuse an existing output unless --force; call before any expensive work."""
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists; pass --force to replace it")
-
-
-@contextmanager
-def staged_dir(target: Path, force: bool = False, keep_on_error: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `target`; on success it replaces `target`.
-
-    keep_on_error leaves the partial directory for a later resume (quantize --resume).
-    """
-    target = Path(target)
-    check_target(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(target)
-    if tmp.exists() and not keep_on_error:
-        shutil.rmtree(tmp)
-    tmp.mkdir(exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, target)
+from pipeline.errors import InputError, OutputExistsError, PipelineError
 
 
 def partial_path(target: Path) -> Path:
     """The temporary directory used while `target` is being built (stable, so resume finds it)."""
+    target = Path(target)
     return target.parent / f".{target.name}.partial"
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move tmp to target; an existing target (only reached with --force) is removed first."""
+def is_ours(directory: Path, manifest: str) -> bool:
+    """A real directory that is empty or holds `manifest` (written by this tool's stage)."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        return (directory / manifest).is_file() or next(directory.iterdir(), None) is None
+    except OSError:  # unreadable: not provably ours
+        return False
+
+
+def overlap(output: Path, source: Path) -> str | None:
+    """How `output` collides with the input `source` (symlinks resolved), or None."""
+    try:
+        o, s = Path(output).resolve(), Path(source).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{output} / {source}: cannot resolve the path ({e})") from e
+    if o == s:
+        return "is"
+    if s.is_relative_to(o):
+        return "contains"
+    if o.is_relative_to(s):
+        return "lies inside"
+    return None
+
+
+def writable_location(target: Path) -> None:
+    """The nearest existing ancestor of target must be a directory we may create entries in."""
+    parent = target.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{target}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{target}: cannot create it: {parent} is not writable "
+                         "(read-only file system or permissions)")
+
+
+def check_target(target: Path, force: bool, *, manifest: str, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any expensive work, an output that is a link, collides with an input, cannot
+    be written, or exists (without --force; with --force, unless it is an output of ours)."""
+    target = Path(target)
+    partial = partial_path(target)
+    if target.is_symlink():
+        raise InputError(f"{target}: is a symbolic link (to {os.readlink(target)}); links are "
+                         "never followed or replaced: give the real output path")
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        what = "a symbolic link" if partial.is_symlink() else "not a directory"
+        raise InputError(f"{partial}: the temporary name of {target} is taken by {what}, not a "
+                         "partial output of this tool; remove it or choose another output")
+    for source in inputs:
+        for path in (target, partial):
+            how = overlap(path, source)
+            if how:
+                raise InputError(f"{target}: the output {how} the input {source}; writing it "
+                                 f"would destroy or change the input: choose an output outside it")
     if target.exists():
-        trash = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(trash)
-        tmp.rename(target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(target)
+        if not force:
+            raise OutputExistsError(f"{target} already exists; pass --force to replace it")
+        if not is_ours(target, manifest):
+            raise OutputExistsError(f"{target}: exists and is not an output of this tool (no "
+                                    f"{manifest}); not replaced even with --force: move it away "
+                                    "or choose another output")
+    writable_location(target)
+
+
+@contextmanager
+def staged_dir(target: Path, force: bool = False, keep_on_error: bool = False, *, manifest: str,
+               inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `target`; on success it replaces `target`.
+    The block must write `manifest` into it (that is how a later --force recognises it).
+
+    keep_on_error leaves the partial directory for a later resume (quantize --resume).
+    """
+    target = Path(target)
+    check_target(target, force, manifest=manifest, inputs=list(inputs))
+    tmp = partial_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists() and not keep_on_error:
+            shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+    try:
+        yield tmp
+        replace_dir(tmp, target, force, manifest)
+    except BaseException:
+        if not keep_on_error:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: Path, target: Path, force: bool, manifest: str) -> None:
+    """Move tmp to target; an existing target (checked again: it may have appeared meanwhile)
+    is moved aside first and removed after the rename."""
+    if target.exists() or target.is_symlink():
+        check_target(target, force, manifest=manifest)
+    try:
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(trash)  # onto the empty directory just made: a unique name
+            tmp.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as e:
+        raise PipelineError(f"{target}: cannot move the finished output into place "
+                            f"({e.strerror or e})") from e
+
+
+@contextmanager
+def staged_file(target: Path, force: bool = False, *, magic: bytes,
+                inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """A single-file output (a .gguf): yield a temporary path beside `target`, renamed onto it on
+    success, removed on error. Refused like check_target: a link, an input's path (or one inside
+    an input), an existing target without --force, and with --force anything but a regular file
+    starting with `magic` (this tool's format)."""
+    target = Path(target)
+    tmp = partial_path(target)
+    for path in (target, tmp):
+        if path.is_symlink():
+            raise InputError(f"{path}: is a symbolic link (to {os.readlink(path)}); links are "
+                             "never followed or replaced: give the real output path")
+    if tmp.exists() and not tmp.is_file():
+        raise InputError(f"{tmp}: the temporary name of {target} is taken by a directory; remove "
+                         "it or choose another output")
+    for source in inputs:
+        how = overlap(target, source)
+        if how:
+            raise InputError(f"{target}: the output {how} the input {source}; writing it would "
+                             "destroy or change the input: choose an output outside it")
+    if target.exists():
+        if not force:
+            raise OutputExistsError(f"{target} already exists; pass --force to replace it")
+        if not (target.is_file() and starts_with(target, magic)):
+            raise OutputExistsError(f"{target}: exists and is not an output of this tool (not a "
+                                    f"{magic!r} file); not replaced even with --force: move it "
+                                    "away or choose another output")
+    writable_location(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic

@@ -1,10 +1,16 @@
 """The publish stage: the fp16 model on `main` of one repository, each GPTQ variant on its own
-branch of another, only from artifacts whose verify report passed and still matches them.
+branch of another, the GGUF files side by side on `main` of a third, only from artifacts whose
+verify report passed and still matches them.
 
 A plan (repositories, branches, files with sizes and sha256, rendered cards) is made locally;
 --dry-run writes it and stops. Otherwise every branch gets at most one commit, holding the files
 whose sha256 differs from the remote branch and deleting those the plan does not have: a re-run
 uploads nothing, and an interrupted run completes (LFS objects already uploaded are not re-sent).
+
+Nothing is trusted as written: the verify report's verdict is recomputed from its checks, its
+recorded inputs matched against the artifacts, every file re-hashed; and every file to be written
+or uploaded (plan.json, the cards, the artifacts' text and safetensors headers) is scanned for
+credentials first. Credentials in the endpoint URL are dropped before anything shows it.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
 from pipeline import __version__, card
+from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
 from pipeline.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import staged_dir
-from pipeline.recipe import Recipe, find_recipe, load_recipe
-from verify.report import check_integrity, read_report
+from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
+from verify.report import check_inputs, check_integrity, check_verdict, read_report
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -69,10 +76,14 @@ class BranchPlan:
 
 def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Path,
             dry_run: bool = False, plan_dir: Path | None = None,
-            endpoint: str | None = None, token: str | None = None) -> dict:
-    """Publish the verified fp16 artifact and GPTQ variants (branch -> directory); returns a
-    JSON-able summary. The token comes from `token`, HF_TOKEN or the stored login."""
-    endpoint = resolve_endpoint(endpoint)
+            endpoint: str | None = None, token: str | None = None,
+            ggufs: dict[str, Path] | None = None) -> dict:
+    """Publish the verified fp16 artifact, GPTQ variants (branch -> directory) and GGUF files
+    (type -> file); returns a JSON-able summary. The token comes from `token`, HF_TOKEN or the
+    stored login."""
+    from pipeline.convert import MANIFEST  # here: convert imports torch
+
+    endpoint, url_credentials = resolve_endpoint(endpoint)
     if not dry_run:
         token = resolve_token(token)
     if plan_dir is not None:
@@ -82,9 +93,23 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     if rep["passed"] is not True:
         raise CheckFailed(f"{report}: verify did not pass; nothing is published "
                           f"(failed: {', '.join(failed_checks(rep)) or 'see verify.txt'})")
-    plans = make_plan(recipe, rep, Path(fp16), {b: Path(p) for b, p in variants.items()}, endpoint)
+    ggufs = {t: Path(p) for t, p in (ggufs or {}).items()}
+    check_verdict(rep, ["fp16", *(Path(p).name for p in variants.values()),
+                        *(p.name for p in ggufs.values())], report)
+    try:
+        plans = make_plan(recipe, rep, Path(fp16), {b: Path(p) for b, p in variants.items()}, endpoint)
+        if recipe.gguf:
+            plans.append(gguf_plan(recipe, rep, Path(fp16), ggufs, endpoint))
+    except CheckFailed as e:  # the artifacts are not what the report says: name the report too
+        raise CheckFailed(f"{report}: {e}") from None
+    conversion = Path(fp16) / MANIFEST  # verified bytes by now (make_plan checked every hash)
+    check_inputs(rep, report, card.read_json(conversion) if conversion.is_file() else None)
+    plan_text = plan_document(plans, recipe, endpoint, report)
+    files = {PLAN_NAME: plan_text.encode()}
+    files |= {f"{p.repo}@{p.branch}: {f.path}": f.source for p in plans for f in p.files}
+    refuse_credentials(files, secrets_in_use(token or get_token(), *url_credentials))
     if plan_dir is not None:
-        write_plan(Path(plan_dir), plans, recipe, endpoint, report)
+        write_plan(Path(plan_dir), plans, plan_text, report)
     if dry_run:
         results = [branch_result(p, [], [], None) for p in plans]
     else:
@@ -102,12 +127,18 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     }
 
 
-def resolve_endpoint(endpoint: str | None) -> str:
-    """--endpoint, else HF_ENDPOINT as set now (not when huggingface_hub was imported), else the Hub."""
-    url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+def resolve_endpoint(endpoint: str | None) -> tuple[str, list[str]]:
+    """(--endpoint, else HF_ENDPOINT as set now (not when huggingface_hub was imported), else the
+    Hub; without any user:password@, the credentials it held). The Hub authenticates with the
+    token; credentials in the URL would reach plans, cards, logs and errors, so they are dropped."""
+    given = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    url, credentials = strip_url(given)
     if not url.startswith(("http://", "https://")):
-        raise InputError(f"endpoint {url!r}: expected an http:// or https:// URL")
-    return url
+        raise InputError(f"endpoint {masked_url(given)!r}: expected an http:// or https:// URL")
+    if url != given:
+        click.echo(f"warning: endpoint {masked_url(given)}: credentials in the URL are not used "
+                   f"(the token authenticates); publishing to {url}", err=True)
+    return url, credentials
 
 
 def resolve_token(token: str | None) -> str:
@@ -124,9 +155,10 @@ def failed_checks(report: dict) -> list[str]:
 
 
 def verified_files(report: dict, name: str, path: Path, kind: str) -> dict[str, str]:
-    """relative path -> sha256 of an artifact that verify checked, passed, and that is unchanged."""
-    if not path.is_dir():
-        raise InputError(f"{path}: artifact directory missing (run the job up to verify first)")
+    """relative path -> sha256 of an artifact the report covers, at this path, unchanged since
+    (whether its checks prove it is check_verdict's question)."""
+    if not (path.is_file() if kind == "gguf" else path.is_dir()):
+        raise InputError(f"{path}: artifact missing (run the job up to verify first)")
     entry = report["artifacts"].get(name)
     if entry is None:
         raise CheckFailed(f"{path}: artifact {name!r} is not in the verify report; verify it first "
@@ -134,10 +166,7 @@ def verified_files(report: dict, name: str, path: Path, kind: str) -> dict[str, 
     if entry.get("kind") != kind or Path(entry["path"]).resolve() != path.resolve():
         raise CheckFailed(f"{path}: the verify report's {name!r} is the {entry.get('kind')} artifact "
                           f"{entry['path']}; verify this directory first")
-    failed = [c["check"] for c in report["checks"] if c.get("artifact") == name and not c["passed"]]
-    if failed:
-        raise CheckFailed(f"{path}: verify check(s) {', '.join(failed)} failed for {name!r}")
-    if name not in report.get("perplexity", {}):
+    if name not in report["perplexity"]:
         raise CheckFailed(f"{path}: the verify report measured no perplexity for {name!r}; verify it first")
     click.echo(f"checking {len(entry['files'])} files of {path} against the verify report", err=True)
     check_integrity(report, name)
@@ -158,12 +187,41 @@ def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path
         files = artifact_files(path, verified_files(report, path.name, path, "gptq"))
         gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files))
     model_type = card.read_json(fp16 / "config.json").get("model_type", "llama")
-    fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type, hub_url)
-    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url)
+    infill = card.read_json(fp16 / "conversion.json").get("tokenizer", {}).get("infill")
+    fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type, hub_url,
+                               infill)
+    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, infill)
     pub = recipe.publish
     plans = [BranchPlan(pub.fp16_repo, "main", "fp16", (*fp16_files, card_file(fp16_card)))]
     plans += [BranchPlan(pub.gptq_repo, b.name, b.artifact, (*files, card_file(gptq_card))) for b, files in gptq]
     return plans
+
+
+def gguf_plan(recipe: Recipe, report: dict, fp16: Path, ggufs: dict[str, Path],
+              hub_url: str) -> BranchPlan:
+    """`main` of the GGUF repository: one verified file per [[gguf]] type (the file's own type,
+    and the one verify recorded), and the card."""
+    from pipeline.gguf import TYPE_OF_FTYPE, TYPES
+    from verify.llamacpp import file_type
+
+    want = [g.type for g in recipe.gguf]
+    if set(ggufs) != set(want):
+        raise InputError(f"{recipe.path}: publish needs every [[gguf]] file of the recipe "
+                         f"({', '.join(want)}); got {', '.join(sorted(ggufs)) or 'none'}")
+    files, rows = [], []
+    for g in recipe.gguf:
+        path = ggufs[g.type]
+        hashes = verified_files(report, path.name, path, "gguf")
+        recorded = report["artifacts"][path.name].get("type")
+        actual = TYPE_OF_FTYPE.get(file_type(path))
+        if recorded != g.type or actual != g.type:  # the checks required depend on the type
+            raise CheckFailed(f"{path}: its GGUF type is {actual} (the verify report says "
+                              f"{recorded}); the recipe's [[gguf]] entry says {g.type}")
+        files += artifact_files(path.parent, hashes)
+        rows.append(card.GGUFRow(path.name, g.type, TYPES[g.type].bits, files[-1].size,
+                                 g.description or TYPES[g.type].use_case))
+    text = card.gguf_card(recipe, rows, report, card.read_json(fp16 / "config.json"), hub_url)
+    return BranchPlan(recipe.publish.gguf_repo, "main", "gguf", (*files, card_file(text)))
 
 
 def artifact_files(root: Path, hashes: dict[str, str]) -> list[PlannedFile]:
@@ -188,8 +246,8 @@ def card_path(plan: BranchPlan) -> str:
     return f"cards/{plan.repo.replace('/', '--')}/{plan.branch}/{CARD_NAME}"
 
 
-def write_plan(plan_dir: Path, plans: list[BranchPlan], recipe: Recipe, endpoint: str, report: Path) -> None:
-    """plan.json (repositories, branches, files with sizes and sha256) and the rendered cards."""
+def plan_document(plans: list[BranchPlan], recipe: Recipe, endpoint: str, report: Path) -> str:
+    """plan.json's text: repositories, branches, files with sizes and sha256."""
     repos: dict[str, dict] = {}
     for p in plans:
         repo = repos.setdefault(p.repo, {"private": recipe.publish.private, "branches": {}})
@@ -198,8 +256,14 @@ def write_plan(plan_dir: Path, plans: list[BranchPlan], recipe: Recipe, endpoint
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in p.files]}
     plan = {"tool_version": __version__, "recipe": str(recipe.path), "report": str(report.resolve()),
             "endpoint": endpoint, "repos": repos}
-    with staged_dir(plan_dir, force=True) as tmp:
-        (tmp / PLAN_NAME).write_text(json.dumps(plan, indent=2) + "\n")
+    return json.dumps(plan, indent=2) + "\n"
+
+
+def write_plan(plan_dir: Path, plans: list[BranchPlan], plan_text: str, report: Path) -> None:
+    """plan.json and the rendered cards, replacing the previous plan."""
+    sources = {f.source.parent for p in plans for f in p.files if isinstance(f.source, Path)}
+    with staged_dir(plan_dir, force=True, manifest=PLAN_NAME, inputs=[report, *sources]) as tmp:
+        (tmp / PLAN_NAME).write_text(plan_text)
         for p in plans:
             out = tmp / card_path(p)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +297,7 @@ class Hub:
 
     def __init__(self, endpoint: str, token: str):
         self.endpoint, self.token = endpoint, token
+        self.secrets = secrets_in_use(token)
         self.api = HfApi(endpoint=endpoint, token=token)
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -267,7 +332,9 @@ class Hub:
         if advice is None:
             advice = "re-run publish to complete it (finished files are not uploaded again)"
         message = f"{what}: {advice} ({detail})"
-        return PipelineError(message.replace(self.token, "***") if self.token else message)
+        for secret in self.secrets:
+            message = message.replace(secret, "***")
+        return PipelineError(message)
 
 
 def cause(e: BaseException | None, kind: type) -> Any:
@@ -353,15 +420,21 @@ def add_operation(f: PlannedFile) -> CommitOperationAdd:
 @click.option("--endpoint", help="Hub URL for private hubs and mirrors [default: $HF_ENDPOINT or "
                                  "https://huggingface.co].")
 @click.option("--private", is_flag=True, help="Create the repositories private (overrides the recipe).")
+@allow_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(recipe: str, workdir: Path | None, dry_run: bool, plan_dir: Path | None,
-            endpoint: str | None, private: bool, as_json: bool) -> None:
+            endpoint: str | None, private: bool, allow_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Publish RECIPE's verified fp16 model and GPTQ branches to the Hub (token: HF_TOKEN or `hf auth login`)."""
-    r = load_recipe(find_recipe(recipe))
+    r = load_recipe(find_recipe(recipe), allow_dirs)
     if private:
         r = dataclasses.replace(r, publish=dataclasses.replace(r.publish, private=True))
     workdir = workdir or Path("work") / r.name
+    ggufs = {}
+    if r.gguf:
+        from pipeline.gguf import file_name
+        ggufs = {g.type: workdir / "gguf" / file_name(r.model.name, g.type) for g in r.gguf}
     result = publish(r, fp16=workdir / "fp16", variants={v.branch: workdir / "gptq" / v.branch for v in r.variants},
+                     ggufs=ggufs,
                      report=workdir / "verify" / "verify.json", dry_run=dry_run,
                      plan_dir=plan_dir or workdir / "publish-plan", endpoint=endpoint)
     if dry_run:

@@ -7,8 +7,10 @@ to the partial directory, so memory does not grow with depth and `--resume` cont
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -22,56 +24,38 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.calibration import load_calibration
+from pipeline.calibration import load_calibration, local_files
 from pipeline.errors import InputError
 from pipeline.gptq import QuantResult, QuantSpec, gptq, n_groups, rtn
-from pipeline.gptq_format import SUFFIXES, dequantize, pack, write_configs
+from pipeline.gptq_format import (RAGGED_REFUSED_BY, SUFFIXES, dequantize, pack, packed_shapes,
+                                  ragged, write_configs)
 from pipeline.output import check_target, partial_path, staged_dir
 from pipeline.safetensors_stream import TensorSpec, ShardedWriter, parse_size
-from verify.checkpoint import HFCheckpoint
-from verify.llama import LINEAR_GROUPS, DecoderLayer, LlamaArgs, compute_dtype, load_layer, pick_device, rotary
+from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
+from verify.llama import (LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs, compute_dtype,
+                          linear_shapes, load_layer, pick_device, rotary)
 
-LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
-IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; not weights
 LAYERS_DIR, RUN_FILE = "layers", "run.json"  # resume state inside the partial directory
+LOG_NAME = "quant_log.json"  # the stage's manifest: an output holding it is ours to replace
 
 
-def linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear of a decoder layer."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    return {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim),
-            "self_attn.v_proj": (kv, args.dim), "self_attn.o_proj": (args.dim, q),
-            "mlp.gate_proj": (args.ffn_dim, args.dim), "mlp.up_proj": (args.ffn_dim, args.dim),
-            "mlp.down_proj": (args.dim, args.ffn_dim)}
-
-
-def check_model(ck: HFCheckpoint, spec: QuantSpec) -> None:
-    """Refuse what this stage cannot quantise correctly, before any work is done."""
+def check_model(ck: HFCheckpoint, spec: QuantSpec) -> list[str]:
+    """Refuse what this stage cannot quantise correctly, before any work is done (HFCheckpoint
+    has checked the config, the headers and every tensor's dtype and shape). Returns the linears
+    whose last group is partial (ceil(in/group) groups): quantised, though RAGGED_REFUSED_BY
+    refuse them."""
     cfg = ck.path / "config.json"
-    if ck.quantization or any(n.endswith(".qweight") for n in ck.names()):
+    if ck.quantization:
         raise InputError(f"{cfg}: the model is already quantised ({ck.quantization}); "
                          "quantise the fp16 model instead")
-    for key in ("attention_bias", "mlp_bias"):
-        if ck.config.get(key):
-            raise InputError(f"{cfg}: {key} = true is not supported (Llama has no biases)")
-    a = ck.args
-    known = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    known |= {f"model.layers.{i}.{n}" for i in range(a.n_layers) for n in
-              ("input_layernorm.weight", "post_attention_layernorm.weight",
-               *(f"{lin}.weight" for lin in LINEARS))}
-    unknown = [n for n in ck.names() if n not in known and not n.endswith(IGNORED)]
-    if unknown:
-        raise InputError(f"{ck.path}: unexpected tensors for a {a.n_layers}-layer Llama "
-                         f"(e.g. {unknown[:3]}); is config.json right?")
-    for name, (n_out, n_in) in linear_shapes(a).items():
+    for name, (n_out, n_in) in linear_shapes(ck.args).items():
         if n_in % 32 or n_out % 32:
             raise InputError(f"{cfg}: {name} is [{n_out}, {n_in}]; GPTQ packing needs both "
                              "dimensions to be multiples of 32")
-        if spec.group_size != -1 and n_in % spec.group_size:
-            raise InputError(f"{cfg}: {name} has {n_in} inputs, not divisible by --group-size "
-                             f"{spec.group_size}; choose a divisor or -1")
+    return [name for name, (_, n_in) in linear_shapes(ck.args).items()
+            if ragged(n_in, spec.group_size)]
 
 
 def activation_device(dev: torch.device, nbytes: int) -> torch.device:
@@ -185,11 +169,8 @@ def output_plan(ck: HFCheckpoint, spec: QuantSpec) -> list[TensorSpec]:
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
             plan.append(TensorSpec(p + norm, torch.float16, (a.dim,)))
         for name, (n_out, n_in) in linear_shapes(a).items():
-            G = n_groups(n_in, spec.group_size)
-            plan += [TensorSpec(f"{p}{name}.qweight", torch.int32, (n_in * bits // 32, n_out)),
-                     TensorSpec(f"{p}{name}.qzeros", torch.int32, (G, n_out * bits // 32)),
-                     TensorSpec(f"{p}{name}.scales", torch.float16, (G, n_out)),
-                     TensorSpec(f"{p}{name}.g_idx", torch.int32, (n_in,))]
+            packed = packed_shapes(n_out, n_in, bits, n_groups(n_in, spec.group_size))
+            plan += [TensorSpec(f"{p}{name}.{k}", dtype, shape) for k, (dtype, shape) in packed.items()]
     plan.append(TensorSpec("model.norm.weight", torch.float16, (a.dim,)))
     if "lm_head.weight" in ck:
         plan.append(TensorSpec("lm_head.weight", torch.float16, (a.vocab_size, a.dim)))
@@ -202,12 +183,8 @@ def write_model(ck: HFCheckpoint, tmp: Path, spec: QuantSpec, max_shard_bytes: i
     layer_file: dict[int, Any] = {}  # the one open layer file
     writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"quantization": "gptq"})
     for s in plan:
-        if s.name in ck:
-            t = ck.tensor(s.name)
-            if tuple(t.shape) != s.shape:
-                raise InputError(f"{ck.path}: tensor {s.name} is {tuple(t.shape)}, config.json "
-                                 f"says {s.shape}")
-            writer.write(s.name, t.to(torch.float16))
+        if s.name in ck:  # shapes checked against config.json when the checkpoint was opened
+            writer.write(s.name, ck.tensor(s.name).to(torch.float16))
             continue
         i = int(s.name.split(".")[2])
         if i not in layer_file:
@@ -290,24 +267,36 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
     `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN."""
     t_start = time.perf_counter()
     model, out = Path(model), Path(out)
-    check_target(out, force)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise InputError(f"--max-shard-size: {e}") from e
+    inputs = [model, *calibration_files(spec, calibration)]
+    check_target(out, force, manifest=LOG_NAME, inputs=inputs)
     ck = HFCheckpoint(model)
-    check_model(ck, spec)
+    partial_groups = check_model(ck, spec)
+    if partial_groups:
+        tqdm.write(f"{', '.join(partial_groups)}: input width not a multiple of group "
+                   f"{spec.group_size}, quantised with a partial last group; "
+                   f"{', '.join(RAGGED_REFUSED_BY)} refuse such layers", file=sys.stderr)
     dev = pick_device(device)
     tokens, cal_info = calibration_tokens(model, ck.args, spec, calibration, nsamples, seqlen, seed)
-    run = {"model": str(model.resolve()), "spec": spec.as_dict(), "calibration": cal_info,
-           "device": dev.type, "tool_version": __version__}
+    run = {"model": str(model.resolve()), "input": model_identity(ck), "spec": spec.as_dict(),
+           "calibration": cal_info, "device": dev.type, "tool_version": __version__}
     partial = partial_path(out)
-    if partial.exists() and not (resume and _same_run(partial / RUN_FILE, run)):
-        if resume:
-            tqdm.write(f"resume: {partial} holds a different run; starting over", file=sys.stderr)
-        shutil.rmtree(partial)
+    if partial.exists():  # check_target made sure it is a real directory, not a link
+        why = resume_mismatch(partial / RUN_FILE, run) if resume else "no --resume"
+        if why:
+            if resume:
+                tqdm.write(f"resume: {partial} was made by another run ({why}); starting over",
+                           file=sys.stderr)
+            shutil.rmtree(partial)
 
-    with staged_dir(out, force=force, keep_on_error=True) as tmp:
+    with staged_dir(out, force, True, manifest=LOG_NAME, inputs=inputs) as tmp:
         (tmp / LAYERS_DIR).mkdir(exist_ok=True)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         modules, done, store = quantize_layers(ck, spec, tokens, tmp / LAYERS_DIR, dev)
-        files = write_model(ck, tmp, spec, parse_size(max_shard_size))
+        files = write_model(ck, tmp, spec, shard_bytes)
         for name in COPY_FILES:
             if (model / name).is_file():
                 shutil.copy2(model / name, tmp / name)
@@ -316,23 +305,58 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
         seconds = time.perf_counter() - t_start
         log = {"method": spec.method, "spec": spec.as_dict(), "calibration": cal_info,
                "modules": modules, "seconds": round(seconds, 3), "resumed_layers": done,
+               "partial_groups": {"linears": partial_groups,
+                                  "refused_by": list(RAGGED_REFUSED_BY) if partial_groups else []},
                "device": dev.type, "activations": store, "tool_version": __version__}
-        (tmp / "quant_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        (tmp / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
         shutil.rmtree(tmp / LAYERS_DIR)
         (tmp / RUN_FILE).unlink()
     n = ck.args.n_layers
     return {"out": str(out), "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
             "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
             "seconds": round(seconds, 3), "seconds_per_layer": round(seconds / n, 3),
-            "files": sorted(files + ["config.json", "quantize_config.json", "quant_log.json"]),
+            "files": sorted(files + ["config.json", "quantize_config.json", LOG_NAME]),
             "calibration": cal_info}
 
 
-def _same_run(run_file: Path, run: dict) -> bool:
+def calibration_files(spec: QuantSpec, calibration: str | None) -> list[Path]:
+    """The local calibration files GPTQ will read (none for RTN or a hf: dataset)."""
+    if spec.method != "gptq" or not calibration or calibration.startswith("hf:"):
+        return []
+    return local_files(calibration)
+
+
+def model_identity(ck: HFCheckpoint) -> dict[str, Any]:
+    """What identifies the input model for --resume, cheaply but soundly: small files (config,
+    index, tokenizer) by sha256; each safetensors file by the sha256 of its header (names, dtypes,
+    shapes, offsets) and its size, mtime, ctime and inode, without reading the weights. Writing
+    or replacing a file changes its ctime (set by the kernel on every change, not settable from
+    user space) or inode, so an equal record means the same bytes; a spurious difference (chmod,
+    a copied directory) only makes the resume start over."""
+    ident: dict[str, Any] = {}
+    for name in ("config.json", INDEX_NAME, *COPY_FILES):
+        if (ck.path / name).is_file():
+            ident[name] = hashlib.sha256((ck.path / name).read_bytes()).hexdigest()
+    for name in sorted(ck.headers):
+        path = ck.path / name
+        st = path.stat()
+        with open(path, "rb") as f:
+            header = f.read(struct.unpack("<Q", f.read(8))[0])
+        ident[name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                       "inode": st.st_ino, "header_sha256": hashlib.sha256(header).hexdigest()}
+    return ident
+
+
+def resume_mismatch(run_file: Path, run: dict) -> str | None:
+    """None when the partial output was made by this same run (model files, spec, calibration,
+    device, tool version), else what differs."""
     try:
-        return json.loads(run_file.read_text()) == json.loads(json.dumps(run))
-    except (OSError, json.JSONDecodeError):
-        return False
+        old = json.loads(run_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"no readable {RUN_FILE}"
+    new = json.loads(json.dumps(run))
+    changed = [k for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
+    return f"{', '.join(changed)} changed" if changed else None
 
 
 def model_tokenizer(model: Path) -> Any:

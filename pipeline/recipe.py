@@ -4,25 +4,40 @@ The dataclasses are the schema: a TOML table's keys are a dataclass's fields, th
 the allowed types. A recipe may `extends = "BASE.toml"`: its tables are merged key by key over
 the base's (`[[variants]]` replaces the base's list as a whole). Relative paths are resolved
 against the directory of the file that wrote them.
+
+Confinement: a recipe alone must not make the pipeline read arbitrary files into anything it
+writes or uploads. Every path a recipe file names (`extends`, [model] original_card, [source]
+path, local calibration/eval sources), and every file such a directory or glob holds, must
+resolve (symlinks and `..` followed) inside that file's own folder or a folder the user allows
+(`allow_dirs`: `--allow-dir DIR`, or $PIPELINE_ALLOW_DIRS, a PATH-style list). `[source] env`
+is the user's own choice and is not confined. The original card must also be a regular UTF-8
+text file of at most MAX_CARD_BYTES; its text is read once, here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
+import stat
 import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import click
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from pipeline import chat
 from pipeline.errors import InputError
+from verify import thresholds
 
 BITS = (2, 3, 4, 8)
 DTYPES = ("float16", "bfloat16", "float32")
@@ -31,6 +46,9 @@ SHARD_SIZE = re.compile(r"^\d+(\.\d+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 BRANCH = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ALLOW_ENV = "PIPELINE_ALLOW_DIRS"  # folders (os.pathsep-separated) recipes may name besides their own
+MAX_CARD_BYTES = 256 * 1024  # [model] original_card: a model card, not a data file
+GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -41,9 +59,11 @@ class ModelInfo:
     creator: str = "Meta"
     license: str = ""
     base_model: str = ""
-    prompt_template: str = "{prompt}"
+    chat_format: str = "none"  # pipeline/chat.py: the tokenizer's chat template, stop tokens, card
+    prompt_template: str | None = None  # only with chat_format "none"; else derived, always filled
     description: str = ""
     original_card: Path | None = None
+    original_card_text: str = field(default="", repr=False, metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -123,22 +143,52 @@ def default_branch(bits: int, group_size: int, act_order: bool) -> str:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """Evaluation text and thresholds for the verify stage (tolerance: bits → allowed ppl ratio − 1)."""
+    """Evaluation text and thresholds for the verify stage. Each threshold table maps bit width →
+    value, overriding verify/thresholds.py's defaults (what each bounds is described there)."""
 
     eval: str
     seqlen: int = 2048
     max_windows: int | None = None
-    tolerance: dict[int, float] = field(default_factory=dict)
+    tolerance: dict[int, float] = field(default_factory=dict)  # allowed ppl ratio − 1
+    kl_mean: dict[int, float] = field(default_factory=dict)
+    kl_p99: dict[int, float] = field(default_factory=dict)
+    top1: dict[int, float] = field(default_factory=dict)
+    agreement: dict[int, float] = field(default_factory=dict)
+    module_error: dict[int, float] = field(default_factory=dict)
     baseline_rtn: bool = False
     prompts: list[str] = field(default_factory=list)
+    chat_prompts: list[str] = field(default_factory=list)  # user messages, in the chat template
+
+    def thresholds(self) -> dict[str, dict[int, float]]:
+        """The threshold tables the recipe sets (kind → bits → value), for pipeline.verify."""
+        return {kind: getattr(self, kind) for kind in thresholds.KINDS if getattr(self, kind)}
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """One file of the GGUF repository: its type (pipeline/gguf.py TYPES), the card's use case
+    (default: the type's), and thresholds over verify/thresholds.py's GGUF defaults for it."""
+
+    type: str
+    description: str = ""
+    tolerance: float | None = None
+    kl_mean: float | None = None
+    kl_p99: float | None = None
+    top1: float | None = None
+
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds this entry sets (kind → value), for pipeline.verify."""
+        return {k: getattr(self, k) for k in thresholds.GGUF_KINDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
 class PublishOptions:
-    """Target repositories (fp16, and GPTQ with one branch per variant) and card fields."""
+    """Target repositories (fp16, GPTQ with one branch per variant, GGUF with one file per type
+    on main) and card fields."""
 
     fp16_repo: str
     gptq_repo: str
+    gguf_repo: str = ""  # required with [[gguf]] entries
     private: bool = False
     quantized_by: str = ""
     tags: list[str] = field(default_factory=list)
@@ -156,6 +206,7 @@ class Recipe:
     variants: list[Variant]
     verify: VerifyOptions
     publish: PublishOptions
+    gguf: list[GGUFFile] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -175,13 +226,14 @@ class Recipe:
         raise InputError(f"{self.path}: no variant {branch!r} (variants: {known})")
 
 
-# section -> dataclass; `variants` is an array of tables, the others are tables.
+# section -> dataclass; `variants` and `gguf` are arrays of tables, the others are tables.
 SECTIONS: dict[str, type] = {
     "model": ModelInfo, "source": Source, "convert": ConvertOptions,
     "calibration": Calibration, "variants": Variant, "verify": VerifyOptions,
-    "publish": PublishOptions,
+    "publish": PublishOptions, "gguf": GGUFFile,
 }
-OPTIONAL_SECTIONS = {"convert": {}}
+ARRAYS = ("variants", "gguf")
+OPTIONAL_SECTIONS: dict[str, Any] = {"convert": {}, "gguf": []}
 
 # keys holding paths, resolved against the directory of the file that wrote them
 # (section, key, is_text_source: "hf:…" sources are left alone)
@@ -206,14 +258,30 @@ def find_recipe(name: str | Path) -> Path:
                      f"(shipped: {', '.join(names)})")
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Read, merge (`extends`) and validate a recipe; InputError names the file and the key."""
+def load_recipe(path: Path | str, allow_dirs: Sequence[Path | str] = ()) -> Recipe:
+    """Read, merge (`extends`) and validate a recipe; InputError names the file and the key.
+    Paths it names must lie in its own folder, one of `allow_dirs` or one in $PIPELINE_ALLOW_DIRS."""
     path = Path(path).resolve()
-    raw = read_merged(path, ())
+    raw = read_merged(path, (), allowed_dirs(allow_dirs))
     return build_recipe(path, raw)
 
 
-def read_merged(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
+allow_dir_option = click.option(
+    "--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path),
+    help=f"A folder the recipe may name files in besides its own (repeatable; also ${ALLOW_ENV}).")
+
+
+def allowed_dirs(given: Sequence[Path | str]) -> tuple[Path, ...]:
+    """The folders the user allows recipes to name: `given` plus $PIPELINE_ALLOW_DIRS, resolved."""
+    env = [d for d in os.environ.get(ALLOW_ENV, "").split(os.pathsep) if d]
+    dirs = [Path(d).expanduser().resolve() for d in (*given, *env)]
+    for d in dirs:
+        if not d.is_dir():
+            raise InputError(f"--allow-dir / ${ALLOW_ENV}: {d} is not a directory")
+    return tuple(dirs)
+
+
+def read_merged(path: Path, stack: tuple[Path, ...], allowed: tuple[Path, ...]) -> dict[str, Any]:
     """The recipe file's tables merged over those of the file it extends (recursively)."""
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
@@ -225,13 +293,15 @@ def read_merged(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: invalid TOML: {e}") from e
-    resolve_paths(raw, path.parent)
+    resolve_paths(raw, path, allowed)
     base_name = raw.pop("extends", None)
     if base_name is None:
         return raw
     if not isinstance(base_name, str):
         raise InputError(f"{path}: extends must be a string (a recipe file name)")
-    base = read_merged((path.parent / base_name).resolve(), (*stack, path))
+    base_path = (path.parent / base_name).resolve()
+    check_confined(base_path, path, "extends", base_name, allowed)
+    base = read_merged(base_path, (*stack, path), allowed)
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}
@@ -240,8 +310,9 @@ def read_merged(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
     return base
 
 
-def resolve_paths(raw: dict[str, Any], root: Path) -> None:
-    """Make the path keys of one file's tables absolute (in place), relative to `root`."""
+def resolve_paths(raw: dict[str, Any], path: Path, allowed: tuple[Path, ...]) -> None:
+    """Make the path keys of recipe file `path`'s tables absolute (in place), relative to its
+    folder, and confined (see the module docstring)."""
     for section, key, is_text in PATH_KEYS:
         tables = raw.get(section)
         tables = tables if isinstance(tables, list) else [tables]
@@ -250,7 +321,64 @@ def resolve_paths(raw: dict[str, Any], root: Path) -> None:
                 continue
             value = t[key]
             if not (is_text and value.startswith("hf:")):
-                t[key] = os.path.normpath(root / Path(value).expanduser())
+                t[key] = os.path.normpath(path.parent / Path(value).expanduser())
+                where = f"[{section}] {key}" if section != "variants" else f"[[variants]] {key}"
+                check_path_key(t[key], path, where, value, allowed)
+
+
+def check_path_key(value: str, recipe: Path, key: str, given: str, allowed: tuple[Path, ...]) -> None:
+    """Confine what an absolute path key reaches: the path itself (a glob: its fixed leading
+    folder), then every file it holds or matches now (a superset of what the stages read)."""
+    parts = Path(value).parts
+    fixed = next((i for i, part in enumerate(parts) if GLOB_CHARS.search(part)), len(parts))
+    top = Path(*parts[:fixed])
+    check_confined(top, recipe, key, given, allowed)
+    if fixed < len(parts):
+        found = glob.glob(value, recursive=True)
+    else:
+        found = [str(p) for p in top.rglob("*")] if os.path.isdir(top) else []
+    for p in found:
+        if os.path.isfile(p):
+            check_confined(Path(p), recipe, key, given, allowed)
+
+
+def check_confined(target: Path, recipe: Path, key: str, value: str, allowed: tuple[Path, ...]) -> None:
+    """InputError unless `target` (symlinks and `..` resolved) lies in the recipe file's folder or
+    an allowed folder."""
+    real = Path(os.path.realpath(target))
+    roots = (recipe.parent.resolve(), *allowed)
+    if not any(real.is_relative_to(root) for root in roots):
+        via = "" if real == Path(os.path.normpath(target)) else f" (through {target})"
+        raise InputError(f"{recipe}: {key} = {value!r} reaches {real}{via}, outside the recipe's "
+                         f"folder {roots[0]}; recipes may name files only in their own folder: move "
+                         f"it there, or allow its folder with --allow-dir DIR or ${ALLOW_ENV}")
+
+
+def read_card(recipe: Path, card: Path) -> str:
+    """The original card's text: a regular UTF-8 text file of at most MAX_CARD_BYTES (opened
+    without blocking, so a FIFO is refused rather than waited on)."""
+    where = f"{recipe}: [model] original_card = {str(card)!r}"
+    try:
+        fd = os.open(card, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InputError(f"{where}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{where}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{where}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CARD_BYTES + 1)
+    if len(data) > MAX_CARD_BYTES:
+        raise InputError(f"{where}: larger than {MAX_CARD_BYTES // 1024} KiB; a model card is "
+                         "a short Markdown file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise InputError(f"{where}: not UTF-8 text (a binary file?)")
+    return text
 
 
 def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
@@ -264,12 +392,14 @@ def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
             raise InputError(f"{path}: missing section [{section}]")
     sections = {s: raw.get(s, OPTIONAL_SECTIONS.get(s)) for s in SECTIONS}
     for s, table in sections.items():
-        want = list if s == "variants" else dict
+        want = list if s in ARRAYS else dict
         if not isinstance(table, want):
-            shape = "an array of tables [[variants]]" if want is list else f"a table [{s}]"
+            shape = f"an array of tables [[{s}]]" if want is list else f"a table [{s}]"
             raise InputError(f"{path}: {s} must be {shape}")
 
-    model = build(ModelInfo, sections["model"], path, "[model]")
+    model = with_prompt_template(build(ModelInfo, sections["model"], path, "[model]"), path)
+    if model.original_card is not None:
+        model = dataclasses.replace(model, original_card_text=read_card(path, model.original_card))
     source = build(Source, sections["source"], path, "[source]")
     source = dataclasses.replace(source, recipe=path)
     convert = build(ConvertOptions, sections["convert"], path, "[convert]")
@@ -288,7 +418,13 @@ def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
             v = dataclasses.replace(v, branch=default_branch(v.bits, v.group_size, v.act_order))
         variants.append(v)
 
-    recipe = Recipe(path, model, source, convert, calibration, variants, verify, publish)
+    ggufs = []
+    for i, table in enumerate(sections["gguf"]):
+        if not isinstance(table, dict):
+            raise InputError(f"{path}: [[gguf]] #{i + 1} must be a table")
+        ggufs.append(build(GGUFFile, table, path, f"[[gguf]] #{i + 1}"))
+
+    recipe = Recipe(path, model, source, convert, calibration, variants, verify, publish, ggufs)
     for check in CHECKS:
         check(recipe)
     return recipe
@@ -362,14 +498,29 @@ def coerce(value: Any, hint: Any, path: Path, key: str) -> Any:
     raise TypeError(f"recipe schema: unsupported annotation {hint!r} for {key}")
 
 
+def with_prompt_template(model: ModelInfo, path: Path) -> ModelInfo:
+    """`model` with its prompt template: written by the recipe for chat_format "none" (default
+    "{prompt}"), derived from the chat format otherwise, so card and tokenizer never disagree."""
+    if model.chat_format not in chat.FORMATS:
+        raise InputError(f"{path}: [model] chat_format = {model.chat_format!r}: must be one of "
+                         f"{', '.join(chat.FORMATS)}")
+    if model.chat_format != "none" and model.prompt_template is not None:
+        raise InputError(f"{path}: [model] prompt_template is derived from chat_format = "
+                         f"{model.chat_format!r}; remove it (or set chat_format = \"none\")")
+    template = model.prompt_template
+    if template is None:
+        template = chat.prompt_template(model.chat_format)
+    return dataclasses.replace(model, prompt_template=template)
+
+
 def check_model(r: Recipe) -> None:
     if not r.model.name.strip():
         raise InputError(f"{r.path}: [model] name must not be empty")
     if "{prompt}" not in r.model.prompt_template:
         raise InputError(f"{r.path}: [model] prompt_template must contain {{prompt}}")
-    card = r.model.original_card
-    if card is not None and not card.is_file():
-        raise InputError(f"{r.path}: [model] original_card = {str(card)!r}: file not found")
+    if r.verify.chat_prompts and r.model.chat_format == "none":
+        raise InputError(f"{r.path}: [verify] chat_prompts needs a [model] chat_format "
+                         f"({', '.join(f for f in chat.FORMATS if f != 'none')})")
 
 
 def check_source(r: Recipe) -> None:
@@ -437,14 +588,18 @@ def check_verify(r: Recipe) -> None:
         raise InputError(f"{r.path}: [verify] seqlen = {v.seqlen}: must be at least 1")
     if v.max_windows is not None and v.max_windows < 1:
         raise InputError(f"{r.path}: [verify] max_windows = {v.max_windows}: must be at least 1")
-    for bits, tol in v.tolerance.items():
-        if bits not in BITS or tol <= 0:
-            raise InputError(f"{r.path}: [verify] tolerance {{ \"{bits}\" = {tol} }}: keys must be "
-                             f"bit widths ({', '.join(map(str, BITS))}), values positive")
-    missing = sorted({x.bits for x in r.variants} - set(v.tolerance))
-    if v.tolerance and missing:
-        raise InputError(f"{r.path}: [verify] tolerance has no entry for the "
-                         f"{', '.join(map(str, missing))}-bit variant(s)")
+    for kind, table in v.thresholds().items():
+        for bits, value in table.items():
+            where = f"{r.path}: [verify] {kind} {{ \"{bits}\" = {value} }}"
+            if bits not in BITS:
+                raise InputError(f"{where}: keys must be bit widths ({', '.join(map(str, BITS))})")
+            problem = thresholds.invalid(kind, value)
+            if problem:
+                raise InputError(f"{where}: {problem}")
+        missing = sorted({x.bits for x in r.variants} - set(table))
+        if missing:
+            raise InputError(f"{r.path}: [verify] {kind} has no entry for the "
+                             f"{', '.join(map(str, missing))}-bit variant(s)")
 
 
 def check_publish(r: Recipe) -> None:
@@ -456,7 +611,31 @@ def check_publish(r: Recipe) -> None:
     if p.fp16_repo == p.gptq_repo:
         raise InputError(f"{r.path}: [publish] fp16_repo and gptq_repo must differ "
                          "(GPTQ branches would overwrite the fp16 model)")
+    if r.gguf and not p.gguf_repo:
+        raise InputError(f"{r.path}: [[gguf]] files need [publish] gguf_repo (e.g. "
+                         f"\"{p.fp16_repo.split('/')[0]}/{r.model.name}-GGUF\")")
+    if p.gguf_repo and not REPO_ID.match(p.gguf_repo):
+        raise InputError(f"{r.path}: [publish] gguf_repo = {p.gguf_repo!r}: expected a "
+                         "repository id OWNER/NAME")
+    if p.gguf_repo in (p.fp16_repo, p.gptq_repo):
+        raise InputError(f"{r.path}: [publish] gguf_repo must differ from fp16_repo and gptq_repo")
+
+
+def check_gguf(r: Recipe) -> None:
+    seen: dict[str, int] = {}
+    for i, g in enumerate(r.gguf, 1):
+        where = f"{r.path}: [[gguf]] #{i}"
+        if g.type not in thresholds.GGUF:
+            raise InputError(f"{where}: type = {g.type!r}: must be one of "
+                             f"{', '.join(thresholds.GGUF)}")
+        if g.type in seen:
+            raise InputError(f"{where}: type {g.type!r} is also [[gguf]] #{seen[g.type]}")
+        seen[g.type] = i
+        for kind, value in g.thresholds().items():
+            problem = thresholds.invalid(kind, value)
+            if problem:
+                raise InputError(f"{where} ({g.type}): {problem}")
 
 
 CHECKS = (check_model, check_source, check_convert, check_calibration, check_variants,
-          check_verify, check_publish)
+          check_verify, check_publish, check_gguf)

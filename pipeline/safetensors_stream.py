@@ -1,15 +1,20 @@
 """Sharded safetensors written tensor by tensor: headers are planned up front, so no shard is
-ever held in memory (safetensors.save_file needs every tensor of a file at once)."""
+ever held in memory (safetensors.save_file needs every tensor of a file at once). Also the
+header reader that checks a file we did not write before anything else trusts it."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from pipeline.errors import InputError
 
 DTYPES = {
     torch.float16: "F16",
@@ -23,7 +28,10 @@ DTYPES = {
     torch.int64: "I64",
     torch.bool: "BOOL",
 }
+DTYPE_BYTES = {name: torch.tensor([], dtype=dt).element_size() for dt, name in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -43,15 +51,16 @@ class TensorSpec:
 
 
 def parse_size(text: str) -> int:
-    """'5GB' / '500MB' / '2GiB' / '1024' -> bytes."""
+    """'5GB' / '500MB' / '2GiB' / '1024' -> bytes (at least 1)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    if not num or unit not in units:
+    m = re.fullmatch(r"(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([KMGT]I?B|B)?", str(text).strip().upper())
+    if not m:
         raise ValueError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(float(num) * units[unit])
+    size = int(float(m.group(1)) * units[m.group(2) or ""])
+    if size < 1:
+        raise ValueError(f"size {text!r}: must be at least 1 byte")
+    return size
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -144,3 +153,79 @@ class ShardedWriter:
             self.close()
         elif self._fh is not None:
             self._fh.close()
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as a checked safetensors header describes it."""
+
+    dtype: str  # safetensors name: "F16", "I32", ...
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]  # byte range in the data section
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file, its header checked against the format and the file: a
+    bounded UTF-8 JSON object, known dtypes, each data range exactly its shape x dtype size, and
+    the ranges tiling the data section to the end of the file (no gap, overlap or truncation).
+    Every defect is an InputError naming the file (and the tensor)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if n is None or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise InputError(f"{path}: not a safetensors file: its header length "
+                                 f"({n if n is not None else 'missing'}) does not fit in its "
+                                 f"{size} bytes (truncated or corrupt)")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (not UTF-8 JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings "
+                         "to strings)")
+    tensors = {name: _stored(path, name, entry) for name, entry in header.items()}
+    end = 0
+    for name, t in sorted(tensors.items(), key=lambda kv: kv[1].offsets):
+        if t.offsets[0] != end:
+            raise InputError(f"{path}: tensor {name}: data_offsets {list(t.offsets)} "
+                             f"{'overlap' if t.offsets[0] < end else 'leave a gap after'} the "
+                             f"previous tensor's data (ending at {end})")
+        end = t.offsets[1]
+    if end != size - 8 - n:
+        raise InputError(f"{path}: the header describes {end} data bytes, the file holds "
+                         f"{size - 8 - n}: " + ("truncated" if end > size - 8 - n else
+                                                 "trailing bytes no tensor owns"))
+    return tensors
+
+
+def _stored(path: Path, name: str, entry: object) -> StoredTensor:
+    """One header entry, checked: dtype known, shape non-negative ints, range = its byte size."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise InputError(f"{where}: header entry must hold exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise InputError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+
+    def ints(v: object) -> bool:
+        return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+
+    if not ints(shape):
+        raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise InputError(f"{where}: data_offsets {offsets!r} is not a [begin, end] byte range")
+    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise InputError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                         f"but {dtype} {shape} needs {nbytes}")
+    return StoredTensor(dtype, tuple(shape), (offsets[0], offsets[1]))

@@ -1,6 +1,7 @@
 """Tokenizer conversion through transformers: a SentencePiece model (Llama 1/2, Code Llama with its
 infilling pieces) or a tiktoken ranks file (Llama 3.x) becomes tokenizer.json,
-tokenizer_config.json and special_tokens_map.json, checked id for id against the source."""
+tokenizer_config.json and special_tokens_map.json, checked id for id against the source, plus the
+chat template of the model's chat format (pipeline/chat.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import chat
 from pipeline.errors import InputError, PipelineError
 
 # Meta's Llama 3 pre-tokenisation pattern and special tokens (256 after the BPE ranks).
@@ -28,23 +30,19 @@ LLAMA3_SPECIAL = {
                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
                  *(_R.format(i) for i in range(3, N_SPECIAL - 8))],
 }
-# Code Llama's infilling pieces (7B/13B: after the 32000 Llama pieces) and HF's fill marker.
-INFILL = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "suffix_token": "▁<SUF>",
-          "eot_token": "▁<EOT>"}
-FILL_TOKEN = "<FILL_ME>"
-# Generation stops at any of these (Llama 3.x: end of text, end of message, end of turn).
-STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+# Code Llama's infilling pieces (7B/13B: after the 32000 Llama pieces, ids 32007-32010), by role.
+INFILL = {"prefix": "▁<PRE>", "suffix": "▁<SUF>", "middle": "▁<MID>", "eot": "▁<EOT>"}
+# Pad policy: no token is added (the embedding matrix is Meta's); padding uses a token that exists,
+# is never EOS (so padding is not read as the end of a text) and carries no text of its own:
+# <unk> (id 0) for SentencePiece, Llama 3's <|finetune_right_pad_id|> (its name from 3.1 on).
+PAD = {"sentencepiece": "<unk>", "tiktoken": 4}  # a token, or an index in LLAMA3_SPECIAL
 
-# transformers class written to tokenizer_config.json, per family. Llama 1/2 and Llama 3 use the
-# generic class: transformers 5.x rebuilds LlamaTokenizer's pre-tokenizer on load (Metaspace, which
-# drops SentencePiece's dummy prefix before leading spaces), the generic class keeps tokenizer.json.
-TOKENIZER_CLASS = {
-    "llama1": "PreTrainedTokenizerFast",
-    "llama2": "PreTrainedTokenizerFast",
-    "codellama": "CodeLlamaTokenizer",  # infilling (prefix/suffix/middle ids, <FILL_ME>)
-    "llama3": "PreTrainedTokenizerFast",
-    "llama3.1": "PreTrainedTokenizerFast",
-}
+# Every family declares the generic class, which loads tokenizer.json as written in transformers
+# 4.x and 5.x. transformers 5.x rebuilds LlamaTokenizer's and CodeLlamaTokenizer's pre-tokenizer
+# on load (Metaspace, prepend "first"): SentencePiece's dummy prefix is then dropped before a
+# leading space and after special tokens, so plain text and every chat turn after <s> would get
+# other ids than Meta's. Infilling prompts are built from the ids instead (see the model card).
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 # Text the converted tokenizer must encode exactly as the source does: code, whitespace runs,
 # leading spaces, unicode (accents, CJK, emoji: byte fallback), digits.
@@ -168,43 +166,58 @@ def check_ids(tokenizer_json: Path, source: SourceTokenizer,
                                 f"source tokenizer as {want[:12]}...")
 
 
-def convert_tokenizer(path: Path, out: Path, family: str, max_positions: int) -> dict[str, Any]:
-    """Write tokenizer.model (copied), tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json into `out`; returns a summary (class, vocab size, special ids)."""
+def infill_ids(backend: Any, path: Path, source: SourceTokenizer,
+               family: str) -> dict[str, int] | None:
+    """Code Llama's infilling ids by role, or None when the vocabulary has no infilling pieces
+    (34B, -Python, Llama); InputError for a Code Llama vocabulary (> 32000) missing some."""
+    ids = {role: backend.token_to_id(piece) for role, piece in INFILL.items()}
+    missing = [INFILL[role] for role, i in ids.items() if i is None]
+    if not missing:
+        return ids
+    if family == "codellama" and source.vocab_size > 32000:
+        raise InputError(f"{path}: {source.vocab_size} pieces but no infilling piece(s) {missing}")
+    return None
+
+
+def convert_tokenizer(path: Path, out: Path, family: str, max_positions: int,
+                      chat_format: str = "none") -> dict[str, Any]:
+    """Write tokenizer.model (copied), tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json and, with a chat format, chat_template.jinja into `out`; returns a
+    summary (class, vocab size, special, pad, stop and infilling ids, chat format)."""
+    fmt = chat.chat_format(chat_format)
     source = load_source(path, family)
+    if fmt.tokenizer not in (None, source.kind):
+        raise InputError(f"{path}: a {source.kind} tokenizer, but chat format {fmt.name!r} is "
+                         f"written for a {fmt.tokenizer} one")
     if source.kind == "sentencepiece":
         backend = _sentencepiece_backend(path)
-        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "pad_token": PAD["sentencepiece"]}
     else:
         specials = LLAMA3_SPECIAL[family]
-        special = {"bos_token": specials[0], "eos_token": specials[1]}
+        special = {"bos_token": specials[0], "eos_token": specials[1],
+                   "pad_token": specials[PAD["tiktoken"]]}
         backend = _tiktoken_backend(path, family, special["bos_token"])
     (out / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
     check_ids(out / "tokenizer.json", source)
     shutil.copyfile(path, out / "tokenizer.model")
 
     config: dict[str, Any] = {
-        "tokenizer_class": TOKENIZER_CLASS[family], **special,
+        "tokenizer_class": TOKENIZER_CLASS, **special,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": max_positions, "model_input_names": ["input_ids", "attention_mask"],
         "added_tokens_decoder": _added_tokens(backend),
     }
     if source.kind == "sentencepiece":
         config["legacy"] = True
-    if family == "codellama":
-        config.update(INFILL, fill_token=FILL_TOKEN)
-        special["additional_special_tokens"] = list(INFILL.values())
-        missing = [t for t in INFILL.values() if backend.token_to_id(t) is None]
-        if source.vocab_size > 32000 and missing:
-            raise InputError(f"{path}: {source.vocab_size} pieces but no infilling "
-                             f"piece(s) {missing}")
-        if missing:  # 34B and -Python: no infilling pieces, so no infilling
-            config.update({k: None for k in INFILL}, fill_token=None)
-            special.pop("additional_special_tokens")
+    if fmt.template is not None:  # chat_template.jinja first; 4.x before it reads the config's
+        config["chat_template"] = fmt.template
+        (out / "chat_template.jinja").write_text(fmt.template, encoding="utf-8")
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         (out / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    stop = [backend.token_to_id(t) for t in STOP_TOKENS if backend.token_to_id(t) is not None]
-    return {"class": config["tokenizer_class"], "kind": source.kind,
-            "vocab_size": source.vocab_size, "bos_token_id": source.bos_id,
-            "eos_token_id": source.eos_id,
-            "stop_ids": stop if source.kind == "tiktoken" else [source.eos_id]}
+    stop = [backend.token_to_id(t) for t in fmt.stop_tokens]
+    return {"class": TOKENIZER_CLASS, "kind": source.kind, "vocab_size": source.vocab_size,
+            "bos_token_id": source.bos_id, "eos_token_id": source.eos_id,
+            "pad_token_id": backend.token_to_id(special["pad_token"]),
+            "stop_ids": [source.eos_id, *(i for i in stop if i is not None)],
+            "infill": infill_ids(backend, path, source, family), "chat_format": fmt.name}

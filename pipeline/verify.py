@@ -1,5 +1,12 @@
-"""The verify stage: full forward passes that prove each artifact (conversion parity against Meta's
-shards, perplexity parity of every GPTQ variant, greedy generation, file hashes) before publish."""
+"""The verify stage: full forward passes that prove each artifact before publish. fp16 is judged
+against Meta's shards (conversion parity); every GPTQ variant against fp16: perplexity, KL
+divergence and top-1 agreement on the evaluation windows, greedy generation beside fp16's, and the
+weight error of every quantised linear; plus file hashes. Thresholds: verify/thresholds.py.
+
+KL needs fp16's distribution at every evaluation position while each variant runs. Rather than
+its log-probs (N·T·V values: 17 GB in float32 for 64×2048 windows of a 32k vocabulary) verify
+keeps fp16's last hidden states (N·T·D: 4.3 GB for CodeLlama-34B's D 8192, 2.1 GB in fp16 on CUDA)
+in host memory and re-applies fp16's head a few rows at a time beside the variant's."""
 
 from __future__ import annotations
 
@@ -16,20 +23,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline import __version__
 from pipeline.calibration import file_documents, hf_documents, local_files
+from pipeline.chat import chat_prompt
 from pipeline.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
-from pipeline.gptq import QuantSpec, rtn
+from pipeline.gptq import rtn
+from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
+from verify.integrity import module_errors, rtn_spec
 from verify.llama import compute_dtype, pick_device
 from verify.meta_reference import meta_logits
-from verify.metrics import (PARITY_THRESHOLDS, degenerate, eval_tokens, logits_parity,
+from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
                             parity_passed, perplexity, windows)
-from verify.report import SCHEMA, artifact_entry, write_report
+from verify.report import REPORT_NAME, SCHEMA, artifact_entry, run_inputs, write_report
 
-DEFAULT_TOLERANCES = {8: 0.01, 4: 0.05, 3: 0.15}  # allowed ppl_variant / ppl_fp16 − 1, by bits
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of the eval text
 MAX_NEW_TOKENS = 32
+SHOWN_PROBLEMS = 5  # modules named in a module_integrity failure's reason (all are in per_module)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -78,15 +88,13 @@ def check_same_tokenizer(fp16_tok: PreTrainedTokenizerBase, tok: PreTrainedToken
 
 def rtn_weight_fn(quantization: dict[str, Any]) -> WeightFn:
     """Round-to-nearest at the variant's bits/group/sym, dequantised (the baseline GPTQ beats)."""
-    spec = QuantSpec(bits=int(quantization["bits"]), group_size=int(quantization["group_size"]),
-                     act_order=False, sym=bool(quantization.get("sym", True)), method="rtn")
+    spec = rtn_spec(quantization)
     return lambda name, W: rtn(W, spec).Q
 
 
-def open_models(fp16: Path, quants: list[Path], tolerances: dict[int, float],
-                device: torch.device, dtype: torch.dtype
-                ) -> tuple[LayerwiseModel, dict[str, LayerwiseModel]]:
-    """Open and cross-check the fp16 model and its variants (names, configs, tolerances)."""
+def open_models(fp16: Path, quants: list[Path], table: th.Table, device: torch.device,
+                dtype: torch.dtype) -> tuple[LayerwiseModel, dict[str, LayerwiseModel]]:
+    """Open and cross-check the fp16 model and its variants (names, configs, thresholds)."""
     base = LayerwiseModel(fp16, device, dtype)
     if base.bits is not None:
         raise InputError(f"{fp16}: --fp16 is a quantised model (config.json quantization_config)")
@@ -100,9 +108,11 @@ def open_models(fp16: Path, quants: list[Path], tolerances: dict[int, float],
                              "directories must have distinct names other than 'fp16'")
         if m.args != base.args:
             raise InputError(f"{q}: config.json describes a different model than {fp16}")
-        if m.bits not in tolerances:
-            raise InputError(f"{q}: no perplexity tolerance for {m.bits}-bit; pass "
-                             f"--tolerance {m.bits}=FRACTION")
+        lacking = th.missing(table, m.bits)
+        if lacking:
+            raise InputError(f"{q}: no {m.bits}-bit threshold for {', '.join(lacking)}; pass "
+                             + " ".join(f"{th.CLI_OPTION[k]} {m.bits}=VALUE" for k in lacking)
+                             + " (or set them in the recipe's [verify])")
         variants[m.name] = m
     return base, variants
 
@@ -113,7 +123,7 @@ def conversion_parity(model: LayerwiseModel, h: torch.Tensor, meta: Path,
     original shards."""
     ours = model.logits(h)
     ref = meta_logits(meta, tokens, device=model.device, dtype=model.dtype).float().cpu()
-    thresholds = PARITY_THRESHOLDS[model.dtype]
+    thresholds = th.PARITY[str(model.dtype).removeprefix("torch.")]
     check = {"check": "conversion_parity", "artifact": "fp16"}
     if ours.shape != ref.shape:  # e.g. a vocabulary cut or padded by the conversion
         return {**check, "passed": False, "reason": f"logits {tuple(ours.shape)}, Meta's "
@@ -124,17 +134,86 @@ def conversion_parity(model: LayerwiseModel, h: torch.Tensor, meta: Path,
             "thresholds": thresholds}
 
 
-def generation_check(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
-                     prompts: list[str], name: str) -> dict:
-    """Greedy samples of each prompt; fails when any is degenerate (empty, `!!!!`)."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    outs = model.greedy(ids, MAX_NEW_TOKENS, tokenizer.eos_token_id)
+def greedy_samples(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
+                   prompts: list[str]) -> list[dict]:
+    """The greedy continuation of each prompt: its tokens, text and why it is degenerate (None)."""
+    outs = model.greedy([tokenizer(p)["input_ids"] for p in prompts], MAX_NEW_TOKENS,
+                        tokenizer.eos_token_id)
     samples = []
     for prompt, out in zip(prompts, outs):
         text = tokenizer.decode(out, skip_special_tokens=True)
-        samples.append({"prompt": prompt, "text": text, "degenerate": degenerate(out, text)})
-    return {"check": "generation", "artifact": name,
-            "passed": not any(s["degenerate"] for s in samples), "samples": samples}
+        samples.append({"prompt": prompt, "text": text, "tokens": out,
+                        "degenerate": degenerate(out, text)})
+    return samples
+
+
+def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = None,
+                     min_agreement: float = 0.0) -> dict:
+    """fp16's samples (fp16 None): reported, never failing, since fp16 is the reference. A
+    variant's samples beside fp16's with their token agreement; the variant fails where a sample
+    is degenerate and fp16's is not, or where its mean agreement is below min_agreement."""
+    check = {"check": "generation", "artifact": name}
+    if fp16 is None:
+        return {**check, "passed": True, "reference": True,
+                "metrics": {"degenerate": sum(bool(s["degenerate"]) for s in samples)},
+                "samples": samples}
+    rows, problems = [], []
+    for s, ref in zip(samples, fp16):
+        agree, compared = agreement(ref["tokens"], s["tokens"])
+        rows.append({**s, "text_fp16": ref["text"], "degenerate_fp16": ref["degenerate"],
+                     "agree": agree, "compared": compared, "agreement": agree / compared})
+        if s["degenerate"] and not ref["degenerate"]:
+            problems.append(f"{s['prompt']!r}: {s['degenerate']}, where fp16's is not degenerate")
+    mean = sum(r["agreement"] for r in rows) / len(rows)
+    if mean < min_agreement:
+        problems.append(f"mean agreement with fp16 {mean:.3f} < {min_agreement:g}")
+    reason = {"reason": "; ".join(problems)} if problems else {}
+    return {**check, "passed": not problems, **reason, "metrics": {"agreement": mean},
+            "thresholds": {"agreement": min_agreement}, "samples": rows}
+
+
+def kl_check(name: str, metrics: dict[str, float], t: dict[str, float]) -> dict:
+    """Pass when mean and 99th-percentile KL against fp16 are at most, and the same-top-token
+    fraction at least, the bit width's thresholds (NaN fails)."""
+    limits = {k: t[k] for k in ("kl_mean", "kl_p99", "top1")}
+    passed = (metrics["kl_mean"] <= limits["kl_mean"] and metrics["kl_p99"] <= limits["kl_p99"]
+              and metrics["top1"] >= limits["top1"])
+    return {"check": "kl_divergence", "artifact": name, "passed": passed, "metrics": metrics,
+            "thresholds": limits}
+
+
+def integrity_check(name: str, modules: dict[str, dict], factor: float) -> dict:
+    """Pass when every quantised linear's relative weight error is at most `factor` times RTN's
+    on the same grid and its g_idx is well formed; the failure names the modules."""
+    problems = []
+    for module, m in modules.items():
+        if not m["error"] <= factor * m["rtn_error"]:  # NaN fails
+            problems.append(f"{module}: ||W - W_q||/||W|| = {m['error']:.3g} > {factor:g} × "
+                            f"RTN's {m['rtn_error']:.3g}")
+        if m["g_idx"]:
+            problems.append(f"{module}: {m['g_idx']}")
+    if not modules:
+        problems.append("no quantised linears (qweight/qzeros/scales/g_idx) found")
+
+    def ratio(m: dict) -> float:
+        if m["rtn_error"]:
+            return m["error"] / m["rtn_error"]
+        return math.inf if m["error"] else 0.0
+
+    worst = max(modules, key=lambda k: (math.isnan(ratio(modules[k])), ratio(modules[k])),
+                default=None)
+    metrics = {"modules": len(modules)}
+    if worst is not None:
+        w = modules[worst]
+        metrics.update({"worst_module": worst, "error": w["error"], "rtn_error": w["rtn_error"],
+                        "ratio": ratio(w)})
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return {"check": "module_integrity", "artifact": name, "passed": not problems,
+            **({"reason": "; ".join(problems[:SHOWN_PROBLEMS]) + more} if problems else {}),
+            "metrics": metrics,
+            "thresholds": {"module_error": factor},
+            "per_module": {k: {"error": v["error"], "rtn_error": v["rtn_error"]}
+                           for k, v in modules.items()}}
 
 
 def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float) -> dict:
@@ -146,29 +225,96 @@ def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float) -
             "thresholds": {"tolerance": tolerance}}
 
 
+def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
+    """A GGUF file's type (pipeline/gguf.py TYPES, read from the file) and its thresholds."""
+    from pipeline.gguf import TYPE_OF_FTYPE, TYPES
+    from verify.llamacpp import file_type
+
+    ftype = file_type(path)
+    if ftype not in TYPE_OF_FTYPE:
+        raise InputError(f"{path}: GGUF file type {ftype} is none of {', '.join(TYPES)}")
+    kind = TYPE_OF_FTYPE[ftype]
+    try:
+        return kind, th.gguf_thresholds(kind, overrides.get(kind))
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+
+
+def gguf_checks(path: Path, ref: LayerwiseModel, h_fp16: torch.Tensor, win: torch.Tensor,
+                ppl: dict[str, float], tokenizer: PreTrainedTokenizerBase, sample: str,
+                overrides: dict[str, dict[str, float]]) -> tuple[dict, list[dict]]:
+    """A GGUF file scored inside llama.cpp (verify/llamacpp.py) against fp16's logits (from its
+    hidden states h_fp16 and head `ref`): metadata and tokenisation, perplexity and KL/top-1 at
+    its type's thresholds (`overrides`: type -> kind -> value), and for F16 logits parity to fp16
+    round-off. Returns its artifacts entry and checks; adds its perplexity to `ppl`."""
+    from pipeline.gguf import TYPES
+    from verify import llamacpp
+    from verify.report import sha256_file
+
+    name, (kind, t) = path.name, gguf_type(path, overrides)
+    model = llamacpp.GGUFModel(path, n_ctx=win.shape[1])
+    try:
+        problems = llamacpp.metadata_problems(path, ref.ckpt.path, tokenizer, model, sample)
+        s = llamacpp.score(model, win, lambda b: ref.logits(h_fp16[b:b + 1].to(ref.device))[0])
+    finally:
+        model.close()
+    ppl[name] = perplexity(s.nll, win.shape[1])
+    checks = [{"check": "gguf_metadata", "artifact": name, "passed": not problems,
+               **({"reason": "; ".join(problems[:SHOWN_PROBLEMS])} if problems else {}),
+               "metrics": {"problems": len(problems)}, "thresholds": {}},
+              perplexity_check(name, ppl[name], ppl["fp16"], t["tolerance"]),
+              kl_check(name, kl_summary(s.kl, s.same), t)]
+    if kind == "F16":
+        limits = th.GGUF_PARITY
+        checks.append({"check": "gguf_parity", "artifact": name,
+                       "passed": parity_passed(s.parity, limits), "metrics": s.parity,
+                       "thresholds": limits})
+    entry = {"path": str(path.resolve()), "kind": "gguf", "type": kind, "bits": TYPES[kind].bits,
+             "runtime": f"llama-cpp-python {llamacpp.bindings().__version__}",
+             "files": {name: sha256_file(path)}}
+    return entry, checks
+
+
 def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval_text: str,
            out: Path, seqlen: int = 2048, max_windows: int | None = None,
-           tolerances: dict[int, float] | None = None, baseline_rtn: bool = False,
-           prompts: list[str] | None = None, device: str = "auto", force: bool = False) -> dict:
+           thresholds: th.Table | None = None, baseline_rtn: bool = False,
+           prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
+           device: str = "auto", force: bool = False, ggufs: list[Path] = [],
+           gguf_thresholds: dict[str, dict[str, float]] | None = None) -> dict:
     """Run every check; write out/verify.json and out/verify.txt; return the report (the CLI
-    exits 3 when report["passed"] is false)."""
+    exits 3 when report["passed"] is false). `thresholds` (kind -> bits -> value, kinds of
+    verify/thresholds.py) override the defaults bit width by bit width; `gguf_thresholds`
+    (type -> kind -> value) those of the GGUF files `ggufs`, scored in llama.cpp."""
     out, fp16, quants = Path(out), Path(fp16), [Path(q) for q in quants]
-    check_target(out, force)
+    ggufs = [Path(g) for g in ggufs]
+    models = [fp16, *quants, *ggufs, *([Path(meta)] if meta is not None else [])]
+    check_target(out, force, manifest=REPORT_NAME, inputs=models)
     if seqlen < 2:
         raise InputError(f"--seqlen {seqlen}: must be at least 2")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows {max_windows}: must be at least 1 (omit it to use every "
+                         "window of the evaluation text)")
     if meta is not None and not Path(meta).is_dir():
         raise InputError(f"{meta}: Meta checkpoint directory missing")
-    tolerances = {**DEFAULT_TOLERANCES, **(tolerances or {})}
+    table = th.merged(thresholds)
     prompts = list(prompts or DEFAULT_PROMPTS)
     dev = pick_device(device)
     dtype = compute_dtype(dev)
-    base, variants = open_models(fp16, quants, tolerances, dev, dtype)
+    base, variants = open_models(fp16, quants, table, dev, dtype)
+    for g in ggufs:
+        if not g.is_file():
+            raise InputError(f"{g}: GGUF file missing")
+        if g.name in ("fp16", *variants) or [x.name for x in ggufs].count(g.name) > 1:
+            raise InputError(f"{g}: artifact name {g.name!r} is already taken; GGUF files must "
+                             "have distinct names")
+        gguf_type(g, gguf_thresholds or {})
     if seqlen > base.args.max_seq_len:
         raise InputError(f"--seqlen {seqlen}: longer than {fp16}'s context "
                          f"(max_position_embeddings {base.args.max_seq_len})")
 
     files, texts = eval_documents(eval_text)
     tokenizer = load_tokenizer(fp16)
+    prompts += [chat_prompt(tokenizer, p) for p in chat_prompts or ()]  # in the chat template
     sample = "\n\n".join(texts)[:20000] + "\n".join(prompts)
     for m in variants.values():
         check_same_tokenizer(tokenizer, load_tokenizer(m.ckpt.path), m.ckpt.path, fp16, sample)
@@ -186,26 +332,35 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
     def eval_pass(model: LayerwiseModel, name: str, extra: list[torch.Tensor] = ()) -> list:
         nonlocal seconds
         t0 = time.perf_counter()
-        h, *rest = model.hidden([win, *extra], desc=f"{name} layers")
-        ppl[name] = perplexity(model.nll(h, win), seqlen)
+        hs = model.hidden([win, *extra], desc=f"{name} layers")
+        ppl[name] = perplexity(model.nll(hs[0], win), seqlen)
         seconds += time.perf_counter() - t0
-        return rest
+        return hs
 
-    rest = eval_pass(base, "fp16", [parity] if meta is not None else [])
+    h_fp16, *rest = eval_pass(base, "fp16", [parity] if meta is not None else [])
     if meta is not None:
         checks.append(conversion_parity(base, rest[0], Path(meta), parity))
     checks.append(perplexity_check("fp16", ppl["fp16"], ppl["fp16"], 0.0))
-    checks.append(generation_check(base, tokenizer, prompts, "fp16"))
-    del base
+    fp16_samples = greedy_samples(base, tokenizer, prompts)
+    checks.append(generation_check("fp16", fp16_samples))
+    del base, rest
+    h_fp16 = h_fp16.cpu()  # the reference for KL (module docstring), while each variant runs
+    ref = LayerwiseModel(fp16, dev, dtype, resident=False, progress=False)  # its head only
+    errors = module_errors(ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev) \
+        if variants else {}
 
     rtn_ppl: dict[tuple, float] = {}
     n_artifacts = 1 + len(variants)
     for name in list(variants):
         m = variants.pop(name)  # released (with any layers it kept) after its checks
-        eval_pass(m, name)
-        tol = tolerances[m.bits]
-        checks.append(perplexity_check(name, ppl[name], ppl["fp16"], tol))
-        checks.append(generation_check(m, tokenizer, prompts, name))
+        (h,) = eval_pass(m, name)
+        t = th.for_bits(table, m.bits)
+        checks.append(perplexity_check(name, ppl[name], ppl["fp16"], t["tolerance"]))
+        checks.append(kl_check(name, kl_summary(*m.divergence(h, ref, h_fp16)), t))
+        del h
+        checks.append(generation_check(name, greedy_samples(m, tokenizer, prompts), fp16_samples,
+                                       t["agreement"]))
+        checks.append(integrity_check(name, errors[name], t["module_error"]))
         if baseline_rtn:
             q = m.ckpt.quantization
             key = (q["bits"], q["group_size"], q.get("sym", True))
@@ -215,6 +370,10 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
                 (h,) = baseline.hidden([win], desc=f"{name}:rtn layers")
                 rtn_ppl[key] = perplexity(baseline.nll(h, win), seqlen)
             ppl[f"{name}:rtn"] = rtn_ppl[key]
+    for g in ggufs:
+        artifacts[g.name], more = gguf_checks(g, ref, h_fp16, win, ppl, tokenizer, sample,
+                                              gguf_thresholds or {})
+        checks += more
 
     report = {
         "schema": SCHEMA, "tool_version": __version__,
@@ -226,7 +385,8 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
         "artifacts": artifacts, "checks": checks, "perplexity": ppl,
         "tokens_per_second": win.numel() * n_artifacts / max(seconds, 1e-9),
     }
-    with staged_dir(out, force) as tmp:
+    report["inputs"] = run_inputs(artifacts, meta, report["eval"]["sha256"])  # what publish matches
+    with staged_dir(out, force, manifest=REPORT_NAME, inputs=[*models, *files]) as tmp:
         write_report(report, tmp)
     return report
 
@@ -242,17 +402,50 @@ def summary(report: dict, out: Path) -> str:
             f"-> {out / 'verify.json'}")
 
 
-def parse_tolerance(ctx, param, values: tuple[str, ...]) -> dict[int, float]:
+def parse_thresholds(ctx, param, values: tuple[str, ...]) -> dict[int, float]:
+    """--KIND BITS=VALUE options (repeatable) -> bits -> value, checked against the kind's range."""
     result = {}
     for v in values:
-        bits, _, frac = v.partition("=")
+        bits, _, value = v.partition("=")
         try:
-            result[int(bits)] = float(frac)
+            result[int(bits)] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{v!r}: expected BITS=FRACTION, e.g. 4=0.05") from None
-        if result[int(bits)] < 0:
-            raise click.BadParameter(f"{v!r}: the tolerance must not be negative")
+            raise click.BadParameter(f"{v!r}: expected BITS=VALUE, e.g. 4=0.05") from None
+        problem = th.invalid(param.name, result[int(bits)])
+        if problem:
+            raise click.BadParameter(f"{v!r}: {problem}")
     return result
+
+
+def parse_gguf_thresholds(ctx, param, values: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """--gguf-threshold TYPE.KIND=VALUE options -> type -> kind -> value, each checked."""
+    result: dict[str, dict[str, float]] = {}
+    for v in values:
+        key, _, value = v.partition("=")
+        kind_type, _, kind = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: expected TYPE.KIND=VALUE, e.g. "
+                                     "Q4_K_M.tolerance=0.1") from None
+        if kind_type not in th.GGUF or kind not in th.GGUF_KINDS:
+            raise click.BadParameter(f"{v!r}: TYPE one of {', '.join(th.GGUF)}, KIND one of "
+                                     f"{', '.join(th.GGUF_KINDS)}")
+        problem = th.invalid(kind, number)
+        if problem:
+            raise click.BadParameter(f"{v!r}: {problem}")
+        result.setdefault(kind_type, {})[kind] = number
+    return result
+
+
+def threshold_options(f):
+    """One repeatable --KIND BITS=VALUE option per threshold kind of verify/thresholds.py."""
+    for kind, (what, _, default) in reversed(th.KINDS.items()):
+        defaults = " ".join(f"{b}={x:g}" for b, x in default.items())
+        f = click.option(th.CLI_OPTION[kind], kind, multiple=True, callback=parse_thresholds,
+                         metavar="BITS=VALUE",
+                         help=f"{what[0].upper()}{what[1:]}; default {defaults}.")(f)
+    return f
 
 
 @click.command("verify")
@@ -268,21 +461,31 @@ def parse_tolerance(ctx, param, values: tuple[str, ...]) -> dict[int, float]:
               help="Report directory (verify.json, verify.txt).")
 @click.option("--seqlen", default=2048, show_default=True, help="Perplexity window length.")
 @click.option("--max-windows", type=int, default=None, help="Use at most this many windows.")
-@click.option("--tolerance", "tolerances", multiple=True, callback=parse_tolerance,
-              help="BITS=FRACTION allowed perplexity increase (default 8=0.01 4=0.05 3=0.15).")
+@threshold_options
 @click.option("--baseline", type=click.Choice(["rtn"]), default=None,
               help="Also report round-to-nearest perplexity at each variant's bits.")
 @click.option("--prompt", "prompts", multiple=True, help="Generation-check prompt (repeatable).")
+@click.option("--chat-prompt", "chat_prompts", multiple=True,
+              help="Generation-check user message, sent through the tokenizer's chat template "
+                   "(repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--gguf", "ggufs", type=click.Path(path_type=Path), multiple=True,
+              help="GGUF file, scored inside llama.cpp (repeatable; needs the gguf extra).")
+@click.option("--gguf-threshold", "gguf_thresholds", multiple=True, metavar="TYPE.KIND=VALUE",
+              callback=parse_gguf_thresholds,
+              help=f"A GGUF type's threshold, e.g. Q4_K_M.tolerance=0.1 (kinds: "
+                   f"{', '.join(th.GGUF_KINDS)}; defaults in verify/thresholds.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
-def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, tolerances, baseline,
-            prompts, device, as_json, force) -> None:
-    """Prove fp16 and GPTQ artifacts by forward passes; exit 3 when any check fails."""
+def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, prompts,
+            chat_prompts, device, ggufs, gguf_thresholds, as_json, force, **thresholds) -> None:
+    """Prove fp16, GPTQ and GGUF artifacts by forward passes; exit 3 when any check fails."""
     report = verify(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
-                    seqlen=seqlen, max_windows=max_windows, tolerances=tolerances,
-                    baseline_rtn=baseline == "rtn", prompts=list(prompts) or None, device=device,
-                    force=force)
+                    seqlen=seqlen, max_windows=max_windows,
+                    thresholds={k: v for k, v in thresholds.items() if v},
+                    baseline_rtn=baseline == "rtn", prompts=list(prompts) or None,
+                    chat_prompts=list(chat_prompts), device=device, force=force,
+                    ggufs=list(ggufs), gguf_thresholds=gguf_thresholds)
     if as_json:
         click.echo(json.dumps(report))
     click.echo(summary(report, out), err=as_json)

@@ -3,7 +3,9 @@ for glob, directory, file and JSONL sources; seeds; clear errors."""
 
 import hashlib
 import json
+import random
 import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -12,12 +14,37 @@ from transformers import AutoTokenizer
 
 from pipeline.calibration import load_calibration
 from pipeline.errors import InputError
-from trained_model import make_trained_model, write_corpus
+from demo_model import demo_fp16
+
+NAMES = ["x", "y", "n", "total", "count", "items", "value", "key", "result", "data", "index"]
+OPS = ["+", "-", "*", "//", "%"]
+
+
+def _function(rng: random.Random) -> str:
+    """One small Python function with regular structure (loops, arithmetic, returns)."""
+    a, b, c = rng.sample(NAMES, 3)
+    k, m = rng.randint(1, 99), rng.randint(2, 9)
+    op = rng.choice(OPS)
+    body = rng.choice([
+        f"    {c} = 0\n    for i in range({a}):\n        {c} = {c} {op} i * {m}\n    return {c}\n",
+        f"    if {a} > {k}:\n        return {a} {op} {b}\n    return {b} {op} {k}\n",
+        f"    {c} = [{a} {op} i for i in range({m})]\n    return sum({c}) + {k}\n",
+        f"    while {a} < {k}:\n        {a} = {a} * {m}\n    return {a} {op} {b}\n",
+    ])
+    return f"def {rng.choice(NAMES)}_{k}({a}, {b}):\n{body}\n"
+
+
+def write_corpus(directory: Path, name: str, seed: int, n_functions: int) -> Path:
+    rng = random.Random(seed)
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(_function(rng) for _ in range(n_functions)))
+    return path
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return make_trained_model(tmp_path_factory.mktemp("trained"))
+    return demo_fp16(tmp_path_factory.mktemp("demo") / "fp16")
 
 
 @pytest.fixture(scope="module")

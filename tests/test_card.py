@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from markdown_it import MarkdownIt
 
 from pipeline import card
 from pipeline.errors import InputError
@@ -81,7 +82,23 @@ REPORT = {
     "eval": {"source": "hf", "files": [], "sha256": "ab" * 32, "seqlen": 2048, "windows": 64, "tokens": 131072},
     "artifacts": {},
     "checks": [{"check": "conversion_parity", "artifact": "fp16", "passed": True,
-                "metrics": {"max_rel_err": 3.1e-5, "top1_agreement": 0.99951}, "thresholds": {}}],
+                "metrics": {"max_rel_err": 3.1e-5, "top1_agreement": 0.99951}, "thresholds": {}},
+               {"check": "generation", "artifact": "fp16", "passed": True, "reference": True, "samples": [
+                   {"prompt": "def fibonacci(n):", "text": "\n    if n < 2:\n        return n\n", "degenerate": None},
+                   {"prompt": "import os\n\n\ndef ", "text": "walk(top):\n    s = '```'", "degenerate": None}]},
+               *({"check": "kl_divergence", "artifact": name, "passed": True, "metrics": kl, "thresholds": {}}
+                 for name, kl in {"main": {"kl_mean": 0.0312, "kl_p99": 0.41, "top1": 0.9412},
+                                  "gptq-4bit-32g-actorder_True": {"kl_mean": 0.0207, "kl_p99": 0.287, "top1": 0.9533},
+                                  "gptq-8bit--1g-actorder_True": {"kl_mean": 0.00041, "kl_p99": 0.0052,
+                                                                  "top1": 0.9961}}.items()),
+               *({"check": "generation", "artifact": name, "passed": True, "samples": [
+                   {"prompt": "def fibonacci(n):", "text": text[0], "agree": agree[0], "compared": 32},
+                   {"prompt": "import os\n\n\ndef ", "text": text[1], "agree": agree[1], "compared": 32}]}
+                 for name, text, agree in [
+                     ("main", ("\n    if n <= 1:\n        return n\n", "walk(top):\n    pass"), (5, 3)),
+                     ("gptq-4bit-32g-actorder_True", ("\n    if n < 2:\n        return n\n", "walk(top):\n"), (32, 4)),
+                     ("gptq-8bit--1g-actorder_True", ("\n    if n < 2:\n        return n\n",
+                                                      "walk(top):\n    s = '```'"), (32, 32))])],
     "perplexity": {"fp16": 6.1234, "main": 6.3012, "main:rtn": 6.5,
                    "gptq-4bit-32g-actorder_True": 6.2, "gptq-8bit--1g-actorder_True": 6.125},
     "tokens_per_second": 1000.0,
@@ -169,7 +186,26 @@ def test_gptq_table_rows_carry_parameters_sizes_and_perplexities(recipe, branche
     assert "`data/code/**/*.py`" in cells[2][5]  # local calibration shown relative to the recipe
     assert "closest to fp16" in cells[2][9] and "\\|" in cells[2][9]  # '|' in a description is escaped
     ppl = [line for line in text.splitlines() if line.startswith("| `main`")]
-    assert ppl == ["| `main` (4-bit, 128g) | 6.3012 | +2.90% |", "| `main` RTN baseline | 6.5000 | +6.15% |"]
+    assert ppl == ["| `main` (4-bit, 128g) | 6.3012 | +2.90% | 0.0312 | 0.410 | 94.1% |",
+                   "| `main` RTN baseline | 6.5000 | +6.15% | — | — | — |"]  # RTN: no KL measured
+
+
+def fences(text: str) -> list[str]:
+    """Contents of the fenced code blocks of a markdown text, as an independent parser reads them."""
+    return [t.content for t in MarkdownIt().parse(text) if t.type == "fence" and t.info == "text"]
+
+
+def test_cards_show_every_generation_sample_verbatim(recipe, branches):
+    gen = {c["artifact"]: c["samples"] for c in REPORT["checks"] if c["check"] == "generation"}
+    text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
+    section = text[text.index("## Generation samples"):text.index("## How to download")]
+    expected = [gen[name][i]["text"].rstrip("\n") + "\n" for i in range(2)
+                for name in ["fp16", *(b.artifact for b in branches)]]  # per prompt, fp16 first
+    assert fences(section) == expected  # backticks in a sample do not end its block
+    assert section.count("Prompt ") == 2 and '`"import os\\n\\n\\ndef "`' in section
+    assert "`main` (matches fp16 for the first 5 of 32 tokens)" in section
+    fp16 = card.fp16_card(recipe, FP16_FILES, REPORT, "llama", "https://huggingface.co")
+    assert fences(fp16) == [s["text"].rstrip("\n") + "\n" for s in gen["fp16"]]
 
 
 def test_original_card_appended_without_its_front_matter(recipe, branches):

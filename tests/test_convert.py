@@ -314,8 +314,14 @@ def test_existing_output_needs_force(llama2_src, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         convert(llama2_src, out)
     assert (out / "keep.txt").is_file()
-    convert(llama2_src, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(OutputExistsError, match="not an output of this tool"):
+        convert(llama2_src, out, force=True)  # not ours: kept even with --force
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    convert(llama2_src, out, force=True)  # an empty directory holds nothing to lose
+    (out / "added.txt").write_text("x")
+    convert(llama2_src, out, force=True)  # our output (conversion.json): replaced
+    assert not (out / "added.txt").exists() and (out / "config.json").is_file()
 
 
 def test_interrupt_leaves_nothing(llama2_src, tmp_path, monkeypatch):

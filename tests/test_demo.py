@@ -1,8 +1,11 @@
 """The demo model's pieces in a cheap configuration: the standard-library split, the tokenizer's
-Llama settings, training, and the cached Meta-format checkpoint (the full demo is not run here)."""
+Llama settings, training, and the Meta-format checkpoint `--retrain` writes; then the shipped
+model's golden values."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -10,11 +13,15 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import torch.nn.functional as F
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from pipeline.demo import (DemoSettings, ensure_model, stdlib_split, token_stream, train,
-                           train_tokenizer)
+from pipeline.demo import (DemoSettings, retrain_model, shipped_model, stdlib_split, token_stream,
+                           train, train_tokenizer)
+from pipeline.errors import InputError
 from pipeline.recipe import load_recipe
+from verify.meta_reference import meta_logits
+from demo_model import DEMO, EVAL, META
 
 CODE = textwrap.dedent('''
     import os
@@ -101,21 +108,20 @@ def test_training_lowers_the_loss():
 
 
 def demo_recipe(tmp_path: Path) -> Path:
-    (tmp_path / "recipes").mkdir()
-    path = tmp_path / "recipes" / "demo.toml"
+    path = tmp_path / "demo.toml"  # beside cache/: a recipe names files in its own folder only
     path.write_text(textwrap.dedent("""
         [model]
         name = "demo"
         [source]
-        path = "../cache/meta"
+        path = "cache/meta"
         [calibration]
-        source = "../cache/text/calib"
+        source = "cache/text/calib"
         [[variants]]
         branch = "main"
         bits = 4
         group_size = 32
         [verify]
-        eval = "../cache/text/eval"
+        eval = "cache/text/eval"
         [publish]
         fp16_repo = "o/a"
         gptq_repo = "o/b"
@@ -123,11 +129,11 @@ def demo_recipe(tmp_path: Path) -> Path:
     return path
 
 
-def test_ensure_model_writes_a_cached_meta_checkpoint(tmp_path):
+def test_retrain_writes_a_meta_checkpoint_and_its_text(tmp_path):
     stdlib = fake_stdlib(tmp_path / "lib")
     recipe = load_recipe(demo_recipe(tmp_path))
-    info = ensure_model(recipe, TINY, stdlib=stdlib)
-    assert not info["reused"] and info["key"] == TINY.key()
+    info = retrain_model(recipe, TINY, stdlib=stdlib)
+    assert info["settings"]["dim"] == 32 and info["train"]["steps"] == 3
     meta = tmp_path / "cache" / "meta"
     params = json.loads((meta / "params.json").read_text())
     assert params["rope_theta"] == 1e6 and params["n_kv_heads"] == 2 and params["vocab_size"] == 320
@@ -146,22 +152,60 @@ def test_ensure_model_writes_a_cached_meta_checkpoint(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(meta / "tokenizer.model"))
     assert sp.vocab_size() == 320
     text = tmp_path / "cache" / "text"
-    assert sorted(p.name for p in (text / "eval").iterdir()) == ["json.__init__.py", "json.tool.py"]
+    assert sorted(p.name for p in (text / "eval").iterdir()) == ["json.__init__.py.txt", "json.tool.py.txt"]
     assert sorted(p.name for p in (text / "calib").iterdir()) == [
-        "logging.__init__.py", "logging.handlers.py"]
-
-    mtime = (meta / "consolidated.00.pth").stat().st_mtime_ns
-    again = ensure_model(recipe, TINY, stdlib=stdlib)
-    assert again["reused"] and (meta / "consolidated.00.pth").stat().st_mtime_ns == mtime
-    other = DemoSettings(**{**TINY.__dict__, "steps": 2})
-    assert other.key() != TINY.key()
-    assert not ensure_model(recipe, other, stdlib=stdlib)["reused"]
-    assert json.loads((tmp_path / "cache" / "settings.json").read_text())["key"] == other.key()
+        "logging.__init__.py.txt", "logging.handlers.py.txt"]
+    assert shipped_model(recipe) == json.loads(json.dumps(info))   # what the demo reads back
 
 
-def test_demo_paths_must_lie_in_one_cache(tmp_path):
+def test_retrain_refuses_a_directory_it_did_not_write(tmp_path):
+    recipe = load_recipe(demo_recipe(tmp_path))
+    precious = tmp_path / "cache" / "precious.bin"
+    precious.parent.mkdir()
+    precious.write_bytes(b"keep")
+    with pytest.raises(InputError, match="not a demo model this tool wrote"):
+        retrain_model(recipe, TINY, stdlib=fake_stdlib(tmp_path / "lib"))
+    assert precious.read_bytes() == b"keep"
+
+
+def test_a_missing_shipped_model_says_how_to_get_it_back(tmp_path):
+    with pytest.raises(InputError, match="incomplete .*--retrain"):
+        shipped_model(load_recipe(demo_recipe(tmp_path)))
+
+
+def test_demo_paths_must_lie_in_one_directory(tmp_path):
     path = demo_recipe(tmp_path)
-    path.write_text(path.read_text().replace("../cache/text/eval", "../elsewhere/eval"))
-    from pipeline.errors import InputError
+    path.write_text(path.read_text().replace("cache/text/eval", "elsewhere/eval"))
     with pytest.raises(InputError, match="eval path .*elsewhere.* must lie under"):
-        ensure_model(load_recipe(path), TINY, stdlib=fake_stdlib(tmp_path / "lib"))
+        shipped_model(load_recipe(path))
+
+
+# The shipped model's golden value (llama2.c style): Meta's own math on the committed shards,
+# first 4 × 256 tokens of the held-out text, tokenised by SentencePiece itself. Measured once
+# (float32, double-precision loss); float32 summation order differs between CPUs by ~1e-6
+# relative, so 1e-4 is a wide margin, while any change to the weights or text moves it far more.
+GOLDEN_NLL = 4.375219407246018
+GOLDEN_TOP = 1954  # argmax after the first window
+
+
+def test_shipped_model_matches_its_checklist_and_settings():
+    lines = (META / "checklist.chk").read_text().split("\n")
+    sums = dict(reversed(line.split()) for line in lines if line.strip())
+    assert sorted(sums) == sorted(p.name for p in META.iterdir() if p.name != "checklist.chk")
+    for name, md5 in sums.items():
+        assert hashlib.md5((META / name).read_bytes()).hexdigest() == md5, name
+    settings = json.loads((DEMO / "settings.json").read_text())["settings"]
+    assert DemoSettings(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in settings.items()}).params() == \
+        json.loads((META / "params.json").read_text())
+
+
+def test_shipped_model_golden_loss():
+    sp = spm.SentencePieceProcessor(model_file=str(META / "tokenizer.model"))
+    texts = [Path(p).read_text() for p in sorted(glob.glob(EVAL))]
+    ids = [sp.bos_id()] + sp.encode("\n\n".join(texts))
+    x = torch.tensor(ids[:4 * 256]).view(4, 256)
+    logits = meta_logits(META, x).double()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    assert abs(float(nll) / GOLDEN_NLL - 1) < 1e-4, float(nll)
+    assert int(logits[0, -1].argmax()) == GOLDEN_TOP

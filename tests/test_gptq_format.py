@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.gptq import QuantSpec
-from pipeline.gptq_format import dequantize, pack, pack_rows, quantize_config, unpack_rows, write_configs
+from pipeline.gptq import QuantSpec, n_groups
+from pipeline.gptq_format import (dequantize, pack, pack_rows, quantize_config, ragged, unpack_rows,
+                                  write_configs)
 
 
 def python_pack_column(values: list[int], bits: int) -> list[int]:
@@ -54,10 +55,12 @@ def test_three_bit_layout_as_documented():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_dequantize_inverts_pack(bits, act_order):
+@pytest.mark.parametrize("gs", [32, 48])  # 48: 128 inputs make groups of 48, 48 and a partial 32
+def test_dequantize_inverts_pack(bits, act_order, gs):
     g = torch.Generator().manual_seed(10 + bits)
-    n_out, n_in, gs = 64, 128, 32
-    G = n_in // gs
+    n_out, n_in = 64, 128
+    G = -(-n_in // gs)
+    assert ragged(n_in, gs) == (gs == 48) and n_groups(n_in, gs) == G
     q = torch.randint(0, 2**bits, (n_out, n_in), generator=g)
     zeros = torch.randint(1, 2**bits, (G, n_out), generator=g)
     scales = (torch.rand(G, n_out, generator=g) * 0.1 + 1e-3).half().float()

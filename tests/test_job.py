@@ -46,6 +46,10 @@ seqlen = 64
 max_windows = 4
 # random weights: these tests are about the job, not about quantisation quality
 tolerance = { "4" = 10.0, "8" = 10.0 }
+kl_mean = { "4" = 10.0, "8" = 10.0 }
+kl_p99 = { "4" = 10.0, "8" = 10.0 }
+top1 = { "4" = 0.0, "8" = 0.0 }
+agreement = { "4" = 0.0, "8" = 0.0 }
 prompts = ["def walk(top):"]
 
 [publish]

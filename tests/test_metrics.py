@@ -1,5 +1,6 @@
 """verify.metrics: the perplexity protocol against the GPTQ reference evaluation loop run with
-transformers, and every metric against values known in closed form."""
+transformers on the shipped demo model, KL divergence against torch's kl_div, and every metric
+against values known in closed form."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import glob
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from demo_model import EVAL, demo_fp16
 from pipeline.errors import InputError
-from trained_model import eval_glob, make_trained_model
 from verify.forward import LayerwiseModel
-from verify.metrics import (degenerate, eval_tokens, logits_parity, parity_passed, perplexity,
-                            windows)
+from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, kl_top1, logits_parity,
+                            parity_passed, perplexity, windows)
 
 
 def reference_perplexity(model_dir: Path, texts: list[str], seqlen: int,
@@ -38,18 +40,24 @@ def reference_perplexity(model_dir: Path, texts: list[str], seqlen: int,
 
 
 def test_perplexity_protocol_matches_reference_loop(tmp_path):
-    model_dir = make_trained_model(tmp_path)
-    texts = [Path(p).read_text() for p in sorted(glob.glob(eval_glob(tmp_path)))] + ["x = 1\n"]
-    seqlen = 256
+    model_dir = demo_fp16(tmp_path / "fp16")
+    texts = [Path(p).read_text() for p in sorted(glob.glob(EVAL))] + ["x = 1\n"]
+    seqlen, n = 256, 12
     stream = eval_tokens(AutoTokenizer.from_pretrained(model_dir), texts)
-    win = windows(stream, seqlen)
-    assert win.shape[0] == stream.numel() // seqlen
+    assert windows(stream, seqlen).shape[0] == stream.numel() // seqlen
+    win = windows(stream, seqlen, max_windows=n)
     m = LayerwiseModel(model_dir, progress=False)
     (h,) = m.hidden([win])
     ours = perplexity(m.nll(h, win), seqlen)
-    ref = reference_perplexity(model_dir, texts, seqlen)
-    assert 1.5 < ref < 10  # a trained model, so the comparison means something
+    ref = reference_perplexity(model_dir, texts, seqlen, max_windows=n)
+    assert 5 < ref < 200  # a trained model (vocabulary 2048), so the comparison means something
+    # both float32 on the same weights; they differ by summation order only (~1e-7 relative)
     assert ours == pytest.approx(ref, rel=1e-5)
+    # the same model against itself: KL exactly 0 (identical log-probs), every top token shared
+    kl, same = m.divergence(h, m, h.clone())
+    assert kl.shape == same.shape == (n, seqlen - 1)
+    assert torch.equal(kl, torch.zeros_like(kl)) and bool(same.all())
+    assert kl_summary(kl, same) == {"kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0}
 
 
 def test_perplexity_of_uniform_prediction_is_vocab_size():
@@ -88,6 +96,43 @@ def test_logits_parity_known_values():
     assert m == {"max_rel_err": pytest.approx(1e-3, rel=1e-5), "top1_agreement": 1.0}
     assert parity_passed(m, {"max_rel_err": 1e-3 + 1e-9, "top1_agreement": 1.0})
     assert not parity_passed(m, {"max_rel_err": 1e-4, "top1_agreement": 1.0})
+
+
+def test_kl_top1_against_torch_kl_div_and_a_closed_form():
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
+    kl, same = kl_top1(ref, other)
+    expected = F.kl_div(F.log_softmax(other.double(), -1), F.log_softmax(ref.double(), -1),
+                        log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)  # float32 vs float64
+    assert torch.equal(same, ref.argmax(-1) == other.argmax(-1)) and 0 < same.sum() < same.numel()
+    # P = (1/2, 1/2), Q = (1/4, 3/4): KL = ½ ln 2 + ½ ln ⅔ = ½ ln 4/3; top tokens 0, 1 differ
+    p, q = torch.tensor([[0.5, 0.5]]).log() + 7, torch.tensor([[0.25, 0.75]]).log() - 2
+    kl, same = kl_top1(p, q)
+    assert float(kl) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6) and not bool(same)
+    kl, same = kl_top1(other, other)
+    assert torch.equal(kl, torch.zeros_like(kl)) and bool(same.all())
+
+
+def test_kl_summary_mean_percentile_and_top1():
+    x = torch.arange(101, dtype=torch.float32).view(1, 101) / 100  # 0.00 … 1.00
+    same = torch.tensor([True] * 3 + [False]).repeat(25)
+    assert kl_summary(x, same) == pytest.approx({"kl_mean": 0.5, "kl_p99": 0.99, "top1": 0.75})
+    y = torch.rand(7, 33, generator=torch.Generator().manual_seed(1)) ** 4
+    got = kl_summary(y, y > 0.5)
+    assert got["kl_p99"] == pytest.approx(float(np.quantile(y.double().numpy(), 0.99)), rel=1e-12)
+    assert got["kl_mean"] == pytest.approx(float(y.double().mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("ref,tokens,expected", [
+    ([1, 2, 3, 4], [1, 2, 3, 4], (4, 4)),
+    ([1, 2, 3, 4], [1, 2, 9, 4], (2, 4)),
+    ([5, 2], [1, 2], (0, 2)),
+    ([1, 2, 2], [1, 2], (2, 3)),          # the variant stopped (EOS) early
+    ([1, 2], [1, 2, 7, 7], (2, 4)),       # fp16 stopped early
+])
+def test_agreement(ref, tokens, expected):
+    assert agreement(ref, tokens) == expected
 
 
 @pytest.mark.parametrize("tokens,text,reason", [

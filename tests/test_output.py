@@ -1,14 +1,38 @@
-"""Atomic outputs: nothing half-written looks complete, nothing existing is replaced without force."""
+"""Atomic, safe outputs: nothing half-written looks complete, nothing existing is replaced without
+force, nothing that is not this tool's output or that is an input is ever replaced, and links are
+never followed."""
+
+import os
 
 import pytest
 
-from pipeline.errors import OutputExistsError
-from pipeline.output import partial_path, staged_dir
+from pipeline.errors import InputError, OutputExistsError
+from pipeline.output import check_target, partial_path, staged_dir
+
+MANIFEST = "made.json"  # what the stage under test always writes
+
+
+def tree(root):
+    """Every path under root with its bytes (None for directories), links as their target."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            out[rel] = ("link", os.readlink(p)) if os.path.islink(p) else \
+                None if os.path.isdir(p) else open(p, "rb").read()
+    return out
+
+
+def build(target, force=False, **kw):
+    with staged_dir(target, force, manifest=MANIFEST, **kw) as tmp:
+        (tmp / MANIFEST).write_text("{}")
+        (tmp / "new").write_text("new")
 
 
 def test_success_renames_into_place(tmp_path):
     target = tmp_path / "out"
-    with staged_dir(target) as tmp:
+    with staged_dir(target, manifest=MANIFEST) as tmp:
         assert tmp != target and tmp.parent == target.parent
         (tmp / "f").write_text("x")
         assert not target.exists()
@@ -19,7 +43,7 @@ def test_success_renames_into_place(tmp_path):
 def test_failure_leaves_nothing(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        with staged_dir(target) as tmp:
+        with staged_dir(target, manifest=MANIFEST) as tmp:
             (tmp / "f").write_text("x")
             raise KeyboardInterrupt
     assert not target.exists()
@@ -29,25 +53,100 @@ def test_failure_leaves_nothing(tmp_path):
 def test_keep_on_error_leaves_partial_for_resume(tmp_path):
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with staged_dir(target, keep_on_error=True) as tmp:
+        with staged_dir(target, keep_on_error=True, manifest=MANIFEST) as tmp:
             (tmp / "layer0").write_text("done")
             raise RuntimeError("disk full")
     assert not target.exists()
     assert (partial_path(target) / "layer0").read_text() == "done"
-    with staged_dir(target, keep_on_error=True) as tmp:
+    with staged_dir(target, keep_on_error=True, manifest=MANIFEST) as tmp:
         assert (tmp / "layer0").read_text() == "done"
     assert (target / "layer0").exists()
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_existing_output_needs_force_and_must_be_ours(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old").write_text("old")
     with pytest.raises(OutputExistsError, match="--force"):
-        with staged_dir(target):
-            pass
-    assert (target / "old").exists()
-    with staged_dir(target, force=True) as tmp:
-        (tmp / "new").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+        build(target)
+    with pytest.raises(OutputExistsError, match=r"not an output of this tool \(no made.json\)"):
+        build(target, force=True)
+    assert tree(target) == {"old": b"old"}
+    (target / MANIFEST).write_text("{}")  # now it is ours
+    build(target, force=True)
+    assert tree(target) == {MANIFEST: b"{}", "new": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_replaces_an_empty_directory_but_never_a_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    build(tmp_path / "empty", force=True)
+    assert (tmp_path / "empty" / "new").is_file()
+    (tmp_path / "file").write_text("precious")
+    with pytest.raises(OutputExistsError, match="not an output of this tool"):
+        build(tmp_path / "file", force=True)
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+@pytest.mark.parametrize("layout, how", [
+    ("same", "is"), ("output_inside_input", "lies inside"), ("input_inside_output", "contains"),
+    ("via_symlink", "is"), ("partial_is_input", "is")])
+def test_output_never_overlaps_an_input(tmp_path, layout, how):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / MANIFEST).write_text("{}")  # even an output of ours that is an input is refused
+    (src / "sub" / "weights").write_bytes(b"\x00\x01")
+    (tmp_path / "link").symlink_to(src)
+    target = {"same": src, "output_inside_input": src / "out", "input_inside_output": tmp_path,
+              "via_symlink": tmp_path / "link" / "sub" / ".." / ".." / "src",
+              "partial_is_input": tmp_path / "x"}[layout]
+    inputs = [tmp_path / ".x.partial"] if layout == "partial_is_input" else [src]
+    if layout == "partial_is_input":
+        inputs[0].mkdir()
+    before = tree(tmp_path)
+    with pytest.raises(InputError, match=f"the output {how} the input {inputs[0]}"):
+        build(target, force=True, inputs=inputs)
+    assert tree(tmp_path) == before
+
+
+def test_target_that_is_a_symlink_is_never_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / MANIFEST).write_text("{}")
+    (tmp_path / "live").symlink_to(elsewhere)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    before = tree(tmp_path)
+    for name in ("live", "dangling"):
+        with pytest.raises(InputError, match=f"{name}: is a symbolic link"):
+            build(tmp_path / name, force=True)
+    assert tree(tmp_path) == before and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("kind", ["link_to_dir", "dangling_link", "file"])
+def test_partial_name_taken_by_a_link_or_file(tmp_path, kind):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep")
+    partial = partial_path(tmp_path / "out")
+    if kind == "link_to_dir":
+        partial.symlink_to(victim)
+    elif kind == "dangling_link":
+        partial.symlink_to(tmp_path / "nowhere")
+    else:
+        partial.write_text("a file")
+    before = tree(tmp_path)
+    for keep in (False, True):
+        with pytest.raises(InputError, match=r"\.out\.partial: the temporary name of .* is taken"):
+            build(tmp_path / "out", force=True, keep_on_error=keep)
+    assert tree(tmp_path) == before
+
+
+def test_unwritable_locations_are_clear_errors(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match=r"a-file/out: cannot create it: .*a-file is not a dir"):
+        build(tmp_path / "a-file" / "out")
+    # /proc/self is read-only for every user, root included (procfs)
+    with pytest.raises(InputError, match=r"/proc/self/new/out: cannot create it: /proc/self is "
+                                         r"not writable"):
+        check_target("/proc/self/new/out", True, manifest=MANIFEST)
+    assert (tmp_path / "a-file").read_text() == "x"

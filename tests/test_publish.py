@@ -5,6 +5,7 @@ rate limits, network and permission failures."""
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants, snapshot_download
 from safetensors.numpy import save_file
 
-from pipeline.errors import CheckFailed, PipelineError
+from pipeline.errors import CheckFailed, InputError, PipelineError
 from pipeline.publish import command, publish
 from pipeline.recipe import load_recipe
 from hub_server import Fault, HubServer
@@ -119,24 +120,40 @@ def tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# the Meta files the fp16 fixture was "converted from" (its conversion.json) and verify hashed
+META_FILES = {"consolidated.00.pth": {"bytes": 1000, "md5": "0123456789abcdef" * 2},
+              "params.json": {"bytes": 120, "md5": "fedcba9876543210" * 2}}
+
+
+def passing_checks(name: str, kind: str, passed: bool = True) -> list[dict]:
+    """Every check verify runs on an artifact of this kind (`passed` for its perplexity check)."""
+    names = (["conversion_parity", "perplexity", "generation"] if kind == "fp16" else
+             ["perplexity", "kl_divergence", "module_integrity", "generation"])
+    return [{"check": c, "artifact": name, "passed": passed or c != "perplexity",
+             "metrics": {"max_rel_err": 2e-6, "top1_agreement": 1.0} if c == "conversion_parity" else {},
+             "thresholds": {}, "samples": []} for c in names]
+
+
 def write_report(work: Path, passed: bool = True) -> Path:
-    """A schema-1 verify.json over the artifacts as they are now (hashes computed here)."""
-    artifacts = {"fp16": {"path": str((work / "fp16").resolve()), "kind": "fp16",
-                          "files": tree_hashes(work / "fp16")}}
-    checks = [{"check": "conversion_parity", "artifact": "fp16", "passed": True,
-               "metrics": {"max_rel_err": 2e-6, "top1_agreement": 1.0}, "thresholds": {}}]
+    """A schema-1 verify.json over the artifacts as they are now (hashes computed here); its
+    inputs fingerprint fp16's (path, sha256) pairs, sorted, as verify/report.py documents."""
+    fp16_files = tree_hashes(work / "fp16")
+    artifacts = {"fp16": {"path": str((work / "fp16").resolve()), "kind": "fp16", "files": fp16_files}}
+    checks = passing_checks("fp16", "fp16")
     ppl = {"fp16": 7.5}
     for i, (branch, (bits, group, act, _)) in enumerate(BRANCHES.items()):
         d = work / "gptq" / branch
         artifacts[branch] = {"path": str(d.resolve()), "kind": "gptq", "bits": bits, "group_size": group,
                              "desc_act": act, "files": tree_hashes(d)}
         ppl[branch], ppl[f"{branch}:rtn"] = 7.6 + 0.1 * i, 8.0 + 0.1 * i
-        checks.append({"check": "perplexity", "artifact": branch, "passed": passed,
-                       "metrics": {"ppl": ppl[branch]}, "thresholds": {"tolerance": 0.05}})
+        checks += passing_checks(branch, "gptq", passed)
+    fingerprint = hashlib.sha256(json.dumps(sorted(fp16_files.items())).encode()).hexdigest()
     report = {"schema": 1, "tool_version": "0.1.0", "passed": passed, "device": "cpu", "dtype": "float32",
               "eval": {"source": "glob", "files": ["eval/a.txt"], "sha256": "0" * 64, "seqlen": 64,
                        "windows": 4, "tokens": 256},
-              "artifacts": artifacts, "checks": checks, "perplexity": ppl, "tokens_per_second": 100.0}
+              "artifacts": artifacts, "checks": checks, "perplexity": ppl, "tokens_per_second": 100.0,
+              "inputs": {"fp16": fingerprint, "meta": {"path": "/models/tiny", "files": META_FILES},
+                         "eval_sha256": "0" * 64}}
     path = work / "verify" / "verify.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(report))
@@ -151,6 +168,7 @@ def work(tmp_path: Path) -> Path:
     (w / "recipes" / "tiny.toml").write_text(RECIPE)
     common_files(w / "fp16")
     (w / "fp16" / "config.json").write_text('{"model_type": "llama", "hidden_size": 48}')
+    (w / "fp16" / "conversion.json").write_text(json.dumps({"source": {"files": META_FILES}}))
     weights(w / "fp16", 0, 2)
     for i, (branch, (bits, group, act, shards)) in enumerate(BRANCHES.items(), 1):
         gptq_artifact(w / "gptq" / branch, bits, group, act, shards, seed=i)
@@ -270,7 +288,7 @@ def test_interrupted_upload_completes_on_rerun(work, hub, tmp_path, monkeypatch)
 
 REFUSALS = {"failed": "verify did not pass", "modified": "model.safetensors: changed",
             "added": "extra.safetensors: not verified", "missing": "tokenizer.model: missing",
-            "not_verified": "not in the verify report", "no_ppl": "no perplexity",
+            "not_verified": "artifact 'gptq-4bit-32g-actorder_True' is missing", "no_ppl": "no perplexity",
             "other_dir": "verify this directory"}
 
 
@@ -407,3 +425,180 @@ def test_rate_limit_persisting_is_a_clear_error(work, hub):
     with pytest.raises(PipelineError, match=r"still rate limited \(HTTP 429\) after 7 tries"):
         run(work, endpoint=hub.url)
     assert hub.count("POST", "/commit/") == 0
+
+
+# ---------------------------------------------------------------- security: what may leave the machine
+
+
+def publish_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python -m pipeline publish ARGS` in this process: exit code, stdout, stderr."""
+    from pipeline.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["pipeline", "publish", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def everything_written(*roots: Path) -> str:
+    """Every file under roots, as text (binary bytes read as latin-1), for leak scans."""
+    return "\n".join(p.read_bytes().decode("latin-1") for root in roots for p in root.rglob("*")
+                     if p.is_file())
+
+
+@pytest.mark.parametrize("card", ["/proc/self/environ", "../../../../../../../../etc/passwd"])
+def test_a_recipe_cannot_publish_local_files_or_the_token(work, hub, card, monkeypatch, capsys):
+    """The reported attack: original_card naming the process environment (HF_TOKEN inside) or
+    /etc/passwd. Refused at recipe load, exit 2, before any request reaches the Hub."""
+    recipe = work / "recipes" / "tiny.toml"
+    recipe.write_text(RECIPE.replace('description = "A tiny test model."',
+                                     f'description = "A tiny test model."\noriginal_card = "{card}"'))
+    code, out, err = publish_cli([str(recipe), "--workdir", str(work), "--endpoint", hub.url, "--json"],
+                                 monkeypatch, capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"{recipe}: [model] original_card = '{card}' reaches" in err
+    assert hub.requests == [] and not hub.repos
+    assert not (work / "publish-plan").exists()
+    assert TOKEN not in err + everything_written(work)
+
+
+def card_in_recipe_folder(work: Path, text: str) -> None:
+    (work / "recipes" / "card.md").write_text(text)
+    (work / "recipes" / "tiny.toml").write_text(RECIPE.replace(
+        'description = "A tiny test model."', 'description = "A tiny test model."\noriginal_card = "card.md"'))
+
+
+LEAKS = {  # card text -> what the refusal names (never the value)
+    f"Copied from my shell: HF_TOKEN={TOKEN}\n": "a secret in use here",
+    "env: MY_SERVICE_API_TOKEN_VALUE\n": "a secret in use here",
+    "mirror: https://bob:hunter2-pass@mirror.example.com/\n": "URL with a password",
+    "another token: hf_" + "Zz9" * 11 + "\n": "Hugging Face token",
+    "AWS_SECRET_ACCESS_KEY=abcdEFGH1234ijklMNOP5678qrstUVWX90yz\n": "credential assignment",
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----\n": "private key block",
+}
+
+
+@pytest.mark.parametrize("leak", LEAKS)
+def test_credentials_in_a_card_are_refused_before_anything_is_written(work, hub, leak, monkeypatch):
+    """Whatever the source, a rendered card holding a credential is refused: in a dry run before
+    the plan is written, in a real run before the first request; the message names the card."""
+    monkeypatch.setenv("SOME_SERVICE_API_TOKEN", "MY_SERVICE_API_TOKEN_VALUE")
+    card_in_recipe_folder(work, "# Original\n\n" + leak)
+    for dry_run in (True, False):
+        with pytest.raises(InputError, match=LEAKS[leak]) as e:
+            run(work, endpoint=hub.url, dry_run=dry_run)
+        message = str(e.value)
+        assert "test-org/Tiny-fp16@main: README.md" in message and "line " in message
+        secret = leak.split("=")[-1].split()[-1] if "=" in leak else leak.split()[-1]
+        assert secret not in message and TOKEN not in message
+    assert hub.requests == [] and not (work / "publish-plan").exists()
+
+
+def test_credentials_in_artifact_files_are_refused(work, hub):
+    """Text files and safetensors metadata of the artifacts are scanned too."""
+    variant = work / "gptq" / "main"
+    save_file({"w": np.zeros((2, 2), np.float16)}, str(variant / "extra.safetensors"),
+              metadata={"note": f"pushed with {TOKEN}"})
+    write_report(work)
+    with pytest.raises(InputError, match=r"test-org/Tiny-GPTQ@main: extra.safetensors: .*a secret in use"):
+        run(work, endpoint=hub.url)
+    (variant / "extra.safetensors").unlink()
+    (work / "fp16" / "generation_config.json").write_text(json.dumps({"note": "hf_" + "k" * 34}))
+    write_report(work)
+    with pytest.raises(InputError, match=r"test-org/Tiny-fp16@main: generation_config.json: a Hugging Face"):
+        run(work, endpoint=hub.url, dry_run=True)
+    assert hub.requests == [] and not (work / "publish-plan").exists()
+
+
+def test_endpoint_credentials_are_stripped_and_masked_everywhere(work, hub, tmp_path, monkeypatch, capsys):
+    password = "s3cret-Pa55word"
+    endpoint = hub.url.replace("http://", f"http://alice:{password}@")
+    monkeypatch.chdir(work)
+    for args in (["--dry-run", "--plan-dir", str(work / "dry-plan")], []):
+        code, out, err = publish_cli(["recipes/tiny.toml", "--workdir", ".", "--endpoint", endpoint, "--json",
+                                      *args], monkeypatch, capsys)
+        assert code == 0, err
+        assert json.loads(out)["endpoint"] == hub.url
+        assert "http://***@127.0.0.1" in err  # the warning says credentials were dropped, masked
+        assert password not in out + err and "alice" not in out + err
+    for plan_dir in (work / "dry-plan", work / "publish-plan"):
+        assert json.loads((plan_dir / "plan.json").read_text())["endpoint"] == hub.url
+    assert f"]({hub.url}/test-org/Tiny-GPTQ/tree/main)" in (
+        work / "publish-plan" / "cards" / "test-org--Tiny-GPTQ" / "main" / "README.md").read_text()
+    assert hub.count("POST", "/commit/") == 4
+    assert password not in everything_written(work, tmp_path / "hub")
+    code, out, err = publish_cli(["recipes/tiny.toml", "--workdir", ".", "--endpoint",
+                                  f"ftp://alice:{password}@host"], monkeypatch, capsys)
+    assert code == 2 and "ftp://***@host" in err and password not in err and "Traceback" not in err
+
+
+def tamper_report(work: Path, edit) -> Path:
+    path = work / "verify" / "verify.json"
+    report = json.loads(path.read_text())
+    edit(report)
+    path.write_text(json.dumps(report))
+    return path
+
+
+def drop_check(report: dict, artifact: str, check: str) -> None:
+    report["checks"] = [c for c in report["checks"] if (c["artifact"], c["check"]) != (artifact, check)]
+
+
+def fail_one(report: dict) -> None:
+    report["checks"][-1]["passed"] = False
+
+
+V32 = "gptq-4bit-32g-actorder_True"
+FORGERIES = {  # hand-edited verify.json -> what the refusal (exit 3) says
+    "hash_edited": (lambda r: r["artifacts"][V32]["files"].update({"model.safetensors": "0" * 64}),
+                    "model.safetensors: changed"),
+    "no_checks": (lambda r: r.update(checks=[]), "its check list is empty"),
+    "passed_with_a_failing_check": (fail_one, "failed: generation on gptq-8bit-128g-actorder_True although it says passed"),
+    "required_check_missing": (lambda r: drop_check(r, V32, "kl_divergence"),
+                               f"'{V32}' lacks the required check\\(s\\) kl_divergence"),
+    "no_parity": (lambda r: drop_check(r, "fp16", "conversion_parity"), "lacks the required check\\(s\\) conversion_parity"),
+    "variant_missing": (lambda r: r["artifacts"].pop(V32), f"artifact '{V32}' is missing"),
+    "no_inputs": (lambda r: r.pop("inputs"), "records no inputs"),
+    "fp16_fingerprint": (lambda r: r["inputs"].update(fp16="1" * 64), "inputs.fp16 does not match"),
+    "other_meta": (lambda r: r["inputs"]["meta"]["files"]["params.json"].update(md5="9" * 32),
+                   "a Meta checkpoint other than the one the fp16 model was converted from \\(differs: params.json\\)"),
+    "no_meta": (lambda r: r["inputs"].update(meta=None), "verify ran without the Meta checkpoint"),
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_hand_edited_verify_report_is_refused(work, hub, forgery, monkeypatch, capsys):
+    edit, match = FORGERIES[forgery]
+    path = tamper_report(work, edit)
+    before = path.read_bytes()
+    code, out, err = publish_cli([str(work / "recipes" / "tiny.toml"), "--workdir", str(work),
+                                  "--endpoint", hub.url], monkeypatch, capsys)
+    assert code == 3, err
+    assert "Traceback" not in err and str(path) in err
+    assert re.search(match, err), err
+    assert hub.requests == [] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe{\x00\"\x00", "not UTF-8 text"),
+    (bytes(range(256)), "not UTF-8 text"),
+    (b'{"schema": 1, "passed": "yes", "artifacts": {}, "checks": [], "perplexity": {}, "eval": {}}',
+     "passed must be true or false"),
+    (b'{"schema": 1, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
+     b'"files": {"../../etc/passwd": "abc"}}}, "checks": [], "perplexity": {}, "eval": {}}',
+     "'../../etc/passwd' is not a relative path"),
+    (b'{"schema": 1, "passed": true, "artifacts": {}, "checks": [{"check": 1}], "perplexity": {}, "eval": {}}',
+     r"checks\[0\] needs check"),
+])
+def test_malformed_or_binary_verify_report_is_bad_input(work, hub, content, match, monkeypatch, capsys):
+    path = work / "verify" / "verify.json"
+    path.write_bytes(content)
+    code, out, err = publish_cli([str(work / "recipes" / "tiny.toml"), "--workdir", str(work),
+                                  "--endpoint", hub.url], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in err and re.search(match, err), err
+    assert hub.requests == [] and path.read_bytes() == content

@@ -1,4 +1,4 @@
-"""The quantize stage on a small trained Llama: the saved checkpoint read by an independent numpy
+"""The quantize stage on the shipped demo model: the saved checkpoint read by an independent numpy
 dequantiser reproduces the quantiser's fake-quantised weights exactly; perplexity (transformers'
 LlamaForCausalLM) rises less with GPTQ than with RTN; resume is bit-identical; bad input fails."""
 
@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.errors import InputError, OutputExistsError
 from pipeline.gptq import QuantSpec, gptq
 from pipeline.quantize import LINEARS, quantize
-from trained_model import calibration_glob, eval_glob, make_trained_model
+from demo_model import CALIBRATION, EVAL, demo_fp16
 
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
 
@@ -54,17 +54,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("trained")
-    make_trained_model(d)
-    return d
+def model(tmp_path_factory) -> Path:
+    return demo_fp16(tmp_path_factory.mktemp("demo") / "fp16")
 
 
 @pytest.fixture(scope="module")
-def eval_tokens(trained) -> torch.Tensor:
+def eval_tokens(model) -> torch.Tensor:
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(trained / "model")
-    text = "".join(Path(p).read_text() for p in sorted(glob.glob(eval_glob(trained))))
+    tok = AutoTokenizer.from_pretrained(model)
+    text = "".join(Path(p).read_text() for p in sorted(glob.glob(EVAL)))
     ids = torch.tensor(tok(text, verbose=False)["input_ids"])
     n = ids.numel() // 128
     return ids[:n * 128].view(n, 128)
@@ -84,8 +82,8 @@ def perplexity(model_dir: Path, tokens: torch.Tensor, quantized: Path | None = N
         return math.exp(float(model(input_ids=tokens, labels=tokens).loss))
 
 
-def run(trained: Path, out: Path, spec: QuantSpec, **kw) -> dict:
-    return quantize(trained / "model", out, spec, calibration=calibration_glob(trained), **{**CAL, **kw})
+def run(model: Path, out: Path, spec: QuantSpec, **kw) -> dict:
+    return quantize(model, out, spec, calibration=CALIBRATION, **{**CAL, **kw})
 
 
 class Spy:
@@ -103,7 +101,7 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def runs(trained, tmp_path_factory):
+def runs(model, tmp_path_factory):
     """The variants the tests compare, each quantised once; GPTQ results captured by a Spy."""
     out = tmp_path_factory.mktemp("quantized")
     specs = {"gptq3": QuantSpec(3, 32, True, sym=False), "rtn3": QuantSpec(3, 32, False, sym=False, method="rtn"),
@@ -113,7 +111,7 @@ def runs(trained, tmp_path_factory):
     for name, spec in specs.items():
         spy = Spy()
         mp.setattr(stage, "gptq", spy)
-        summary = run(trained, out / name, spec)
+        summary = run(model, out / name, spec)
         done[name] = (out / name, summary, spy.results)
     mp.undo()
     return done
@@ -129,18 +127,20 @@ def test_saved_checkpoint_reproduces_fake_quantised_weights(runs):
         assert not np.array_equal(t[name + ".g_idx"], np.sort(t[name + ".g_idx"]))  # act-order
 
 
-def test_perplexity_gptq_rises_less_than_rtn(runs, trained, eval_tokens):
-    model = trained / "model"
+def test_perplexity_gptq_rises_less_than_rtn(runs, model, eval_tokens):
     fp = perplexity(model, eval_tokens)
     rise = {k: perplexity(model, eval_tokens, runs[k][0]) / fp - 1 for k in runs}
-    assert 0 <= rise["gptq4"] < rise["rtn4"], rise
+    # Measured on the shipped model: gptq4 +0.019%, rtn4 +0.21%, gptq3 +0.030%, rtn3 +0.20%.
+    # RTN is deterministic; GPTQ and the perplexity differ between CPUs only by float32
+    # round-off (~1e-6 relative), far inside each margin below (≥ 1e-4 absolute).
+    assert 0 <= rise["gptq4"] < rise["rtn4"] / 4, rise
     assert rise["gptq3"] < rise["rtn3"] / 4, rise
-    assert rise["rtn3"] > 0.02, rise  # the trained model is sensitive enough to show it
+    assert rise["rtn3"] > 0.001, rise  # the shipped model is sensitive enough to show it
 
 
-def test_output_directory(runs, trained):
+def test_output_directory(runs, model):
     path, summary, _ = runs["gptq4"]
-    src = trained / "model"
+    src = model
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (path / name).read_bytes() == (src / name).read_bytes()
     cfg = json.loads((path / "config.json").read_text())
@@ -152,22 +152,22 @@ def test_output_directory(runs, trained):
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
                  "model.layers.1.input_layernorm.weight"):
         assert t[name].dtype == np.float16 and np.array_equal(t[name], orig[name])
-    assert t["model.layers.0.mlp.down_proj.qweight"].shape == (256 * 4 // 32, 128)
-    assert t["model.layers.0.mlp.down_proj.qzeros"].shape == (1, 128 * 4 // 32)
+    assert t["model.layers.0.mlp.down_proj.qweight"].shape == (768 * 4 // 32, 256)
+    assert t["model.layers.0.mlp.down_proj.qzeros"].shape == (1, 256 * 4 // 32)
     assert not any(n.endswith("proj.weight") for n in t)
     log = json.loads((path / "quant_log.json").read_text())
     assert log["method"] == "gptq" and log["spec"]["bits"] == 4
-    assert set(log["modules"]) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
+    assert set(log["modules"]) == {f"model.layers.{i}.{n}" for i in range(4) for n in LINEARS}
     assert all(m["damp"] == 0.01 and m["loss"] > 0 for m in log["modules"].values())
     cal = log["calibration"]
     assert (cal["nsamples"], cal["seqlen"], cal["seed"], cal["files"]) == (16, 128, 0, 1)
     assert not list(path.parent.glob(".*partial*"))
 
 
-def test_sharded_output_and_resume_is_bit_identical(runs, trained, tmp_path, monkeypatch):
+def test_sharded_output_and_resume_is_bit_identical(runs, model, tmp_path, monkeypatch):
     spec = QuantSpec(4, -1, False)
     full = tmp_path / "full"
-    run(trained, full, spec, max_shard_size="100KB")
+    run(model, full, spec, max_shard_size="400KB")
     index = json.loads((full / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     single = load_file(runs["gptq4"][0] / "model.safetensors")
@@ -176,10 +176,10 @@ def test_sharded_output_and_resume_is_bit_identical(runs, trained, tmp_path, mon
     out = tmp_path / "resumed"
     monkeypatch.setattr(stage, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
     with pytest.raises(KeyboardInterrupt):
-        run(trained, out, spec, max_shard_size="100KB")
+        run(model, out, spec, max_shard_size="400KB")
     assert not out.exists()
     monkeypatch.undo()
-    summary = run(trained, out, spec, max_shard_size="100KB", resume=True)
+    summary = run(model, out, spec, max_shard_size="400KB", resume=True)
     assert summary["resumed_layers"] == 1
     files = sorted(p.name for p in full.iterdir())
     assert files == sorted(p.name for p in out.iterdir())
@@ -197,23 +197,23 @@ def write_model(directory: Path, config: dict, state: dict[str, torch.Tensor]) -
     return directory
 
 
-def test_bad_input(trained, runs, tmp_path):
-    model = trained / "model"
+def test_bad_input(model, runs, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     state = {k: torch.from_numpy(v) for k, v in load_file(model / "model.safetensors").items()}
     spec = QuantSpec(4, 128, False)
 
     gpt2 = write_model(tmp_path / "gpt2", {**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, state)
     with pytest.raises(InputError, match="not a Llama"):
-        quantize(gpt2, tmp_path / "o1", spec, calibration=calibration_glob(trained))
+        quantize(gpt2, tmp_path / "o1", spec, calibration=CALIBRATION)
     with pytest.raises(InputError, match="already quantised"):
-        quantize(runs["gptq4"][0], tmp_path / "o2", spec, calibration=calibration_glob(trained))
-    with pytest.raises(InputError, match=r"self_attn.q_proj has 128 inputs, not divisible by --group-size 48"):
-        quantize(model, tmp_path / "o3", QuantSpec(4, 48, False), calibration=calibration_glob(trained))
-    odd = {**cfg, "hidden_size": 80, "num_attention_heads": 2, "num_key_value_heads": 2}
+        quantize(runs["gptq4"][0], tmp_path / "o2", spec, calibration=CALIBRATION)
+    odd = {**cfg, "hidden_size": 80, "num_attention_heads": 2, "num_key_value_heads": 2,
+           "head_dim": 40}
+    odd_state = {k: torch.zeros([80 if d in (128, 256) else d for d in v.shape], dtype=v.dtype)
+                 for k, v in state.items()}  # widths (dim 256, kv 128) made 80
     with pytest.raises(InputError, match=r"self_attn.q_proj is \[80, 80\].*multiples of 32"):
-        quantize(write_model(tmp_path / "odd", odd, state), tmp_path / "o4", spec,
-                 calibration=calibration_glob(trained))
+        quantize(write_model(tmp_path / "odd", odd, odd_state), tmp_path / "o4", spec,
+                 calibration=CALIBRATION)
     with pytest.raises(InputError, match="needs calibration text"):
         quantize(model, tmp_path / "o5", spec)
     with pytest.raises(InputError, match="no files found"):
@@ -222,18 +222,18 @@ def test_bad_input(trained, runs, tmp_path):
     with pytest.raises(InputError, match="short.py.*windows of 128 tokens, 16 requested"):
         quantize(model, tmp_path / "o7", spec, calibration=str(tmp_path / "short.py"), **CAL)
     with pytest.raises(OutputExistsError):
-        quantize(model, runs["gptq4"][0], spec, calibration=calibration_glob(trained))
+        quantize(model, runs["gptq4"][0], spec, calibration=CALIBRATION)
 
     bad = dict(state)
-    bad["model.layers.1.post_attention_layernorm.weight"] = torch.full((128,), float("nan"), dtype=torch.float16)
+    bad["model.layers.1.post_attention_layernorm.weight"] = torch.full((256,), float("nan"), dtype=torch.float16)
     nan_model = write_model(tmp_path / "nan", cfg, bad)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model / name, nan_model)
     with pytest.raises(InputError, match=r"model.layers.1.mlp.gate_proj: NaN/inf in the calibration"):
-        quantize(nan_model, tmp_path / "o8", spec, calibration=calibration_glob(trained), **CAL)
+        quantize(nan_model, tmp_path / "o8", spec, calibration=CALIBRATION, **CAL)
 
 
-def test_cli_exit_codes_and_json(trained, runs, tmp_path, monkeypatch, capsys):
+def test_cli_exit_codes_and_json(model, runs, tmp_path, monkeypatch, capsys):
     def cli(*args: str) -> int:
         monkeypatch.setattr(sys, "argv", ["pipeline", "quantize", *args])
         try:
@@ -242,21 +242,21 @@ def test_cli_exit_codes_and_json(trained, runs, tmp_path, monkeypatch, capsys):
             return e.code
         return 0
 
-    assert cli(str(trained / "model"), str(runs["rtn4"][0])) == 2  # exists, no --force
+    assert cli(str(model), str(runs["rtn4"][0])) == 2  # exists, no --force
     assert "already exists" in capsys.readouterr().err
     out = tmp_path / "rtn"
-    code = cli(str(trained / "model"), str(out), "--method", "rtn", "--bits", "8",
+    code = cli(str(model), str(out), "--method", "rtn", "--bits", "8",
                "--group-size", "64", "--json", "--device", "cpu")
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "rtn" and summary["bits"] == 8 and (out / "model.safetensors").is_file()
 
     out = tmp_path / "static"
-    assert cli(str(trained / "model"), str(out), "--bits", "2", "--group-size", "64", "--act-order",
+    assert cli(str(model), str(out), "--bits", "2", "--group-size", "64", "--act-order",
                "--static-groups", "--no-true-sequential", "--asym", "--damp", "0.05", "--device", "cpu",
-               "--calibration", calibration_glob(trained), "--nsamples", "8", "--seqlen", "64") == 0
-    assert "quantized 2 layers (gptq, 2-bit, group 64, act-order True)" in capsys.readouterr().out
+               "--calibration", CALIBRATION, "--nsamples", "8", "--seqlen", "64") == 0
+    assert "quantized 4 layers (gptq, 2-bit, group 64, act-order True)" in capsys.readouterr().out
     t = load_file(out / "model.safetensors")
-    assert np.array_equal(t["model.layers.1.mlp.down_proj.g_idx"], np.arange(256) // 64)  # static
+    assert np.array_equal(t["model.layers.1.mlp.down_proj.g_idx"], np.arange(768) // 64)  # static
     qc = json.loads((out / "quantize_config.json").read_text())
     assert (qc["static_groups"], qc["true_sequential"], qc["sym"], qc["damp_percent"]) == (True, False, False, 0.05)

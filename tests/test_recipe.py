@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
@@ -260,12 +259,11 @@ def test_shipped_recipe_is_valid(path):
         assert r.model.original_card is not None and r.model.original_card.is_file()
 
 
-def test_shipped_demo_points_into_work(tmp_path):
+def test_shipped_demo_points_at_the_committed_model(tmp_path):
     r = load_recipe(RECIPES / "demo.toml")
-    root = RECIPES.parent
-    assert r.source.path == root / "work" / "demo-model" / "meta"
-    assert Path(r.calibration.source) == root / "work" / "demo-model" / "text" / "calib"
-    assert os.path.isabs(r.verify.eval)
+    assert r.source.path == RECIPES / "demo" / "meta"
+    assert Path(r.calibration.source) == RECIPES / "demo" / "text" / "calib"
+    assert Path(r.verify.eval) == RECIPES / "demo" / "text" / "eval"
 
 
 def test_find_recipe_by_path_or_name(tmp_path, monkeypatch):

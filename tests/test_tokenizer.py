@@ -1,5 +1,6 @@
 """Tokenizer conversion: AutoTokenizer on the output gives the ids Meta's tokenizer gives
-(sentencepiece / tiktoken used directly as the reference), for code, unicode and whitespace."""
+(sentencepiece / tiktoken used directly as the reference), for code, unicode and whitespace.
+Chat templates, infilling prompts and transformers 4.x: tests/test_chat.py."""
 
 from __future__ import annotations
 
@@ -71,64 +72,63 @@ def test_sentencepiece_ids_and_decode(out, family):
 
 def test_written_files_load_in_transformers_4_and_5(out):
     """tokenizer_config.json avoids 5.x-only keys (a list `extra_special_tokens`, `backend`)
-    that transformers 4.x cannot read; tokenizer.model travels with it."""
+    that transformers 4.x cannot read; tokenizer.model travels with it (tests/test_chat.py loads
+    the files in 4.x)."""
     d, _ = out("llama2", sentencepiece_model())
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     assert not {"extra_special_tokens", "backend", "is_local"} & set(cfg)
     assert cfg["add_bos_token"] is True and cfg["legacy"] is True
     assert (d / "tokenizer.model").read_bytes() == sentencepiece_model().read_bytes()
     specials = json.loads((d / "special_tokens_map.json").read_text())
-    assert specials == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    assert specials == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                        "pad_token": "<unk>"}
 
 
-def _no_dummy_prefix(path: Path, tmp: Path) -> spm.SentencePieceProcessor:
-    """The same model without SentencePiece's dummy prefix: what Meta's encode_infilling yields."""
-    m = pb.ModelProto()
-    m.ParseFromString(path.read_bytes())
-    m.normalizer_spec.add_dummy_prefix = False
-    (tmp / "nodummy.model").write_bytes(m.SerializeToString())
-    return sp_reference(tmp / "nodummy.model")
-
-
-def test_codellama_infilling(out, tmp_path):
+def test_codellama_infilling_pieces_keep_metas_ids(out):
+    """The infilling pieces stay at Meta's ids (the prompt is built from them: tests/test_chat.py
+    checks it against Meta's infilling_prompt_tokens)."""
     model = padded_sentencepiece_model(32016)
     d, summary = out("codellama", model)
     sp = sp_reference(model)
     tok = AutoTokenizer.from_pretrained(d)
-    assert type(tok).__name__.startswith("CodeLlamaTokenizer")
-    assert summary["vocab_size"] == sp.get_piece_size() == 32016
-    ids = {v: k for k, v in CODELLAMA_INFILL.items()}
-    assert (tok.prefix_id, tok.suffix_id, tok.middle_id, tok.eot_id) == \
-        (ids["▁<PRE>"], ids["▁<SUF>"], ids["▁<MID>"], ids["▁<EOT>"])
-    # Meta's infilling prompt: BOS <PRE> pre <SUF> suf_without_dummy_prefix <MID>
-    pre, suf = "def area(r):\n    ", "  return result\n"
-    meta = [sp.bos_id(), ids["▁<PRE>"], *sp.encode(pre), ids["▁<SUF>"],
-            *_no_dummy_prefix(model, tmp_path).encode(suf), ids["▁<MID>"]]
-    assert tok(pre + "<FILL_ME>" + suf)["input_ids"] == meta
+    assert summary["vocab_size"] == len(tok) == sp.get_piece_size() == 32016
+    assert summary["infill"] == {"prefix": 32007, "suffix": 32008, "middle": 32009, "eot": 32010}
+    for i, piece in CODELLAMA_INFILL.items():
+        assert tok.convert_tokens_to_ids(piece) == sp.piece_to_id(piece) == i
 
 
-def test_codellama_plain_ids(out):
-    """tokenizer.json (what transformers 4.x and tokenizers-based servers load) is exact on every
-    text; transformers 5.x's CodeLlamaTokenizer rebuilds its pre-tokenizer (Metaspace), which
-    drops SentencePiece's dummy prefix before a leading space, so through AutoTokenizer only
-    texts that do not start with a space are compared."""
-    model = padded_sentencepiece_model(32016)
+@pytest.mark.parametrize("size", [32016, 32000])
+def test_codellama_ids_through_autotokenizer(out, size):
+    """Every text, leading spaces included, through AutoTokenizer and through tokenizer.json (what
+    tokenizers-based servers load). The generic class keeps tokenizer.json as written: 5.x's
+    CodeLlamaTokenizer would rebuild its pre-tokenizer and drop the dummy prefix before a
+    leading space (the first assertion below catches that)."""
+    model = padded_sentencepiece_model(size)
     d, _ = out("codellama", model)
     sp = sp_reference(model)
     raw = Tokenizer.from_file(str(d / "tokenizer.json"))
     tok = AutoTokenizer.from_pretrained(d)
+    assert json.loads((d / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     for text in TEXTS:
         want = [sp.bos_id(), *sp.encode(text)]
         assert raw.encode(text).ids == want, text
-        if not text.startswith(" "):
-            assert tok(text)["input_ids"] == want, text
+        assert tok(text)["input_ids"] == want, text
 
 
 def test_codellama_34b_has_no_infilling(out):
     d, summary = out("codellama", padded_sentencepiece_model(32000))
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    assert summary["vocab_size"] == 32000 and cfg["prefix_token"] is None
-    assert cfg["tokenizer_class"] == "CodeLlamaTokenizer"
+    assert summary["vocab_size"] == 32000 and summary["infill"] is None
+
+
+def test_codellama_vocabulary_without_infilling_pieces_is_refused(tmp_path):
+    m = pb.ModelProto()
+    m.ParseFromString(padded_sentencepiece_model(32016).read_bytes())
+    m.pieces[32008].piece = "<not SUF>"
+    (tmp_path / "bad.model").write_bytes(m.SerializeToString())
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match=r"32016 pieces but no infilling piece\(s\) \['▁<SUF>'\]"):
+        convert_tokenizer(tmp_path / "bad.model", tmp_path / "out", "codellama", 4096)
 
 
 def tiktoken_reference(path: Path, names: dict[int, str]) -> tiktoken.Encoding:
@@ -153,8 +153,7 @@ def test_llama3_ids_and_special_tokens(out, family, names):
         ids = tok(text)["input_ids"]
         assert ids == [n, *enc.encode(text, disallowed_special=())], text
         assert tok.decode(ids, skip_special_tokens=True) == text
-    stop = summary["stop_ids"]
-    assert stop == ([n + 1, n + 8, n + 9] if family == "llama3.1" else [n + 1, n + 9])
+    assert summary["stop_ids"] == [n + 1]  # base model; chat formats add theirs (test_chat.py)
 
 
 def test_check_ids_catches_a_wrong_tokenizer_json(out, tmp_path):

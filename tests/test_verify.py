@@ -1,6 +1,10 @@
-"""The verify stage end to end: a good conversion and good variants pass; broken ones (k not
-permuted, wrong rope_theta, corrupted qzeros, far too coarse bits) fail with the failing check
-named and exit code 3; reports are reproducible and hash every file; bad inputs are refused."""
+"""The verify stage end to end. fp16 against Meta: a good conversion passes; k not permuted, a wrong
+rope_theta and a cut vocabulary fail conversion_parity. GPTQ variants of the shipped demo model
+against fp16: good ones pass every check; 2-bit fails KL (GPTQ keeps its perplexity), moved zero
+points and any one randomised tensor (qweight, qzeros, scales, g_idx) of one module fail
+module_integrity naming the module, a muted final norm fails generation; a prompt that makes fp16
+repeat itself fails nothing. Exit code 3 on a failed check; thresholds per bit width from the CLI
+and the recipe; reports are reproducible and hash every file; bad inputs are refused."""
 
 from __future__ import annotations
 
@@ -14,18 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
+from demo_model import CALIBRATION, EVAL, demo_fp16
 from meta_fixtures import build_checkpoint, corpus
 from pipeline.cli import main
 from pipeline.convert import convert
 from pipeline.errors import CheckFailed, InputError, OutputExistsError
 from pipeline.gptq import QuantSpec
+from pipeline.gptq_format import dequantize
 from pipeline.quantize import quantize
+from pipeline.recipe import load_recipe
 from pipeline.verify import verify
-from trained_model import calibration_glob, eval_glob, make_trained_model
+from verify import thresholds as th
 from verify.forward import LayerwiseModel
+from verify.metrics import eval_tokens, windows
 from verify.report import check_integrity, read_report
 
 SEQLEN, WINDOWS = 64, 4
@@ -133,9 +142,14 @@ def wrong_rope_theta(d: Path) -> None:
 
 
 def cut_vocabulary(d: Path) -> None:
+    """The last token dropped consistently (config, embeddings, head): Meta's logits show it."""
     t = load_file(d / "model.safetensors")
-    t["lm_head.weight"] = t["lm_head.weight"][:-1].contiguous()
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        t[name] = t[name][:-1].contiguous()
     save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] -= 1
+    (d / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("edit", [unpermute_k, wrong_rope_theta, cut_vocabulary])
@@ -174,7 +188,7 @@ def test_bad_inputs(converted, tmp_path, monkeypatch, capsys):
     base = meta_args(converted, tmp_path / "v")
     code, _, err = run_cli(monkeypatch, capsys, "--fp16", str(converted["fp16"]), "--eval",
                            converted["eval"], "--out", str(tmp_path / "v"), "--tolerance", "4:0.05")
-    assert code == 2 and "expected BITS=FRACTION" in err
+    assert code == 2 and "expected BITS=VALUE" in err
     with pytest.raises(InputError, match="--seqlen 5000: longer than .*4096"):
         verify(**{**base, "seqlen": 5000})
     with pytest.raises(InputError, match=r"missing-dir/config.json: missing"):
@@ -193,101 +207,272 @@ def test_bad_inputs(converted, tmp_path, monkeypatch, capsys):
         verify(**base)
 
 
-def add_outlier_channels(model: Path) -> None:
-    """Make a few MLP channels carry 64× larger down_proj weights (and 64× smaller up_proj rows):
-    the same function (powers of two are exact in fp16), but outliers like real LLMs have, so
-    coarse grids hurt and GPTQ's error compensation shows."""
-    t = load_file(model / "model.safetensors")
-    for i in range(2):
-        up = t[f"model.layers.{i}.mlp.up_proj.weight"]
-        down = t[f"model.layers.{i}.mlp.down_proj.weight"]
-        channels = torch.arange(0, up.shape[0], 37)
-        up[channels] /= 64
-        down[:, channels] *= 64
-    save_file(t, model / "model.safetensors", metadata={"format": "pt"})
+# ------------------------------------------------ GPTQ variants of the shipped demo model vs fp16
+
+SEQ, NWIN = 256, 16  # windows of the demo model's training length
+PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef "]
+REPEATING = "0" * 30  # the demo model continues it with one token repeated
+V_PROJ = "model.layers.1.self_attn.v_proj"
+# a 2-bit variant is held to the demo recipe's 4-bit bar: far too coarse to meet it
+DEMO_4BIT = {kind: table[4] for kind, table in
+             load_recipe(Path(EVAL).parents[3] / "demo.toml").verify.thresholds().items()}
+TWO_BIT = {kind: {2: value} for kind, value in DEMO_4BIT.items()}
+GOOD = ["gptq-4bit-128g", "gptq-4bit-32g", "gptq-8bit-128g", "rtn-4bit-32g"]
+BROKEN = ["gptq-2bit--1g", "gptq-4bit-zeros-moved", "gptq-4bit-mute"]
+SPECS = {"gptq-4bit-128g": QuantSpec(bits=4, group_size=128, act_order=False, damp=0.1),
+         "gptq-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=True, damp=0.1),
+         "gptq-8bit-128g": QuantSpec(bits=8, group_size=128, act_order=True, damp=0.1),
+         "rtn-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=False, method="rtn"),
+         "gptq-2bit--1g": QuantSpec(bits=2, group_size=-1, act_order=False, damp=0.1)}
+
+
+def int32_noise(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Every bit random: each packed value uniform over the grid."""
+    return torch.randint(-2**31, 2**31 - 1, t.shape, generator=g, dtype=torch.int32)
+
+
+# one tensor of one linear replaced by random values of its kind (seeded)
+RANDOMISE = {
+    "qweight": int32_noise,
+    "qzeros": int32_noise,
+    "scales": lambda t, g: (torch.rand(t.shape, generator=g) * 2 * t.float().mean()).half(),
+    "g_idx": lambda t, g: torch.randint(0, int(t.max()) + 1, t.shape, generator=g,
+                                        dtype=torch.int32),
+}
+
+
+def edited_copy(src: Path, dst: Path, key: str, edit) -> Path:
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    t[key] = edit(t[key])
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory) -> dict[str, Path | str]:
-    """The trained model (with outlier channels) and variants: 4-bit GPTQ and RTN, 2-bit
-    per-channel GPTQ (far too coarse), the 4-bit one with one layer's qzeros corrupted, and the
-    4-bit one with a zeroed final norm (generates one token over and over)."""
-    d = tmp_path_factory.mktemp("trained")
-    model = make_trained_model(d)
-    add_outlier_channels(model)
-    specs = {"gptq-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=True),
-             "rtn-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=False, method="rtn"),
-             "gptq-2bit--1g": QuantSpec(bits=2, group_size=-1, act_order=False)}
-    dirs = {name: d / name for name in specs}
-    for name, spec in specs.items():
-        quantize(model, dirs[name], spec, calibration=calibration_glob(d), nsamples=16,
-                 seqlen=128, device="cpu")
-
-    def broken(name: str, key: str, edit) -> Path:
-        q = dirs[name] = d / name
-        shutil.copytree(dirs["gptq-4bit-32g"], q)
-        t = load_file(q / "model.safetensors")
-        t[key] = edit(t[key])
-        save_file(t, q / "model.safetensors", metadata={"format": "pt"})
-        return q
-
-    # every 4-bit zero point of one linear moved by 2 to 6 levels
-    broken("gptq-4bit-corrupt", "model.layers.0.mlp.down_proj.qzeros", lambda z: z ^ 0x66666666)
-    broken("gptq-4bit-mute", "model.norm.weight", torch.zeros_like)
-    return {"fp16": model, "eval": eval_glob(d), **dirs}
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The shipped demo model in fp16 and variants: good ones (GPTQ 4-bit 128g and 32g act-order,
+    8-bit, RTN 4-bit), 2-bit per-channel GPTQ (far too coarse), the 4-bit 128g one with every zero
+    point of one linear moved by 2-6 levels, one with a zeroed final norm (repeats one token), and
+    one per tensor kind with that tensor of V_PROJ randomised."""
+    d = tmp_path_factory.mktemp("demo")
+    dirs = {"fp16": demo_fp16(d / "fp16")}
+    for name, spec in SPECS.items():
+        dirs[name] = d / name
+        quantize(dirs["fp16"], dirs[name], spec, calibration=CALIBRATION, nsamples=16, seqlen=SEQ,
+                 device="cpu")
+    base = dirs["gptq-4bit-128g"]
+    dirs["gptq-4bit-zeros-moved"] = edited_copy(base, d / "gptq-4bit-zeros-moved",
+                                                "model.layers.0.mlp.down_proj.qzeros",
+                                                lambda z: z ^ 0x66666666)
+    dirs["gptq-4bit-mute"] = edited_copy(base, d / "gptq-4bit-mute", "model.norm.weight",
+                                         torch.zeros_like)
+    for kind, fn in RANDOMISE.items():
+        g = torch.Generator().manual_seed(0)
+        dirs[f"gptq-4bit-{kind}"] = edited_copy(base, d / f"gptq-4bit-{kind}", f"{V_PROJ}.{kind}",
+                                                lambda t, fn=fn, g=g: fn(t, g))
+    return dirs
 
 
-def test_variants_pass_or_fail_by_perplexity_and_generation(quantized, tmp_path):
-    names = ["gptq-4bit-32g", "rtn-4bit-32g", "gptq-2bit--1g", "gptq-4bit-corrupt",
-             "gptq-4bit-mute"]
-    report = verify(fp16=quantized["fp16"], quants=[quantized[n] for n in names],
-                    eval_text=quantized["eval"], out=tmp_path / "v", seqlen=128, max_windows=16,
-                    tolerances={2: 0.05}, baseline_rtn=True,
-                    prompts=["def total_5(x, y):\n", "def count_3(n, key):\n"])
-    ok = checks(report)
-    ppl = report["perplexity"]
-    assert not report["passed"]
-    assert ok[("perplexity", "fp16")] and ok[("generation", "fp16")]
-    assert ok[("perplexity", "gptq-4bit-32g")] and ok[("generation", "gptq-4bit-32g")]
-    assert not ok[("perplexity", "gptq-2bit--1g")]
-    assert ppl["gptq-2bit--1g"] > 2 * ppl["fp16"]
-    assert not ok[("perplexity", "gptq-4bit-corrupt")]
-    assert not ok[("generation", "gptq-4bit-mute")]
-    mute = next(c for c in report["checks"] if c["check"] == "generation"
-                and c["artifact"] == "gptq-4bit-mute")
-    assert all(s["degenerate"] for s in mute["samples"])
+def demo_verify(demo: dict[str, Path], names: list[str], out: Path, **kw) -> dict:
+    return verify(**{"fp16": demo["fp16"], "quants": [demo[n] for n in names], "eval_text": EVAL,
+                     "out": out, "seqlen": SEQ, "max_windows": NWIN, "prompts": PROMPTS, **kw})
+
+
+@pytest.fixture(scope="module")
+def judged(demo, tmp_path_factory) -> dict:
+    """One verify run over every good and broken variant, with the RTN baseline; the report
+    (its directory under "out")."""
+    out = tmp_path_factory.mktemp("judged") / "v"
+    report = demo_verify(demo, GOOD + BROKEN, out, thresholds=TWO_BIT, baseline_rtn=True)
+    return {**report, "out": out}
+
+
+def entry(report: dict, check: str, artifact: str) -> dict:
+    (c,) = [c for c in report["checks"] if c["check"] == check and c["artifact"] == artifact]
+    return c
+
+
+def test_good_variants_pass_every_check_against_fp16(judged):
+    ok = checks(judged)
+    assert {k: v for k, v in ok.items() if k[1] == "fp16"} == {("perplexity", "fp16"): True,
+                                                             ("generation", "fp16"): True}
+    for name in GOOD:
+        assert {c: ok[(c, name)] for c in ("perplexity", "kl_divergence", "generation",
+                                           "module_integrity")} == dict.fromkeys(
+            ("perplexity", "kl_divergence", "generation", "module_integrity"), True), name
+        kl = entry(judged, "kl_divergence", name)["metrics"]
+        assert kl["kl_mean"] > 0 and kl["kl_p99"] >= kl["kl_mean"] and kl["top1"] < 1
+        mi = entry(judged, "module_integrity", name)
+        assert mi["metrics"]["modules"] == 4 * 7 == len(mi["per_module"])
+    # 8-bit steps are 16x finer than 4-bit ones: KL (quadratic in the error) far below
+    kl = {n: entry(judged, "kl_divergence", n)["metrics"]["kl_mean"] for n in GOOD}
+    assert kl["gptq-8bit-128g"] < kl["gptq-4bit-128g"] / 10
+    gen = entry(judged, "generation", "gptq-8bit-128g")
+    assert [s["text_fp16"] for s in gen["samples"]] == [
+        s["text"] for s in entry(judged, "generation", "fp16")["samples"]]
     # the in-memory RTN baseline equals the RTN artifact quantised, packed and dequantised
+    ppl = judged["perplexity"]
     assert ppl["gptq-4bit-32g:rtn"] == pytest.approx(ppl["rtn-4bit-32g"], rel=1e-6)
-    assert ppl["gptq-4bit-32g"] < ppl["gptq-4bit-32g:rtn"]
-    entry = report["artifacts"]["gptq-4bit-32g"]
-    assert [entry[k] for k in ("kind", "bits", "group_size", "desc_act")] == ["gptq", 4, 32, True]
-    table = (tmp_path / "v" / "verify.txt").read_text()
-    assert "gptq-4bit-corrupt" in table and "degenerate: one token repeated" in table
+    entry_ = judged["artifacts"]["gptq-4bit-32g"]
+    assert [entry_[k] for k in ("kind", "bits", "group_size", "desc_act")] == ["gptq", 4, 32, True]
 
 
-def test_variant_with_another_tokenizer_is_refused(quantized, converted, tmp_path):
+def test_broken_variants_fail_by_the_named_check(judged):
+    ok = checks(judged)
+    assert not judged["passed"]
+    # GPTQ keeps this model's perplexity at 2 bits (measured -0.5%); KL and top-1 show the loss
+    # (measured mean 0.013, p99 0.11, top-1 0.88: 2.6x, 2.2x and 7 points past the bar)
+    kl = entry(judged, "kl_divergence", "gptq-2bit--1g")
+    assert not kl["passed"] and kl["thresholds"] == {k: DEMO_4BIT[k] for k in kl["thresholds"]}
+    m, t = kl["metrics"], kl["thresholds"]
+    assert m["kl_mean"] > t["kl_mean"] and m["kl_p99"] > t["kl_p99"] and m["top1"] < t["top1"]
+    moved = entry(judged, "module_integrity", "gptq-4bit-zeros-moved")
+    assert not moved["passed"] and "model.layers.0.mlp.down_proj" in moved["reason"]
+    assert moved["metrics"]["worst_module"] == "model.layers.0.mlp.down_proj"
+    mute = entry(judged, "generation", "gptq-4bit-mute")
+    assert not mute["passed"] and "where fp16's is not degenerate" in mute["reason"]
+    assert all(s["degenerate"] and not s["degenerate_fp16"] for s in mute["samples"])
+    table = (judged["out"] / "verify.txt").read_text()
+    for text in ("gptq-4bit-zeros-moved", "degenerate: one token repeated", "KL mean",
+                 "model.layers.0.mlp.down_proj", "agree "):
+        assert text in table
+
+
+def test_kl_and_top1_equal_transformers_logits(judged, demo):
+    """Independent computation: transformers' logits for fp16 and for the variant's weights
+    (dequantised into the same model), torch's kl_div over full log-softmaxes."""
+    name = "gptq-4bit-32g"
+    tok = AutoTokenizer.from_pretrained(demo["fp16"])
+    texts = [Path(p).read_text() for p in sorted(glob.glob(EVAL))]
+    win = windows(eval_tokens(tok, texts), SEQ, NWIN)
+    fp16 = LlamaForCausalLM.from_pretrained(demo["fp16"], dtype=torch.float32)
+    quant = LlamaForCausalLM.from_pretrained(demo["fp16"], dtype=torch.float32)
+    tensors = load_file(demo[name] / "model.safetensors")
+    with torch.no_grad():
+        for module, linear in quant.named_modules():
+            if f"{module}.qweight" in tensors:
+                parts = [tensors[f"{module}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")]
+                linear.weight.copy_(dequantize(*parts, 4))
+        p = F.log_softmax(fp16(win).logits[:, :-1].double(), -1)
+        q = F.log_softmax(quant(win).logits[:, :-1].double(), -1)
+    kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+    got = entry(judged, "kl_divergence", name)["metrics"]
+    # float32 forwards that differ by summation order only (logits ~1e-6 apart)
+    assert got["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-3)
+    assert got["kl_p99"] == pytest.approx(float(torch.quantile(kl.flatten(), 0.99)), rel=1e-3)
+    top1 = float((p.argmax(-1) == q.argmax(-1)).double().mean())
+    assert got["top1"] == pytest.approx(top1, abs=3 / kl.numel())  # a near-tie may flip
+
+
+def test_one_randomised_tensor_of_one_module_fails_module_integrity(demo, tmp_path, monkeypatch,
+                                                                    capsys):
+    names = [f"gptq-4bit-{kind}" for kind in RANDOMISE]
+    args = ["--fp16", str(demo["fp16"]), "--eval", EVAL, "--out", str(tmp_path / "v"),
+            "--seqlen", str(SEQ), "--max-windows", str(NWIN), "--prompt", PROMPTS[0]]
+    code, _, err = run_cli(monkeypatch, capsys, *args,
+                           *(a for n in names for a in ("--quant", str(demo[n]))))
+    assert code == 3
+    report = read_report(tmp_path / "v")
+    for name in names:
+        assert f"module_integrity:{name}" in err
+        c = entry(report, "module_integrity", name)
+        assert not c["passed"] and V_PROJ in c["reason"]
+        # no other module is named: the failure points at the corrupted one
+        assert c["reason"].count("model.layers.") == 1
+        others = {k: v for k, v in c["per_module"].items() if k != V_PROJ}
+        assert len(others) == 27 and all(v["error"] <= 3 * v["rtn_error"] for v in others.values())
+
+
+def test_fp16_repeating_itself_does_not_fail_verify(demo, tmp_path):
+    report = demo_verify(demo, ["gptq-8bit-128g", "gptq-4bit-128g"], tmp_path / "v",
+                         prompts=[REPEATING])
+    (fp16,) = entry(report, "generation", "fp16")["samples"]
+    assert fp16["degenerate"]  # the prompt does make fp16 repeat itself
+    assert report["passed"], failed(report)
+    eight = entry(report, "generation", "gptq-8bit-128g")["samples"][0]
+    assert eight["degenerate"] and eight["agreement"] == 1.0  # equally degenerate: passes
+
+
+def failed(report: dict) -> list[str]:
+    return [f"{c['check']}:{c['artifact']} {c.get('reason', '')}" for c in report["checks"]
+            if not c["passed"]]
+
+
+def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_path, monkeypatch,
+                                                                    capsys):
+    base = ["--fp16", str(demo["fp16"]), "--quant", str(demo["gptq-4bit-128g"]), "--eval", EVAL,
+            "--seqlen", str(SEQ), "--max-windows", str(NWIN), "--prompt", PROMPTS[0]]
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "cli"),
+                           "--kl-mean", "4=0", "--tolerance", "4=0.5", "--kl-mean", "8=0.5",
+                           "--agreement", "4=0")  # one prompt: its greedy agreement is not judged
+    assert code == 3
+    report = read_report(tmp_path / "cli")
+    assert failed(report) == ["kl_divergence:gptq-4bit-128g "]  # KL of a quantised model is > 0
+    assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["kl_mean"] == 0
+    assert entry(report, "perplexity", "gptq-4bit-128g")["thresholds"]["tolerance"] == 0.5
+    assert entry(report, "generation", "gptq-4bit-128g")["thresholds"]["agreement"] == 0
+    assert entry(report, "module_integrity", "gptq-4bit-128g")["thresholds"]["module_error"] == \
+        th.KINDS["module_error"][2][4]  # untouched kinds keep their defaults
+    code, _, err = run_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
+                           "--top1", "4=1.5")
+    assert code == 2 and "top1 must be in [0, 1]" in err
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"""
+[model]
+name = "Demo"
+[source]
+path = "{demo['fp16']}"
+[calibration]
+source = "{CALIBRATION}"
+[[variants]]
+branch = "main"
+bits = 4
+group_size = 128
+[verify]
+eval = "{EVAL}"
+module_error = {{ "4" = 1.0 }}
+top1 = {{ "4" = 1.0 }}
+[publish]
+fp16_repo = "o/a"
+gptq_repo = "o/b"
+""")
+    vo = load_recipe(recipe, allow_dirs=[demo["fp16"].parent, Path(EVAL).parents[1]]).verify
+    assert vo.thresholds() == {"module_error": {4: 1.0}, "top1": {4: 1.0}}
+    report = demo_verify(demo, ["gptq-4bit-128g"], tmp_path / "recipe", thresholds=vo.thresholds())
+    assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["top1"] == 1.0
+    assert not checks(report)[("kl_divergence", "gptq-4bit-128g")]
+    mi = entry(report, "module_integrity", "gptq-4bit-128g")
+    assert mi["thresholds"] == {"module_error": 1.0}
+
+
+def test_a_bit_width_without_thresholds_is_refused(demo, tmp_path):
+    with pytest.raises(InputError, match=r"gptq-2bit--1g: no 2-bit threshold for tolerance, kl_mean"
+                                         r".*--tolerance 2=VALUE --kl-mean 2=VALUE"):
+        demo_verify(demo, ["gptq-2bit--1g"], tmp_path / "v")
+
+
+def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):
     q = tmp_path / "gptq-other-tokenizer"
-    shutil.copytree(quantized["gptq-4bit-32g"], q)
+    shutil.copytree(demo["gptq-4bit-32g"], q)
     for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
         shutil.copy(Path(converted["fp16"]) / f, q / f)
     with pytest.raises(InputError, match=r"gptq-other-tokenizer: tokenizer differs .*vocabulary"):
-        verify(fp16=quantized["fp16"], quants=[q], eval_text=quantized["eval"],
-               out=tmp_path / "v", seqlen=128, max_windows=2)
+        demo_verify(demo, [], tmp_path / "v", quants=[q], max_windows=2)
     (q / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"gptq-other-tokenizer: no model.safetensors"):
-        verify(fp16=quantized["fp16"], quants=[q], eval_text=quantized["eval"],
-               out=tmp_path / "v", seqlen=128, max_windows=2)
+        demo_verify(demo, [], tmp_path / "v", quants=[q], max_windows=2)
 
 
-def test_variant_perplexity_in_gptq_runtime(quantized, tmp_path):
+def test_variant_perplexity_in_gptq_runtime(demo, tmp_path):
     """Interop: a GPTQ runtime (GPTQModel, or optimum) loads the variant through transformers
     and measures the same perplexity. Needs one of them installed; otherwise skipped."""
     if not any(importlib.util.find_spec(m) for m in ("gptqmodel", "optimum")):
         pytest.skip("GPTQ runtime interop not checked: neither gptqmodel nor optimum is installed")
     from test_metrics import reference_perplexity
 
-    report = verify(fp16=quantized["fp16"], quants=[quantized["gptq-4bit-32g"]],
-                    eval_text=quantized["eval"], out=tmp_path / "v", seqlen=128, max_windows=8)
-    texts = [Path(p).read_text() for p in sorted(glob.glob(quantized["eval"]))]
-    theirs = reference_perplexity(quantized["gptq-4bit-32g"], texts, 128, max_windows=8)
+    report = demo_verify(demo, ["gptq-4bit-32g"], tmp_path / "v", max_windows=8)
+    texts = [Path(p).read_text() for p in sorted(glob.glob(EVAL))]
+    theirs = reference_perplexity(demo["gptq-4bit-32g"], texts, SEQ, max_windows=8)
     assert theirs == pytest.approx(report["perplexity"]["gptq-4bit-32g"], rel=1e-2)

@@ -1,6 +1,7 @@
 """Layer-by-layer forward passes over a Hugging Face directory, fp16 or GPTQ: each decoder layer is
 loaded once (GPTQ linears dequantised from their packed tensors) and applied to every batch, so a
-model larger than the device is still run in full."""
+model larger than the device is still run in full. The head gives NLL, and KL against another
+model's head, a few rows at a time."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pipeline.errors import InputError
 from pipeline.gptq_format import SUFFIXES, dequantize
 from verify.checkpoint import HFCheckpoint
 from verify.llama import LINEAR_GROUPS, DecoderLayer, load_layer, rms_norm, rotary
+from verify.metrics import kl_top1
 
 LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
 HEAD_ELEMENTS = 2**26  # logits computed at once at the head: rows × vocab (256 MiB in float32)
@@ -67,18 +69,10 @@ class LayerwiseModel:
             return self._layers[i]
         state = self.ckpt.layer_state(i)
         weights = {}
-        for name in LINEARS:
-            if f"{name}.qweight" in state:
-                prefix = f"{self.ckpt.path}: model.layers.{i}.{name}"
-                if self.bits is None:
-                    raise InputError(f"{prefix}: packed GPTQ tensors but config.json has no "
-                                     "quantization_config")
-                missing = [p for p in SUFFIXES if f"{name}.{p}" not in state]
-                if missing:
-                    raise InputError(f"{prefix}.{missing[0]}: missing (a GPTQ linear needs "
-                                     f"{', '.join(SUFFIXES)})")
-                parts = [state.pop(f"{name}.{p}").to(self.device) for p in SUFFIXES]
-                weights[f"{name}.weight"] = dequantize(*parts, self.bits, prefix).to(self.dtype)
+        prefix = f"{self.ckpt.path}: model.layers.{i}"
+        for name, parts in packed_linears(state, self.bits, self.device, prefix).items():
+            W = dequantize(*parts.values(), self.bits, f"{prefix}.{name}")
+            weights[f"{name}.weight"] = W.to(self.dtype)
         weights.update({k: v.to(self.device, self.dtype) for k, v in state.items()})
         if self.weight_fn is not None:
             for name in LINEARS:
@@ -162,6 +156,23 @@ class LayerwiseModel:
         return out
 
     @torch.inference_mode()
+    def divergence(self, h: torch.Tensor, ref: LayerwiseModel, ref_h: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(ref || self) and same-top-token flags, [B, T - 1] on the CPU, at the positions nll
+        scores: from this model's hidden states h and ref's ref_h [B, T, D] (which may be kept
+        on the CPU), both heads applied a few rows at a time."""
+        B, T, _ = h.shape
+        rows = max(1, HEAD_ELEMENTS // self.head[1].shape[0])
+        kl = torch.zeros(B, T - 1)
+        same = torch.zeros(B, T - 1, dtype=torch.bool)
+        for b in range(B):
+            for s in range(0, T - 1, rows):
+                e = min(s + rows, T - 1)
+                k, t = kl_top1(ref.project(ref_h[b, s:e].to(ref.device)), self.project(h[b, s:e]))
+                kl[b, s:e], same[b, s:e] = k.cpu(), t.cpu()
+        return kl, same
+
+    @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int,
                eos_id: int | None = None) -> list[list[int]]:
         """Greedy continuations of each prompt, recomputing the full sequence each step (right
@@ -183,6 +194,25 @@ class LayerwiseModel:
             if all(done):
                 break
         return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def packed_linears(state: dict[str, torch.Tensor], bits: int | None, device: torch.device,
+                   prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The GPTQ tensors (qweight, qzeros, scales, g_idx) of each quantised linear of one decoder
+    layer's state, popped from it and moved to device; prefix names the layer in errors."""
+    linears = {}
+    for name in LINEARS:
+        if f"{name}.qweight" not in state:
+            continue
+        if bits is None:
+            raise InputError(f"{prefix}.{name}: packed GPTQ tensors but config.json has no "
+                             "quantization_config")
+        missing = [p for p in SUFFIXES if f"{name}.{p}" not in state]
+        if missing:
+            raise InputError(f"{prefix}.{name}.{missing[0]}: missing (a GPTQ linear needs "
+                             f"{', '.join(SUFFIXES)})")
+        linears[name] = {p: state.pop(f"{name}.{p}").to(device) for p in SUFFIXES}
+    return linears
 
 
 def gptq_bits(ckpt: HFCheckpoint) -> int | None:

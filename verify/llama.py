@@ -35,25 +35,109 @@ class LlamaArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
         """Read a config.json dict as transformers 4.x (top-level rope_theta/rope_scaling) or
-        5.x (rope_parameters) writes it."""
+        5.x (rope_parameters) writes it; ValueError names the key of any value this layer cannot
+        run exactly as transformers' LlamaForCausalLM would."""
         rope = cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters = {rope!r}: must be an object")
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling")
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if cfg.get(key) not in (None, want):
+                raise ValueError(f"{key} = {cfg[key]!r}: only {want!r} is supported (Llama)")
+        dim, n_heads = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
+        n_kv_heads = config_int(cfg, "num_key_value_heads", n_heads, nullable=True)
+        check_heads(dim, n_heads, n_kv_heads,
+                    ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+        if config_int(cfg, "head_dim", dim // n_heads, nullable=True) != dim // n_heads:
+            raise ValueError(f"head_dim = {cfg['head_dim']!r}: must be hidden_size / "
+                             f"num_attention_heads = {dim // n_heads}")
+        tied = cfg.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ValueError(f"tie_word_embeddings = {tied!r}: must be true or false")
         return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            ffn_dim=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dim=dim,
+            n_layers=config_int(cfg, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=config_int(cfg, "intermediate_size"),
+            vocab_size=config_int(cfg, "vocab_size"),
+            norm_eps=config_float(cfg, "rms_norm_eps", 1e-6, below=1.0),
+            rope_theta=config_float({"rope_theta": theta}, "rope_theta", above=1.0),
+            rope_scaling=check_rope_scaling(scaling),
+            max_seq_len=config_int(cfg, "max_position_embeddings", 4096),
+            tie_word_embeddings=tied,
         )
+
+
+_REQUIRED = object()
+
+
+def _absent(cfg: dict[str, Any], key: str, default: Any, nullable: bool) -> bool:
+    """Whether cfg lacks key (or, when nullable, holds null there) and default stands in."""
+    if key in cfg and (cfg[key] is not None or not nullable):
+        if cfg[key] is None:
+            raise ValueError(f"{key} = null: must be a value")
+        return False
+    if default is _REQUIRED:
+        raise ValueError(f"{key}: missing")
+    return True
+
+
+def config_int(cfg: dict[str, Any], key: str, default: Any = _REQUIRED, *,
+               nullable: bool = False) -> int:
+    """cfg[key] as a positive integer (JSON 4, not 4.0, "4" or true); absent (or null, when
+    nullable): default."""
+    if _absent(cfg, key, default, nullable):
+        return default
+    value = cfg[key]
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{key} = {value!r}: must be a positive integer")
+    return value
+
+
+def config_float(cfg: dict[str, Any], key: str, default: Any = _REQUIRED, *, above: float = 0.0,
+                 below: float = math.inf, nullable: bool = False) -> float:
+    """cfg[key] as a finite number in (above, below); absent (or null, when nullable): default."""
+    if _absent(cfg, key, default, nullable):
+        return default
+    value = cfg[key]
+    if type(value) not in (int, float) or not (above < value < below) or not math.isfinite(value):
+        bounds = f"> {above:g}" + (f" and < {below:g}" if math.isfinite(below) else "")
+        raise ValueError(f"{key} = {value!r}: must be a finite number {bounds}")
+    return float(value)
+
+
+def check_heads(dim: int, n_heads: int, n_kv_heads: int, keys: tuple[str, str, str]) -> None:
+    """Heads split dim evenly into even-sized heads (rotary pairs), kv heads group the heads."""
+    d, h, kv = keys
+    if dim % n_heads:
+        raise ValueError(f"{d} = {dim} is not divisible by {h} = {n_heads}")
+    if (dim // n_heads) % 2:
+        raise ValueError(f"{d} / {h} = {dim // n_heads}: the head size must be even (RoPE pairs)")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{h} = {n_heads} is not a multiple of {kv} = {n_kv_heads}")
+
+
+def check_rope_scaling(s: Any) -> dict[str, Any] | None:
+    """None, or Llama 3.1's "llama3" scaling with usable factors (what inv_freq implements)."""
+    if s is None:
+        return None
+    kind = s.get("rope_type", s.get("type")) if isinstance(s, dict) else None
+    if kind in (None, "default") and isinstance(s, dict):
+        return s
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling = {s!r}: only rope_type \"llama3\" is supported")
+    try:
+        config_float(s, "factor", above=0.0)
+        low = config_float(s, "low_freq_factor", above=0.0)
+        config_float(s, "high_freq_factor", above=low)
+        config_int(s, "original_max_position_embeddings")
+    except ValueError as e:
+        raise ValueError(f"rope_scaling.{e}") from None
+    return s
 
 
 def inv_freq(args: LlamaArgs) -> torch.Tensor:
@@ -164,6 +248,16 @@ LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
+
+
+def linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of a decoder layer."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim),
+            "self_attn.v_proj": (kv, args.dim), "self_attn.o_proj": (args.dim, q),
+            "mlp.gate_proj": (args.ffn_dim, args.dim), "mlp.up_proj": (args.ffn_dim, args.dim),
+            "mlp.down_proj": (args.dim, args.ffn_dim)}
 
 
 def load_layer(args: LlamaArgs, state: dict[str, torch.Tensor]) -> DecoderLayer:

@@ -1,17 +1,13 @@
 """The numbers verify judges by: perplexity under the standard protocol (GPTQ paper), logits
-parity between two forwards, and degenerate-generation detection."""
+parity between two forwards, KL divergence and top-1 agreement against a reference (as llama.cpp's
+`perplexity --kl-divergence` reports them), greedy-sample agreement and degenerate-generation
+detection. The thresholds they are judged against live in verify/thresholds.py."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.errors import InputError
-
-# Conversion parity thresholds by compute dtype: float32 on the CPU, fp16 on CUDA.
-PARITY_THRESHOLDS = {
-    torch.float32: {"max_rel_err": 1e-4, "top1_agreement": 0.999},
-    torch.float16: {"max_rel_err": 2e-2, "top1_agreement": 0.98},
-}
 
 
 def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -49,6 +45,32 @@ def logits_parity(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def parity_passed(metrics: dict[str, float], thresholds: dict[str, float]) -> bool:
     return (metrics["max_rel_err"] <= thresholds["max_rel_err"]
             and metrics["top1_agreement"] >= thresholds["top1_agreement"])
+
+
+def kl_top1(ref: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of logits [..., V]: KL(P_ref || P) in nats (float32) and whether both put the
+    same token on top (bool)."""
+    lp = torch.log_softmax(ref.float(), -1)
+    lq = torch.log_softmax(logits.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1), ref.argmax(-1) == logits.argmax(-1)
+
+
+def kl_summary(kl: torch.Tensor, top1: torch.Tensor) -> dict[str, float]:
+    """kl_mean, kl_p99 (99th percentile, linear interpolation as numpy's default) and top1 (the
+    fraction of same top tokens) over every position of per-position values."""
+    x = kl.double().flatten().sort().values
+    pos = 0.99 * (x.numel() - 1)
+    i = int(pos)
+    p99 = x[i] + (x[min(i + 1, x.numel() - 1)] - x[i]) * (pos - i)
+    return {"kl_mean": float(x.mean()), "kl_p99": float(p99),
+            "top1": float(top1.double().mean())}
+
+
+def agreement(ref: list[int], tokens: list[int]) -> tuple[int, int]:
+    """(number of tokens equal to ref's before the first difference, length compared: the longer
+    of the two continuations)."""
+    n = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), min(len(ref), len(tokens)))
+    return n, max(len(ref), len(tokens))
 
 
 def degenerate(tokens: list[int], text: str) -> str | None:

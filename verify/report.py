@@ -1,10 +1,16 @@
 """verify.json (schema 1) and its readable table, plus the sha256 of every artifact file, so that
-publish can refuse an artifact changed since it was verified."""
+publish can refuse an artifact changed since it was verified.
+
+Publish trusts nothing a report says about itself: it re-reads the report strictly (shape and
+types), recomputes the verdict from the checks against REQUIRED_CHECKS, re-hashes every file, and
+matches the inputs verify recorded (a fingerprint of the fp16 files, the Meta files' sizes and md5)
+against the artifacts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,10 +23,22 @@ SCHEMA = 1
 REPORT_NAME = "verify.json"
 TABLE_NAME = "verify.txt"
 CHUNK = 1 << 24
+# the checks an artifact of each kind must have passed to be published
+REQUIRED_CHECKS = {
+    "fp16": ("conversion_parity", "perplexity", "generation"),
+    "gptq": ("perplexity", "kl_divergence", "module_integrity", "generation"),
+    "gguf": ("gguf_metadata", "perplexity", "kl_divergence"),  # scored in llama.cpp
+}
+GGUF_F16_CHECKS = ("gguf_parity",)  # also required of an F16 GGUF: its logits equal fp16's
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             h.update(block)
@@ -28,8 +46,11 @@ def sha256_file(path: Path) -> str:
 
 
 def artifact_files(root: Path, progress: bool = False) -> dict[str, str]:
-    """sha256 of every file under root, keyed by its POSIX path relative to root."""
+    """sha256 of every file under root, keyed by its POSIX path relative to root (a file
+    artifact, a GGUF: by its name)."""
     root = Path(root)
+    if root.is_file():
+        return {root.name: sha256_file(root)}
     files = sorted(p for p in root.rglob("*") if p.is_file())
     bar = tqdm(files, desc=f"sha256 {root.name}", unit="file", file=sys.stderr,
                disable=not progress, leave=False)
@@ -61,15 +82,141 @@ def read_report(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: verify report missing (run the verify stage first)")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (a binary file?), so not a verify report; "
+                         "run verify again") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from e
+        raise InputError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise InputError(f"{path}: not a schema-{SCHEMA} verify report")
-    for key in ("passed", "artifacts", "checks"):
+    for key in ("passed", "artifacts", "checks", "perplexity", "eval"):
         if key not in report:
             raise InputError(f"{path}: verify report has no {key!r}")
+    problems = shape_problems(report)
+    if problems:
+        raise InputError(f"{path}: malformed verify report ({'; '.join(problems[:5])}); "
+                         "run verify again")
     return report
+
+
+def shape_problems(report: dict[str, Any]) -> list[str]:
+    """What in a report does not have the schema's types (what publish and the cards read)."""
+    problems = []
+    if not isinstance(report["passed"], bool):
+        problems.append("passed must be true or false")
+    artifacts, checks, ppl = report["artifacts"], report["checks"], report["perplexity"]
+    if not isinstance(artifacts, dict):
+        return [*problems, "artifacts must be an object"]
+    for name, a in artifacts.items():
+        if not (isinstance(a, dict) and isinstance(a.get("path"), str)
+                and a.get("kind") in REQUIRED_CHECKS and isinstance(a.get("files"), dict)):
+            problems.append(f"artifacts.{name} needs path, kind ({'/'.join(REQUIRED_CHECKS)}) and files")
+            continue
+        for rel, sha in a["files"].items():
+            parts = rel.split("/")
+            if rel.startswith("/") or ".." in parts or "" in parts or "\0" in rel:
+                problems.append(f"artifacts.{name}.files: {rel!r} is not a relative path")
+            elif not (isinstance(sha, str) and SHA256.match(sha)):
+                problems.append(f"artifacts.{name}.files.{rel}: not a sha256")
+    if not isinstance(checks, list):
+        return [*problems, "checks must be a list"]
+    for i, c in enumerate(checks):
+        if not (isinstance(c, dict) and isinstance(c.get("check"), str)
+                and isinstance(c.get("artifact"), str) and isinstance(c.get("passed"), bool)):
+            problems.append(f"checks[{i}] needs check, artifact (strings) and passed (true/false)")
+    if not (isinstance(ppl, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in ppl.values())):
+        problems.append("perplexity must map names to numbers")
+    if not isinstance(report["eval"], dict):
+        problems.append("eval must be an object")
+    return problems
+
+
+def verdict_problems(report: dict[str, Any], names: list[str]) -> list[str]:
+    """Why the report does not prove the artifacts `names` publishable, recomputed from its checks
+    (never from its `passed`): each must be present with every REQUIRED_CHECKS entry of its kind,
+    and every check must have passed."""
+    checks = report["checks"]
+    problems = [] if checks else ["its check list is empty"]
+    failed = [f"{c['check']} on {c['artifact']}" for c in checks if not c["passed"]]
+    if failed:
+        problems.append(f"check(s) failed: {', '.join(failed)}"
+                        + (" although it says passed" if report["passed"] else ""))
+    for name in names:
+        entry = report["artifacts"].get(name)
+        if entry is None:
+            problems.append(f"artifact {name!r} is missing")
+            continue
+        done = {c["check"] for c in checks if c["artifact"] == name}
+        required = REQUIRED_CHECKS[entry["kind"]]
+        if entry["kind"] == "gguf" and entry.get("type") == "F16":
+            required += GGUF_F16_CHECKS
+        missing = [c for c in required if c not in done]
+        if missing:
+            problems.append(f"{name!r} lacks the required check(s) {', '.join(missing)}")
+    return problems
+
+
+def check_verdict(report: dict[str, Any], names: list[str], path: Path) -> None:
+    """CheckFailed (naming the report) unless its own checks prove every artifact in `names`."""
+    problems = verdict_problems(report, names)
+    if problems:
+        raise CheckFailed(f"{path}: does not prove the artifacts publishable ({'; '.join(problems)});"
+                          " nothing is published: run verify again on these artifacts")
+
+
+def files_fingerprint(files: dict[str, str]) -> str:
+    """One sha256 for an artifact's file hashes (stable: sorted by path)."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def source_identity(meta: Path | None) -> dict[str, Any] | None:
+    """The Meta checkpoint verify compared against: every top-level file's size and md5 (the
+    hashes checklist.chk and conversion.json use)."""
+    if meta is None:
+        return None
+    meta = Path(meta).resolve()
+    files = sorted(p for p in meta.iterdir() if p.is_file())
+    bar = tqdm(files, desc=f"md5 {meta.name}", unit="file", file=sys.stderr, leave=False)
+    return {"path": str(meta), "files": {p.name: {"bytes": p.stat().st_size,
+                                                  "md5": file_digest(p, "md5")} for p in bar}}
+
+
+def run_inputs(artifacts: dict[str, Any], meta: Path | None, eval_sha256: str) -> dict[str, Any]:
+    """What verify ran on, by hash: the fp16 files' fingerprint, the Meta source, the eval text."""
+    return {"fp16": files_fingerprint(artifacts["fp16"]["files"]), "meta": source_identity(meta),
+            "eval_sha256": eval_sha256}
+
+
+def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any]) -> None:
+    """CheckFailed unless the report's recorded inputs belong to its fp16 artifact: the fp16
+    fingerprint matches its file hashes, and the Meta files verify hashed are those the fp16 was
+    converted from (`conversion`: fp16's conversion.json, itself one of the verified files)."""
+    inputs = report.get("inputs")
+    if not isinstance(inputs, dict):
+        raise CheckFailed(f"{path}: records no inputs (made by an older verify, or edited); "
+                          "run verify again")
+    if inputs.get("fp16") != files_fingerprint(report["artifacts"]["fp16"]["files"]):
+        raise CheckFailed(f"{path}: inputs.fp16 does not match the report's own fp16 file hashes "
+                          "(edited?); run verify again")
+    meta = inputs.get("meta")
+    verified = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(verified, dict):
+        raise CheckFailed(f"{path}: verify ran without the Meta checkpoint (inputs.meta); "
+                          "publishing the fp16 model needs conversion parity against it")
+    try:
+        converted = conversion["source"]["files"]
+        pairs = [(name, f["bytes"], f["md5"], verified.get(name)) for name, f in converted.items()]
+    except (KeyError, TypeError, AttributeError):
+        raise CheckFailed(f"{path}: the fp16 artifact's conversion.json lists no source files; "
+                          "convert and verify again") from None
+    wrong = [name for name, size, md5, v in pairs
+             if not isinstance(v, dict) or v.get("bytes") != size or (md5 and v.get("md5") != md5)]
+    if wrong or not pairs:
+        raise CheckFailed(f"{path}: verify compared against a Meta checkpoint other than the one "
+                          f"the fp16 model was converted from (differs: {', '.join(wrong) or 'no files'}); "
+                          "run verify again with the right --meta")
 
 
 def check_integrity(report: dict[str, Any] | Path | str, artifact_name: str) -> None:
@@ -81,8 +228,8 @@ def check_integrity(report: dict[str, Any] | Path | str, artifact_name: str) -> 
         raise CheckFailed(f"artifact {artifact_name!r} is not in the verify report "
                           f"(verified: {', '.join(report['artifacts'])})")
     root = Path(entry["path"])
-    if not root.is_dir():
-        raise CheckFailed(f"{root}: artifact {artifact_name!r} directory is missing")
+    if not (root.is_file() if entry.get("kind") == "gguf" else root.is_dir()):
+        raise CheckFailed(f"{root}: artifact {artifact_name!r} is missing")
     now = artifact_files(root)
     recorded = entry["files"]
     problems = [f"{f}: changed" for f in sorted(recorded) if f in now and now[f] != recorded[f]]
@@ -103,18 +250,28 @@ def _pairs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in d.items())
 
 
+def check_metrics(report: dict[str, Any], check: str) -> dict[str, dict[str, Any]]:
+    """artifact -> metrics of every `check` entry of a report (e.g. kl_divergence per variant)."""
+    return {c["artifact"]: c.get("metrics", {}) for c in report["checks"] if c["check"] == check}
+
+
+def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def render(report: dict[str, Any]) -> str:
-    """The report as a plain-text table: checks, perplexities, generation samples."""
+    """The report as plain text: the checks, perplexities, KL and top-1 against fp16, the worst
+    module of each variant, and the generation samples of every artifact side by side."""
     rows = [("check", "artifact", "result", "metrics", "thresholds")]
     for c in report["checks"]:
         metrics = _pairs(c.get("metrics", {})) + (f" ({c['reason']})" if c.get("reason") else "")
         rows.append((c["check"], c["artifact"], "PASS" if c["passed"] else "FAIL", metrics,
                      _pairs(c.get("thresholds", {}))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"verify: {'PASSED' if report['passed'] else 'FAILED'}  "
              f"(device {report['device']}, {report['dtype']}, "
              f"{report['tokens_per_second']:.1f} tokens/s)", ""]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _columns(rows)
     ev = report["eval"]
     lines += ["", f"perplexity ({ev['source']}: {len(ev['files'])} files, {ev['windows']} windows "
                   f"× {ev['seqlen']} tokens)"]
@@ -122,11 +279,35 @@ def render(report: dict[str, Any]) -> str:
     for name, ppl in report["perplexity"].items():
         delta = f"  ({(ppl / base - 1) * 100:+.2f}% vs fp16)" if base and name != "fp16" else ""
         lines.append(f"  {name:<40} {ppl:10.4f}{delta}")
-    for c in report["checks"]:
-        if c["check"] != "generation":
-            continue
-        lines += ["", f"generation samples: {c['artifact']}"]
-        for s in c["samples"]:
-            flag = f"  [degenerate: {s['degenerate']}]" if s.get("degenerate") else ""
-            lines.append(f"  {s['prompt']!r} -> {s['text']!r}{flag}")
+    kl = check_metrics(report, "kl_divergence")
+    if kl:
+        lines += ["", "KL divergence and top-1 agreement against fp16 (every evaluation position)"]
+        lines += _columns([("artifact", "KL mean", "KL p99", "same top token")]
+                          + [(n, f"{m['kl_mean']:.5f}", f"{m['kl_p99']:.4f}", f"{m['top1']:.2%}")
+                             for n, m in kl.items()], "  ")
+    modules = {c["artifact"]: c for c in report["checks"] if c["check"] == "module_integrity"}
+    if modules:
+        lines += ["", "module integrity: ||W - W_q|| / ||W|| of the worst module (highest ratio to "
+                      "round-to-nearest's on the same grid)"]
+        rows = [("artifact", "worst module", "error", "RTN error", "ratio", "allowed ratio")]
+        for n, c in modules.items():
+            m = c["metrics"]
+            rows.append((n, str(m.get("worst_module", "-")), _fmt(m.get("error", "-")),
+                         _fmt(m.get("rtn_error", "-")), _fmt(m.get("ratio", "-")),
+                         _fmt(c["thresholds"]["module_error"])))
+        lines += _columns(rows, "  ")
+    gen = {c["artifact"]: c for c in report["checks"] if c["check"] == "generation"}
+    if gen:
+        lines += ["", "generation: greedy samples beside fp16's (agree: tokens equal to fp16's "
+                      "before the first difference)"]
+        prompts = [s["prompt"] for s in next(iter(gen.values()))["samples"]]
+        for i, prompt in enumerate(prompts):
+            lines.append(f"  {prompt!r}")
+            rows = []
+            for n, c in gen.items():
+                s = c["samples"][i]
+                agree = f"agree {s['agree']}/{s['compared']}" if "agree" in s else "reference"
+                flag = f"[degenerate: {s['degenerate']}]" if s.get("degenerate") else ""
+                rows.append((n, agree, repr(s["text"]), flag))
+            lines += _columns(rows, "    ")
     return "\n".join(lines) + "\n"

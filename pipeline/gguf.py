@@ -1,0 +1,403 @@
+"""The gguf stage: the verified fp16 directory to one GGUF file for llama.cpp (and Ollama, LM
+Studio), of one of the types TheBloke published. Conversion uses the `gguf` package (llama.cpp's
+own writer and tensor names), streamed tensor by tensor; quantised types are made from that F16
+file by llama.cpp's own quantiser (`llama_model_quantize` through llama-cpp-python).
+
+What llama.cpp reads differently from Hugging Face: q/k rows in Meta's interleaved RoPE layout
+(our fp16 holds HF's rotate-half layout, so the convert stage's permutation is undone here),
+norms in F32, Llama 3.1's scaled RoPE as a `rope_freqs` tensor of per-frequency divisors, and the
+tokenizer as token lists (SentencePiece: pieces, scores, types; Llama 3: byte-level BPE tokens and
+merges, pre-tokenizer "llama-bpe").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.errors import InputError, PipelineError
+from pipeline.output import staged_file
+from pipeline.tokenizer import INFILL, tokenizer_kind
+from verify.checkpoint import HFCheckpoint, read_json
+from verify.llama import LlamaArgs, inv_freq
+
+MAGIC = b"GGUF"
+ARCH = gguf.MODEL_ARCH.LLAMA
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One file type: llama.cpp's file type, its nominal bits per weight and what it is for."""
+
+    name: str
+    ftype: gguf.LlamaFileType
+    bits: int
+    use_case: str
+
+
+# TheBloke's set, with the use cases his cards gave (the quality loss measured on Llama models).
+TYPES = {t.name: t for t in (
+    GGUFType("F16", gguf.LlamaFileType.MOSTLY_F16, 16,
+             "unquantised fp16, as converted: the reference the others are measured against"),
+    GGUFType("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, 8,
+             "very large, extremely low quality loss - not recommended"),
+    GGUFType("Q6_K", gguf.LlamaFileType.MOSTLY_Q6_K, 6, "very large, extremely low quality loss"),
+    GGUFType("Q5_K_M", gguf.LlamaFileType.MOSTLY_Q5_K_M, 5,
+             "large, very low quality loss - recommended"),
+    GGUFType("Q4_K_M", gguf.LlamaFileType.MOSTLY_Q4_K_M, 4,
+             "medium, balanced quality - recommended"),
+    GGUFType("Q3_K_M", gguf.LlamaFileType.MOSTLY_Q3_K_M, 3, "very small, high quality loss"),
+    GGUFType("Q2_K", gguf.LlamaFileType.MOSTLY_Q2_K, 2,
+             "smallest, significant quality loss - not recommended for most purposes"),
+)}
+TYPE_OF_FTYPE = {int(t.ftype): t.name for t in TYPES.values()}
+QUANT_LOG_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")  # llama.cpp's quantiser: "[  3/ 39] name ..."
+
+
+def file_name(model: str, type_name: str) -> str:
+    """TheBloke's naming: `codellama-34b-instruct.Q4_K_M.gguf`."""
+    return f"{model.lower()}.{type_name}.gguf"
+
+
+def check_type(type_name: str) -> GGUFType:
+    if type_name not in TYPES:
+        raise InputError(f"--type {type_name!r}: choose one of {', '.join(TYPES)}")
+    return TYPES[type_name]
+
+
+def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of q/k per head from HF's halves (x0,x2..|x1,x3..) back to Meta's interleaved pairs
+    (x0,x1),(x2,x3)..: the inverse of pipeline.meta.permute_rotary, the layout llama.cpp rotates."""
+    d1, d2 = w.shape
+    half = d1 // n_heads // 2
+    return w.view(n_heads, 2, half, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def rope_factors(args: LlamaArgs) -> np.ndarray | None:
+    """Llama 3.1's scaled RoPE as llama.cpp's `rope_freqs` tensor: per frequency, the divisor
+    applied to θ^(-2i/d) (1 for the high frequencies, the factor for the low ones); None without
+    scaling."""
+    if not args.rope_scaling or args.rope_scaling.get("rope_type", "default") == "default":
+        return None
+    plain = inv_freq(dataclasses.replace(args, rope_scaling=None)).double()
+    return (plain / inv_freq(args).double()).float().numpy()
+
+
+# ---------------------------------------------------------------- tokenizer metadata
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The tokenizer as llama.cpp reads it."""
+
+    model: str  # "llama" (SentencePiece) | "gpt2" (byte-level BPE)
+    pre: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None
+    merges: list[str] | None
+    infill: dict[str, int] | None  # Code Llama's infilling pieces by role
+
+
+def sentencepiece_vocab(path: Path, added: dict[str, Any]) -> Vocab:
+    """Pieces, scores and types from tokenizer.model (as llama.cpp's converter reads them);
+    tokenizer_config's special added tokens and Code Llama's infilling pieces, normal pieces to
+    SentencePiece, are CONTROL (<unk> stays UNKNOWN, bytes BYTE)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
+                     gguf.TokenType.CONTROL if sp.is_control(i) else
+                     gguf.TokenType.UNUSED if sp.is_unused(i) else
+                     gguf.TokenType.BYTE if sp.is_byte(i) else gguf.TokenType.NORMAL)
+    index = {t: i for i, t in enumerate(tokens)}
+    infill = {role: index[piece] for role, piece in INFILL.items() if piece in index}
+    infill = infill if len(infill) == len(INFILL) else None
+    special = {int(i) for i, t in added.items() if t.get("special")} | set((infill or {}).values())
+    for i in special:
+        if i < len(types) and types[i] == gguf.TokenType.NORMAL:
+            types[i] = gguf.TokenType.CONTROL
+    return Vocab("llama", "default", tokens, [int(t) for t in types], scores, None, infill)
+
+
+def bpe_vocab(tokenizer_json: Path, vocab_size: int) -> Vocab:
+    """Llama 3's byte-level BPE from the converted tokenizer.json: every id's token (special
+    added tokens CONTROL) and the merges, with llama.cpp's "llama-bpe" pre-tokenizer."""
+    data = read_json(tokenizer_json)
+    try:
+        model = data["model"]
+        ids = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
+        special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{tokenizer_json}: not a BPE tokenizer.json ({e!r} missing)") from None
+    by_id = {i: t for t, i in ids.items()}
+    missing = [i for i in range(vocab_size) if i not in by_id]
+    if missing:
+        raise InputError(f"{tokenizer_json}: no token for id(s) {missing[:5]} of {vocab_size}")
+    types = [int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+             for i in range(vocab_size)]
+    return Vocab("gpt2", "llama-bpe", [by_id[i] for i in range(vocab_size)], types, None, merges,
+                 None)
+
+
+def read_vocab(fp16: Path, vocab_size: int) -> Vocab:
+    """The fp16 directory's tokenizer (tokenizer.model decides the kind), vocab_size ids."""
+    model = fp16 / "tokenizer.model"
+    if not model.is_file():
+        raise InputError(f"{model}: missing (the convert stage copies it into every fp16 output)")
+    if tokenizer_kind(model) == "sentencepiece":
+        config = read_json(fp16 / "tokenizer_config.json") \
+            if (fp16 / "tokenizer_config.json").is_file() else {}
+        vocab = sentencepiece_vocab(model, config.get("added_tokens_decoder", {}))
+    else:
+        vocab = bpe_vocab(fp16 / "tokenizer.json", vocab_size)
+    if len(vocab.tokens) != vocab_size:
+        raise InputError(f"{model}: {len(vocab.tokens)} tokens, but the embedding has "
+                         f"{vocab_size} rows (config.json vocab_size)")
+    return vocab
+
+
+def chat_template(fp16: Path) -> str | None:
+    """The chat template the fp16 tokenizer carries (chat_template.jinja, else tokenizer_config)."""
+    jinja = fp16 / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = fp16 / "tokenizer_config.json"
+    return read_json(config).get("chat_template") if config.is_file() else None
+
+
+def metadata(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, vocab: Vocab, name: str) -> None:
+    """Every key llama.cpp's Llama loader reads, from config.json and the tokenizer."""
+    a, cfg = ckpt.args, ckpt.config
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(TYPES["F16"].ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(a.max_seq_len)
+    writer.add_embedding_length(a.dim)
+    writer.add_block_count(a.n_layers)
+    writer.add_feed_forward_length(a.ffn_dim)
+    writer.add_head_count(a.n_heads)
+    writer.add_head_count_kv(a.n_kv_heads)
+    writer.add_layer_norm_rms_eps(a.norm_eps)
+    writer.add_rope_freq_base(a.rope_theta)
+    writer.add_rope_dimension_count(a.head_dim)
+    writer.add_vocab_size(a.vocab_size)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    for key, add in (("bos_token_id", writer.add_bos_token_id),
+                     ("eos_token_id", writer.add_eos_token_id),
+                     ("pad_token_id", writer.add_pad_token_id)):
+        if isinstance(cfg.get(key), int):
+            add(cfg[key])
+    if vocab.model == "llama":
+        writer.add_unk_token_id(0)
+    if vocab.infill is not None:
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, vocab.infill["prefix"])
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, vocab.infill["suffix"])
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, vocab.infill["middle"])
+        writer.add_eot_token_id(vocab.infill["eot"])
+    config = ckpt.path / "tokenizer_config.json"
+    tok_config = read_json(config) if config.is_file() else {}
+    writer.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
+    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    template = chat_template(ckpt.path)
+    if template:
+        writer.add_chat_template(template)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+LAYER = re.compile(r"model\.layers\.\d+\.(.+)")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One GGUF tensor: its name, the HF tensor it comes from and how it is stored."""
+
+    name: str
+    source: str | None  # HF tensor name; None for rope_freqs
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    heads: int = 0  # q/k: heads to re-interleave
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+def plan_tensors(ckpt: HFCheckpoint) -> list[Planned]:
+    """The GGUF tensors in the fp16 file order: 2-D weights F16, norms F32 (as llama.cpp's
+    converter writes them), rope_freqs F32 for scaled RoPE; a tied output is left out (llama.cpp
+    then reuses token_embd)."""
+    a = ckpt.args
+    names = gguf.get_tensor_name_map(ARCH, a.n_layers)
+    heads = {"self_attn.q_proj.weight": a.n_heads, "self_attn.k_proj.weight": a.n_kv_heads}
+    plan = []
+    if rope_factors(a) is not None:
+        plan.append(Planned(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", None,
+                            np.dtype(np.float32), (a.head_dim // 2,)))
+    for name, _, shape in ckpt.expected():
+        target = names.get_name(name, try_suffixes=(".weight",))
+        if target is None:
+            raise InputError(f"{ckpt.path}: tensor {name} has no GGUF name for a Llama model")
+        m = LAYER.fullmatch(name)
+        plan.append(Planned(target, name, np.dtype(np.float32 if len(shape) == 1 else np.float16),
+                            tuple(shape), heads.get(m.group(1), 0) if m else 0))
+    return plan
+
+
+def tensors(ckpt: HFCheckpoint, plan: list[Planned]) -> Iterator[np.ndarray]:
+    """Each planned tensor as GGUF stores it: q/k re-interleaved, cast; read one at a time and its
+    memory map dropped after it, so memory stays near one tensor whatever the model's size. A
+    cast that overflows (a bfloat16 source beyond fp16's range) is an InputError naming it."""
+    for t in plan:
+        if t.source is None:
+            yield rope_factors(ckpt.args)
+            continue
+        w = ckpt.tensor(t.source)
+        if t.heads:
+            w = interleave_rotary(w, t.heads)
+        out = w.to(torch.float16 if t.dtype == np.float16 else torch.float32)
+        if out.dtype != w.dtype and not all(map(math.isfinite, map(float, torch.aminmax(out)))):
+            raise InputError(f"{ckpt.path / ckpt.weight_map[t.source]}: tensor {t.source} holds "
+                             "NaN, Inf or values beyond fp16's range")
+        yield out.contiguous().numpy()
+        del w, out
+        ckpt.release()
+
+
+def write_f16(ckpt: HFCheckpoint, path: Path, name: str) -> dict[str, Any]:
+    """The F16 GGUF at `path`: header, metadata and tensor infos first, then each tensor read,
+    converted and written on its own."""
+    vocab = read_vocab(ckpt.path, ckpt.args.vocab_size)
+    plan = plan_tensors(ckpt)
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
+    metadata(writer, ckpt, vocab, name)
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes)
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="gguf F16",
+                  file=sys.stderr) as bar:
+            for t, data in zip(plan, tensors(ckpt, plan)):
+                writer.write_tensor_data(data)
+                bar.update(t.nbytes)
+    finally:
+        writer.close()
+    return {"tensors": len(plan), "tokenizer": vocab.model, "infill": vocab.infill}
+
+
+def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int | None) -> None:
+    """llama.cpp's quantiser from the F16 file `src` to `dst`; its per-tensor log drives the
+    progress bar, and its last lines explain a failure."""
+    from verify.llamacpp import bindings, llama_log
+
+    lib = bindings()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, f"LLAMA_FTYPE_{t.ftype.name}")
+    params.nthread = threads or os.cpu_count() or 1
+    lines: list[str] = []
+    with tqdm(unit="tensor", desc=f"gguf {t.name}", file=sys.stderr) as bar:
+        def on_log(text: str) -> None:
+            lines.append(text)
+            m = QUANT_LOG_LINE.search(text)
+            if m:
+                bar.total = int(m.group(2))
+                bar.update(int(m.group(1)) - bar.n)
+
+        with llama_log(on_log):
+            rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        tail = " ".join("".join(lines).split())[-400:]
+        raise PipelineError(f"{dst}: llama.cpp's quantiser failed for {t.name} (code {rc}): {tail}")
+
+
+def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | None = None,
+               force: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Convert the fp16 directory `fp16` to the GGUF file `out` of type `type_name` (quantised
+    types by llama.cpp from an F16 file made first, beside the output); returns the summary."""
+    t0 = time.perf_counter()
+    fp16, out = Path(fp16), Path(out)
+    t = check_type(type_name)
+    ckpt = HFCheckpoint(fp16)
+    if ckpt.quantization is not None:
+        raise InputError(f"{fp16}: a quantised (GPTQ) model; convert the fp16 model instead")
+    name = name or fp16.name
+    with staged_file(out, force, magic=MAGIC, inputs=[fp16]) as tmp:
+        try:
+            if t.name == "F16":
+                info = write_f16(ckpt, tmp, name)
+            else:
+                fd, f16 = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f16", dir=out.parent)
+                os.close(fd)
+                try:
+                    info = write_f16(ckpt, Path(f16), name)
+                    quantize_file(Path(f16), tmp, t, threads)
+                finally:
+                    Path(f16).unlink(missing_ok=True)
+        except OSError as e:
+            raise PipelineError(f"{out}: writing failed ({e.strerror or e}); the partial output "
+                                "was removed") from e
+        size = tmp.stat().st_size
+    a = ckpt.args
+    return {"tool": "llama-gptq-pipeline gguf", "tool_version": __version__, "type": t.name,
+            "source": str(fp16.resolve()), "output": str(out.resolve()), "bytes": size,
+            "parameters": sum(int(np.prod(s.shape)) for f in ckpt.headers.values()
+                              for s in f.values()),
+            "rope_theta": a.rope_theta, "context_length": a.max_seq_len, **info,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@click.command("gguf")
+@click.argument("fp16", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--type", "type_name", type=click.Choice(list(TYPES)), default="F16",
+              show_default=True, help="GGUF file type; quantised types by llama.cpp's quantiser.")
+@click.option("--name", default=None, help="general.name [default: the fp16 directory's name].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Quantiser threads [default: all cores].")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a GGUF file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def command(fp16: Path, out: Path, type_name: str, name: str | None, threads: int | None,
+            force: bool, as_json: bool) -> None:
+    """Convert the fp16 directory FP16 (the convert stage's output) to one GGUF file OUT for
+    llama.cpp, streamed tensor by tensor."""
+    s = write_gguf(fp16, out, type_name=type_name, name=name, force=force, threads=threads)
+    if as_json:
+        click.echo(json.dumps(s))
+    click.echo(f"wrote {out}: GGUF {s['type']}, {s['tensors']} tensors, "
+               f"{s['bytes'] / 1e9:.3f} GB, tokenizer {s['tokenizer']}, "
+               f"rope θ {s['rope_theta']:g}, context {s['context_length']}, {s['seconds']:.1f} s",
+               err=as_json)

@@ -1,0 +1,31 @@
+"""The shipped demo checkpoint (recipes/demo/) as a test fixture: a trained CodeLlama-shaped model
+in Meta's format with its calibration and held-out text. The same bytes on every machine, so a
+threshold measured on it holds everywhere (unlike a model trained at test time)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo"
+META = DEMO / "meta"                       # params.json, consolidated.0{0,1}.pth, tokenizer.model
+CALIBRATION = str(DEMO / "text" / "calib" / "*.py.txt")
+EVAL = str(DEMO / "text" / "eval" / "*.py.txt")
+_BUILT: list[Path] = []  # process-wide cache: the first conversion, copied for later callers
+
+
+def demo_fp16(directory: Path) -> Path:
+    """The demo checkpoint converted to an HF fp16 directory at `directory` (converted once per
+    process, copied afterwards, so callers may modify their copy); returns `directory`."""
+    directory = Path(directory)
+    if not _BUILT:
+        from pipeline.convert import convert
+        from pipeline.recipe import load_recipe
+
+        recipe = load_recipe(DEMO.parent / "demo.toml")
+        built = Path(tempfile.mkdtemp(prefix="demo-fp16-")) / "fp16"
+        convert(META, built, chat_format=recipe.model.chat_format)  # as the demo job does
+        _BUILT.append(built)
+    shutil.copytree(_BUILT[0], directory, dirs_exist_ok=True)
+    return directory
