@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,22 +23,34 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from trained_model import write_corpus, write_tokenizer  # noqa: E402  (a 384-piece tokenizer)
+from demo_model import CALIBRATION, demo_fp16  # noqa: E402  (the shipped demo model)
 
 from pipeline.gptq import QuantSpec  # noqa: E402
 from pipeline.quantize import linear_shapes, quantize  # noqa: E402
 from verify.llama import LlamaArgs  # noqa: E402
 
-VOCAB = 384
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template")  # files copied over
 
 
-def build(out: Path, width: int, n_layers: int, tokenizer: Path) -> Path:
+def demo_tokenizer(out: Path) -> tuple[Path, int]:
+    """The demo model's tokenizer files (from its HF conversion) in `out`, and its vocabulary size."""
+    fp16 = demo_fp16(out.parent / "demo-fp16")
+    out.mkdir(parents=True)
+    for f in fp16.iterdir():
+        if f.name.startswith(TOKENIZER_PREFIXES):
+            (out / f.name).write_bytes(f.read_bytes())
+    vocab = json.loads((fp16 / "config.json").read_text())["vocab_size"]
+    shutil.rmtree(fp16)
+    return out, vocab
+
+
+def build(out: Path, width: int, n_layers: int, tokenizer: Path, vocab: int) -> Path:
     """A random fp16 Llama (head_dim 128, FFN ≈ 8/3·width rounded to 256) with the tokenizer."""
     ffn = -(-8 * width // 3 // 256) * 256
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": width,
            "intermediate_size": ffn, "num_hidden_layers": n_layers,
            "num_attention_heads": width // 128, "num_key_value_heads": width // 128,
-           "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
            "tie_word_embeddings": False, "torch_dtype": "float16"}
     out.mkdir(parents=True)
@@ -46,8 +59,8 @@ def build(out: Path, width: int, n_layers: int, tokenizer: Path) -> Path:
         (out / f.name).write_bytes(f.read_bytes())
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).half()  # noqa: E731
-    state = {"model.embed_tokens.weight": rand(VOCAB, width), "model.norm.weight": torch.ones(width).half(),
-             "lm_head.weight": rand(VOCAB, width)}
+    state = {"model.embed_tokens.weight": rand(vocab, width), "model.norm.weight": torch.ones(width).half(),
+             "lm_head.weight": rand(vocab, width)}
     for i in range(n_layers):
         p = f"model.layers.{i}."
         for name, shape in linear_shapes(LlamaArgs.from_hf_config(cfg)).items():
@@ -111,15 +124,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
-        text = write_corpus(tmp / "text", "calibration.py", seed=0, n_functions=3000)
-        write_tokenizer(text, tmp / "tok")
+        tok, vocab = demo_tokenizer(tmp / "tok")
         runs = [(f"{n}x{args.width}", args.width, n, args.nsamples, args.seqlen) for n in (2, 8)]
         if args.wide:
             runs.append((f"1x{args.wide}", args.wide, 1, 4, args.seqlen))
         for name, width, layers, nsamples, seqlen in runs:
-            model = build(tmp / name, width, layers, tmp / "tok")
+            model = build(tmp / name, width, layers, tok, vocab)
             for method in ("gptq", "rtn"):
-                r = measure(model, method, str(text), nsamples, seqlen, tmp, args.device)
+                r = measure(model, method, CALIBRATION, nsamples, seqlen, tmp, args.device)
                 results[f"{name} {method}"] = {"layers": layers, "width": width, "nsamples": nsamples,
                                                "seqlen": seqlen, **r}
                 print(f"{name:>8} {method:4}: {r['seconds_per_layer']:7.2f} s/layer, "

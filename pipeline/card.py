@@ -17,6 +17,9 @@ from string import Template
 from pipeline.chat import chat_format
 from pipeline.errors import InputError
 from pipeline.recipe import Recipe, Variant
+from pipeline.gptq_format import RAGGED_REFUSED_BY
+from pipeline.verify import RUNTIME_WINDOWS
+from verify.runtimes import PPL_MATCH
 from verify.report import check_metrics
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -24,6 +27,8 @@ PART = re.compile(r"^<!-- part: (\w+) -->\n", re.M)
 FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
 SIZE_UNITS = ("B", "KB", "MB", "GB", "TB")
 EXAMPLE_PROMPT = "Write a function that reverses a string."
+RUNTIME_LABELS = {"gptqmodel": "GPTQModel", "transformers": "Transformers", "vllm": "vLLM"}
+ERROR_SHOWN = 120  # characters of a runtime's refusal shown on the card (verify.json has more)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Branch:
     seqlen: int
     size: int
     description: str
+    partial_groups: tuple[str, ...] = ()  # linears with a partial last group (quant_log.json)
 
 
 def read_json(path: Path) -> dict:
@@ -72,7 +78,8 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
         raise InputError(f"{path / 'quant_log.json'}: no calibration.seqlen") from None
     return Branch(name=variant.branch, artifact=path.name, bits=qc["bits"], group_size=qc["group_size"],
                   desc_act=qc["desc_act"], damp_percent=float(qc.get("damp_percent", variant.damp)),
-                  dataset=variant.calibration, seqlen=seqlen, size=size, description=variant.description)
+                  dataset=variant.calibration, seqlen=seqlen, size=size, description=variant.description,
+                  partial_groups=tuple((log.get("partial_groups") or {}).get("linears", ())))
 
 
 def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: str, hub_url: str,
@@ -83,7 +90,7 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
     rows = [[f"[{b.name}]({repo_url(hub_url, pub.gptq_repo)}/tree/{b.name})", str(b.bits),
              "None" if b.group_size == -1 else str(b.group_size), "Yes" if b.desc_act else "No",
              f"{b.damp_percent:g}", dataset_label(recipe, b.dataset, hub_url), str(b.seqlen),
-             human_size(b.size), "Yes" if b.bits == 4 else "No", b.description] for b in branches]
+             human_size(b.size), b.description] for b in branches]
     labels = {b.artifact: f"{b.name} ({b.bits}-bit, {group_label(b.group_size)})" for b in branches}
     measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))")]
     for b in branches:
@@ -101,7 +108,7 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
                   prompt_notes=prompt_notes(recipe, infill),
                   ppl_rows=table(ppl_rows), rtn_note="\n" + part("rtn_note") if has_rtn else "",
                   generation=generation(report, shown, part("agreement_note")),
-                  example_branch=example, local_dir=pub.gptq_repo.split("/")[1])
+                  compatibility=compatibility(report, branches), example_branch=example, local_dir=pub.gptq_repo.split("/")[1])
 
 
 def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: str, hub_url: str,
@@ -175,6 +182,37 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, h
                   chat_python="\n" + part("gguf_chat_python") + "\n" if chat else "",
                   example_file=example,
                   prompt_shell=quote(m.prompt_template.replace("{prompt}", EXAMPLE_PROMPT)))
+
+
+def compatibility(report: dict, branches: list[Branch]) -> str:
+    """The compatibility section as measured: each branch in each runtime verify loaded it in
+    (verify.json `runtimes`), at which perplexity and ratio to ours; the runtimes not checked,
+    with the reason; and for branches with partial last groups, which runtimes refuse them."""
+    rows, unchecked = [], {}
+    for rt, results in (report.get("runtimes") or {}).items():
+        label = RUNTIME_LABELS.get(rt, rt)
+        for b in (b for b in branches if b.artifact in results):
+            r = results[b.artifact]
+            if not r["checked"]:
+                unchecked[label] = r["reason"].removeprefix("not checked: ")
+                continue
+            name, branch = f"{label} {r['version'] or ''}".strip(), f"`{b.name}`"
+            if r["error"]:
+                verdict = "refused, as expected" if r.get("expected_refusal") else "refused"
+                rows.append([name, branch, f"{verdict}: {code_span(r['error'][:ERROR_SHOWN])}", "—", "—", "—"])
+            else:
+                rows.append([name, branch, "yes", f"{r['ppl']:.4f}", f"{r['ratio'] * 100:+.3f}%",
+                             "—" if r["top1"] is None else f"{r['top1']:.1%}"])
+    windows = min(RUNTIME_WINDOWS, report["eval"]["windows"])
+    text = part("runtimes", windows=str(windows), match=f"{PPL_MATCH:.1%}", rows=table(rows)) \
+        if rows else part("no_runtimes")
+    if unchecked:
+        text += "\n\n" + "; ".join(f"{k}: not checked ({v})" for k, v in unchecked.items()) + "."
+    ragged = [b for b in branches if b.partial_groups]
+    if ragged:
+        text += "\n\n" + part("ragged", branches=", ".join(f"`{b.name}`" for b in ragged),
+                              refused_by=", ".join(RAGGED_REFUSED_BY))
+    return text
 
 
 def kl_cells(metrics: dict | None) -> list[str]:

@@ -322,7 +322,8 @@ class Job:
                             chat_prompts=vo.chat_prompts,
                             device=self.device, force=True,
                             ggufs=[self.gguf(g.type) for g in r.gguf],
-                            gguf_thresholds={g.type: g.thresholds() for g in r.gguf})
+                            gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
+                            runtimes=vo.runtimes)
             self.report = report
             if not report["passed"]:
                 failed = [f"{c['check']} ({c.get('artifact')})" for c in report["checks"]

@@ -38,6 +38,7 @@ else:  # pragma: no cover - Python 3.10
 from pipeline import chat
 from pipeline.errors import InputError
 from verify import thresholds
+from verify.runtimes import RUNTIMES
 
 BITS = (2, 3, 4, 8)
 DTYPES = ("float16", "bfloat16", "float32")
@@ -158,6 +159,7 @@ class VerifyOptions:
     baseline_rtn: bool = False
     prompts: list[str] = field(default_factory=list)
     chat_prompts: list[str] = field(default_factory=list)  # user messages, in the chat template
+    runtimes: list[str] = field(default_factory=list)  # verify/runtimes.py RUNTIMES names
 
     def thresholds(self) -> dict[str, dict[int, float]]:
         """The threshold tables the recipe sets (kind → bits → value), for pipeline.verify."""
@@ -584,6 +586,10 @@ def check_variants(r: Recipe) -> None:
 def check_verify(r: Recipe) -> None:
     v = r.verify
     check_text_source(r, "[verify] eval", v.eval)
+    unknown = [x for x in v.runtimes if x not in RUNTIMES]
+    if unknown:
+        raise InputError(f"{r.path}: [verify] runtimes: {', '.join(map(repr, unknown))} unknown "
+                         f"(known: {', '.join(RUNTIMES)})")
     if v.seqlen < 1:
         raise InputError(f"{r.path}: [verify] seqlen = {v.seqlen}: must be at least 1")
     if v.max_windows is not None and v.max_windows < 1:

@@ -2,6 +2,7 @@
 against Meta's shards (conversion parity); every GPTQ variant against fp16: perplexity, KL
 divergence and top-1 agreement on the evaluation windows, greedy generation beside fp16's, and the
 weight error of every quantised linear; plus file hashes. Thresholds: verify/thresholds.py.
+With --runtime, each variant is also loaded in the runtimes users run it in (verify/runtimes.py).
 
 KL needs fp16's distribution at every evaluation position while each variant runs. Rather than
 its log-probs (N·T·V values: 17 GB in float32 for 64×2048 windows of a 32k vocabulary) verify
@@ -13,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline import __version__
@@ -27,13 +30,15 @@ from pipeline.chat import chat_prompt
 from pipeline.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
 from pipeline.gptq import rtn
+from pipeline.gptq_format import RAGGED_REFUSED_BY, ragged
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import module_errors, rtn_spec
-from verify.llama import compute_dtype, pick_device
+from verify.llama import compute_dtype, linear_shapes, pick_device
 from verify.meta_reference import meta_logits
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
                             parity_passed, perplexity, windows)
+from verify.runtimes import PPL_MATCH, RUNTIMES, Reference, run_runtime
 from verify.report import REPORT_NAME, SCHEMA, artifact_entry, run_inputs, write_report
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
@@ -41,6 +46,7 @@ PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of 
 MAX_NEW_TOKENS = 32
 SHOWN_PROBLEMS = 5  # modules named in a module_integrity failure's reason (all are in per_module)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+RUNTIME_WINDOWS = 4  # evaluation windows each --runtime scores (the first ones): a bounded cost
 
 
 def eval_documents(source: str) -> tuple[list[Path], list[str]]:
@@ -275,16 +281,55 @@ def gguf_checks(path: Path, ref: LayerwiseModel, h_fp16: torch.Tensor, win: torc
     return entry, checks
 
 
+def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict[str, bool],
+                   win: torch.Tensor, nll: dict[str, torch.Tensor], reference: Reference,
+                   device: torch.device) -> tuple[dict, list[dict]]:
+    """Each GPTQ variant (name -> directory) loaded in each runtime `names` (verify/runtimes.py)
+    and scored on the first RUNTIME_WINDOWS evaluation windows against our dequantised perplexity
+    on them (from `nll`, per window) and fp16's logits (`reference`). Returns the runtime ->
+    variant -> result section and a "runtime" check per result that ran: one not checkable here
+    is only in the section (with its reason); one refusing a ragged variant that
+    RAGGED_REFUSED_BY lists is an expected refusal, not a failure."""
+    sub = win[:RUNTIME_WINDOWS]
+    section: dict[str, dict] = {}
+    checks: list[dict] = []
+    refusers = {r.lower() for r in RAGGED_REFUSED_BY}
+    for rt in names:
+        section[rt] = {}
+        for name, path in paths.items():
+            ours = perplexity(nll[name][:len(sub)], sub.shape[1])
+            r = run_runtime(rt, path, sub, ppl_ours=ours, reference=reference, device=str(device))
+            r["expected_refusal"] = bool(ragged_groups[name] and rt in refusers and r["error"])
+            section[rt][name] = r
+            tqdm.write(f"runtime {rt}: {name}: " + (r["reason"] or r["error"] or
+                       f"ppl {r['ppl']:.6g} (ours {ours:.6g}, {r['ratio']:+.2e})"), file=sys.stderr)
+            if not r["checked"]:
+                continue
+            check = {"check": "runtime", "artifact": name, "runtime": rt,
+                     "passed": bool(r["passed"]) or r["expected_refusal"],
+                     "metrics": {k: r[k] for k in ("ppl", "ppl_ours", "ratio", "top1", "kl_mean")
+                                 if r[k] is not None},
+                     "thresholds": {"ppl_match": PPL_MATCH}}
+            if r["error"]:
+                check["reason"] = (f"{rt} refuses layers with a partial last group, as expected "
+                                   f"(RAGGED_REFUSED_BY): " if r["expected_refusal"] else "") \
+                    + r["error"]
+            checks.append(check)
+    return section, checks
+
+
 def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval_text: str,
            out: Path, seqlen: int = 2048, max_windows: int | None = None,
            thresholds: th.Table | None = None, baseline_rtn: bool = False,
            prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
            device: str = "auto", force: bool = False, ggufs: list[Path] = [],
-           gguf_thresholds: dict[str, dict[str, float]] | None = None) -> dict:
+           gguf_thresholds: dict[str, dict[str, float]] | None = None,
+           runtimes: list[str] = []) -> dict:
     """Run every check; write out/verify.json and out/verify.txt; return the report (the CLI
     exits 3 when report["passed"] is false). `thresholds` (kind -> bits -> value, kinds of
     verify/thresholds.py) override the defaults bit width by bit width; `gguf_thresholds`
-    (type -> kind -> value) those of the GGUF files `ggufs`, scored in llama.cpp."""
+    (type -> kind -> value) those of the GGUF files `ggufs`, scored in llama.cpp; each of
+    `runtimes` (verify/runtimes.py RUNTIMES) loads every GPTQ variant (runtime_checks)."""
     out, fp16, quants = Path(out), Path(fp16), [Path(q) for q in quants]
     ggufs = [Path(g) for g in ggufs]
     models = [fp16, *quants, *ggufs, *([Path(meta)] if meta is not None else [])]
@@ -296,6 +341,9 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
                          "window of the evaluation text)")
     if meta is not None and not Path(meta).is_dir():
         raise InputError(f"{meta}: Meta checkpoint directory missing")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise InputError(f"--runtime {', '.join(unknown)}: unknown (known: {', '.join(RUNTIMES)})")
     table = th.merged(thresholds)
     prompts = list(prompts or DEFAULT_PROMPTS)
     dev = pick_device(device)
@@ -327,13 +375,15 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
                       for n, m in variants.items()})
     checks: list[dict] = []
     ppl: dict[str, float] = {}
+    nll: dict[str, torch.Tensor] = {}  # summed NLL per window, for the runtime checks
     seconds = 0.0
 
     def eval_pass(model: LayerwiseModel, name: str, extra: list[torch.Tensor] = ()) -> list:
         nonlocal seconds
         t0 = time.perf_counter()
         hs = model.hidden([win, *extra], desc=f"{name} layers")
-        ppl[name] = perplexity(model.nll(hs[0], win), seqlen)
+        nll[name] = model.nll(hs[0], win)
+        ppl[name] = perplexity(nll[name], seqlen)
         seconds += time.perf_counter() - t0
         return hs
 
@@ -351,6 +401,10 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
 
     rtn_ppl: dict[tuple, float] = {}
     n_artifacts = 1 + len(variants)
+    paths = {n: m.ckpt.path for n, m in variants.items()}
+    ragged_groups = {n: any(ragged(n_in, m.ckpt.quantization["group_size"])
+                            for _, n_in in linear_shapes(m.args).values())
+                     for n, m in variants.items()}
     for name in list(variants):
         m = variants.pop(name)  # released (with any layers it kept) after its checks
         (h,) = eval_pass(m, name)
@@ -370,6 +424,10 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
                 (h,) = baseline.hidden([win], desc=f"{name}:rtn layers")
                 rtn_ppl[key] = perplexity(baseline.nll(h, win), seqlen)
             ppl[f"{name}:rtn"] = rtn_ppl[key]
+    section, more = runtime_checks(
+        list(runtimes), paths, ragged_groups, win, nll,
+        lambda b: ref.logits(h_fp16[b:b + 1].to(ref.device))[0, :-1], dev)
+    checks += more
     for g in ggufs:
         artifacts[g.name], more = gguf_checks(g, ref, h_fp16, win, ppl, tokenizer, sample,
                                               gguf_thresholds or {})
@@ -382,7 +440,7 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
         "eval": {"source": eval_text, "files": [str(f) for f in files],
                  "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest(),
                  "seqlen": seqlen, "windows": win.shape[0], "tokens": win.numel()},
-        "artifacts": artifacts, "checks": checks, "perplexity": ppl,
+        "artifacts": artifacts, "checks": checks, "perplexity": ppl, "runtimes": section,
         "tokens_per_second": win.numel() * n_artifacts / max(seconds, 1e-9),
     }
     report["inputs"] = run_inputs(artifacts, meta, report["eval"]["sha256"])  # what publish matches
@@ -392,7 +450,8 @@ def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eva
 
 
 def failed_checks(report: dict) -> list[str]:
-    return [f"{c['check']}:{c['artifact']}" for c in report["checks"] if not c["passed"]]
+    return [f"{c['check']}:{c['artifact']}" + (f"@{c['runtime']}" if "runtime" in c else "")
+            for c in report["checks"] if not c["passed"]]
 
 
 def summary(report: dict, out: Path) -> str:
@@ -475,17 +534,22 @@ def threshold_options(f):
               callback=parse_gguf_thresholds,
               help=f"A GGUF type's threshold, e.g. Q4_K_M.tolerance=0.1 (kinds: "
                    f"{', '.join(th.GGUF_KINDS)}; defaults in verify/thresholds.py).")
+@click.option("--runtime", "runtimes", type=click.Choice(list(RUNTIMES)), multiple=True,
+              help="Also load every GPTQ variant in this runtime and match its perplexity to "
+                   f"ours on the first {RUNTIME_WINDOWS} windows (repeatable; needs the "
+                   "runtimes extra; vllm needs CUDA).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, prompts,
-            chat_prompts, device, ggufs, gguf_thresholds, as_json, force, **thresholds) -> None:
+            chat_prompts, device, ggufs, gguf_thresholds, runtimes, as_json, force,
+            **thresholds) -> None:
     """Prove fp16, GPTQ and GGUF artifacts by forward passes; exit 3 when any check fails."""
     report = verify(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
                     seqlen=seqlen, max_windows=max_windows,
                     thresholds={k: v for k, v in thresholds.items() if v},
                     baseline_rtn=baseline == "rtn", prompts=list(prompts) or None,
                     chat_prompts=list(chat_prompts), device=device, force=force,
-                    ggufs=list(ggufs), gguf_thresholds=gguf_thresholds)
+                    ggufs=list(ggufs), gguf_thresholds=gguf_thresholds, runtimes=list(runtimes))
     if as_json:
         click.echo(json.dumps(report))
     click.echo(summary(report, out), err=as_json)

@@ -1,4 +1,5 @@
-"""Shared test settings: deterministic seeds, quiet tokenizers; nothing here touches a network."""
+"""Shared test settings: deterministic seeds, quiet tokenizers, one torch thread; nothing here
+touches a network."""
 
 import os
 
@@ -7,3 +8,6 @@ import torch
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.manual_seed(0)
+# Every model in the suite is tiny: on 2 cores, intra-op threads mostly wait for each other (GPTQ's
+# per-column steps, fp16 matmuls in the runtimes), several times slower than one thread.
+torch.set_num_threads(1)

@@ -103,6 +103,24 @@ REPORT = {
                    "gptq-4bit-32g-actorder_True": 6.2, "gptq-8bit--1g-actorder_True": 6.125},
     "tokens_per_second": 1000.0,
 }
+
+
+def runtime_result(version: str | None, ppl: float | None = None, ours: float = 6.3, top1: float = 0.95,
+                   reason: str | None = None, error: str | None = None, expected: bool = False) -> dict:
+    """One verify.json `runtimes` entry (pipeline/verify.py runtime_checks) for the card."""
+    return {"version": version, "checked": reason is None, "reason": reason, "loaded": reason is None,
+            "error": error, "kernels": ["TorchLinear"], "ppl": ppl, "ppl_ours": ours,
+            "ratio": None if ppl is None else ppl / ours - 1, "top1": None if ppl is None else top1,
+            "expected_refusal": expected}
+
+
+NAMES = ["main", "gptq-4bit-32g-actorder_True", "gptq-8bit--1g-actorder_True"]
+REPORT["runtimes"] = {
+    "gptqmodel": {n: runtime_result("7.6.0", p, ours) for n, p, ours in
+                  zip(NAMES, (6.3004, 6.2011, 6.1249), (6.3001, 6.2013, 6.1249))},
+    "transformers": {"main": runtime_result("5.24.0", 6.2912, 6.3001, top1=0.9412)},
+    "vllm": {n: runtime_result(None, reason="not checked: needs CUDA") for n in NAMES},
+}
 SIZES = {"main": 3_901_234_567, "gptq-4bit-32g-actorder_True": 4_280_000_000,
          "gptq-8bit--1g-actorder_True": 7_160_000_000}
 FP16_FILES = {"model-00001-of-00002.safetensors": 9_976_576_152, "model-00002-of-00002.safetensors": 3_500_296_424,
@@ -142,6 +160,33 @@ def front_matter(text: str) -> dict:
 def test_gptq_card_matches_golden(recipe, branches):
     text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
     assert text == (GOLDEN / "gptq_README.md").read_text()
+
+
+def compatibility_section(text: str) -> str:
+    return text[text.index("## Compatibility"):text.index("# Original model card")]
+
+
+def test_card_compatibility_is_what_verify_measured(recipe, branches):
+    """Only runtimes the report measured appear: no report section, no runtime named; a ragged
+    branch gets RAGGED_REFUSED_BY and its measured refusal, a runtime that was not run its reason."""
+    from pipeline.gptq_format import RAGGED_REFUSED_BY
+
+    bare = {k: v for k, v in REPORT.items() if k != "runtimes"}
+    section = compatibility_section(card.gptq_card(recipe, branches, bare, "llama", "https://huggingface.co"))
+    assert "No runtime was checked" in section
+    assert not any(n in section for n in ("GPTQModel", "vLLM", "ExLlama", "Transformers", "TGI"))
+
+    ragged = [b if b.name != "main" else card.Branch(**{**b.__dict__, "partial_groups": ("mlp.down_proj",)})
+              for b in branches]
+    refusal = "RuntimeError: _weight_int4pack_mm_cpu: expect K to be divisible by qGroupSize"
+    report = {**REPORT, "runtimes": {**REPORT["runtimes"], "transformers": {
+        "main": {**runtime_result("5.24.0"), "error": "scoring: " + refusal, "expected_refusal": True}}}}
+    section = compatibility_section(card.gptq_card(recipe, ragged, report, "llama", "https://huggingface.co"))
+    assert "In `main`, some layers have an input width that is not a multiple of the group size" in section
+    assert ", ".join(RAGGED_REFUSED_BY) in section
+    assert f"| Transformers 5.24.0 | `main` | refused, as expected: `scoring: {refusal}` | — | — | — |" in section
+    assert "| GPTQModel 7.6.0 | `main` | yes | 6.3004 | +0.005% | 95.0% |" in section
+    assert "vLLM: not checked (needs CUDA)." in section
 
 
 def test_fp16_card_matches_golden(recipe):
@@ -184,7 +229,7 @@ def test_gptq_table_rows_carry_parameters_sizes_and_perplexities(recipe, branche
     assert [c[1].strip() + c[2].strip() + c[3].strip() for c in cells] == ["4128No", "432Yes", "8NoneYes"]
     assert [c[6].strip() for c in cells] == ["4096", "4096", "2048"]  # from quant_log.json
     assert "`data/code/**/*.py`" in cells[2][5]  # local calibration shown relative to the recipe
-    assert "closest to fp16" in cells[2][9] and "\\|" in cells[2][9]  # '|' in a description is escaped
+    assert "closest to fp16" in cells[2][8] and "\\|" in cells[2][8]  # '|' in a description is escaped
     ppl = [line for line in text.splitlines() if line.startswith("| `main`")]
     assert ppl == ["| `main` (4-bit, 128g) | 6.3012 | +2.90% | 0.0312 | 0.410 | 94.1% |",
                    "| `main` RTN baseline | 6.5000 | +6.15% | — | — | — |"]  # RTN: no KL measured

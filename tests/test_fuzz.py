@@ -101,15 +101,6 @@ def mutate_header(path: Path, rng: random.Random) -> str:
     return f"{op} {name}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("fuzz")

@@ -45,15 +45,6 @@ def digest(root: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """`python -m pipeline ARGS` in this process: (exit code, stdout + stderr); never a

@@ -43,16 +43,6 @@ def np_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarra
     return (s[g] * (q - z[g]).astype(np.float32)).T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model is tiny: per-column GPTQ steps are microseconds, and on a busy 2-core machine
-    intra-op threads waiting for each other make them 10× slower. One thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return demo_fp16(tmp_path_factory.mktemp("demo") / "fp16")

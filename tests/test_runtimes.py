@@ -37,16 +37,6 @@ CPU_RUNTIMES = ("gptqmodel", "transformers")
 RAGGED_FFN = 704  # 5.5 groups of 128: down_proj gets a partial last group
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model on a busy 2-core machine: intra-op threads waiting for each other make GPTQ
-    and the runtimes' fp16 matmuls several times slower (measured 1.5 s vs 4-7 s per window)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def eval_windows(tmp_path_factory) -> tuple[Path, torch.Tensor]:
     fp16 = demo_fp16(tmp_path_factory.mktemp("runtimes") / "fp16")

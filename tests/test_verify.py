@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -321,6 +320,7 @@ def test_good_variants_pass_every_check_against_fp16(judged):
 def test_broken_variants_fail_by_the_named_check(judged):
     ok = checks(judged)
     assert not judged["passed"]
+    assert all(passed for (_, artifact), passed in ok.items() if artifact == "fp16")  # the reference
     # GPTQ keeps this model's perplexity at 2 bits (measured -0.5%); KL and top-1 show the loss
     # (measured mean 0.013, p99 0.11, top-1 0.88: 2.6x, 2.2x and 7 points past the bar)
     kl = entry(judged, "kl_divergence", "gptq-2bit--1g")
@@ -465,14 +465,3 @@ def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):
         demo_verify(demo, [], tmp_path / "v", quants=[q], max_windows=2)
 
 
-def test_variant_perplexity_in_gptq_runtime(demo, tmp_path):
-    """Interop: a GPTQ runtime (GPTQModel, or optimum) loads the variant through transformers
-    and measures the same perplexity. Needs one of them installed; otherwise skipped."""
-    if not any(importlib.util.find_spec(m) for m in ("gptqmodel", "optimum")):
-        pytest.skip("GPTQ runtime interop not checked: neither gptqmodel nor optimum is installed")
-    from test_metrics import reference_perplexity
-
-    report = demo_verify(demo, ["gptq-4bit-32g"], tmp_path / "v", max_windows=8)
-    texts = [Path(p).read_text() for p in sorted(glob.glob(EVAL))]
-    theirs = reference_perplexity(demo["gptq-4bit-32g"], texts, SEQ, max_windows=8)
-    assert theirs == pytest.approx(report["perplexity"]["gptq-4bit-32g"], rel=1e-2)

@@ -260,13 +260,36 @@ def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def runtime_table(section: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """verify.json's `runtimes` (runtime -> variant -> result) as text lines, one row a result."""
+    if not section:
+        return []
+    rows = [("runtime", "variant", "loaded", "ppl", "ours", "ratio - 1", "KL mean", "top-1",
+             "kernels")]
+    for rt, results in section.items():
+        for name, r in results.items():
+            version = f"{rt} {r['version']}" if r["version"] else rt
+            if not r["checked"]:
+                rows.append((version, name, r["reason"], "", "", "", "", "", ""))
+                continue
+            loaded = "yes" if r["loaded"] and not r["error"] else \
+                ("refused (expected) " if r.get("expected_refusal") else "FAILED ") + r["error"]
+            num = {k: "-" if r[k] is None else f"{r[k]:.6g}" for k in ("ppl", "ppl_ours", "kl_mean")}
+            rows.append((version, name, loaded[:80], num["ppl"], num["ppl_ours"],
+                         "-" if r["ratio"] is None else f"{r['ratio']:+.2e}", num["kl_mean"],
+                         "-" if r["top1"] is None else f"{r['top1']:.2%}", ", ".join(r["kernels"])))
+    return ["", "runtimes: each GPTQ variant loaded in each runtime's own loader and kernels, "
+                "perplexity against ours on the same windows"] + _columns(rows, "  ")
+
+
 def render(report: dict[str, Any]) -> str:
     """The report as plain text: the checks, perplexities, KL and top-1 against fp16, the worst
     module of each variant, and the generation samples of every artifact side by side."""
     rows = [("check", "artifact", "result", "metrics", "thresholds")]
     for c in report["checks"]:
         metrics = _pairs(c.get("metrics", {})) + (f" ({c['reason']})" if c.get("reason") else "")
-        rows.append((c["check"], c["artifact"], "PASS" if c["passed"] else "FAIL", metrics,
+        check = c["check"] + (f" in {c['runtime']}" if "runtime" in c else "")
+        rows.append((check, c["artifact"], "PASS" if c["passed"] else "FAIL", metrics,
                      _pairs(c.get("thresholds", {}))))
     lines = [f"verify: {'PASSED' if report['passed'] else 'FAILED'}  "
              f"(device {report['device']}, {report['dtype']}, "
@@ -285,6 +308,7 @@ def render(report: dict[str, Any]) -> str:
         lines += _columns([("artifact", "KL mean", "KL p99", "same top token")]
                           + [(n, f"{m['kl_mean']:.5f}", f"{m['kl_p99']:.4f}", f"{m['top1']:.2%}")
                              for n, m in kl.items()], "  ")
+    lines += runtime_table(report.get("runtimes", {}))
     modules = {c["artifact"]: c for c in report["checks"] if c["check"] == "module_integrity"}
     if modules:
         lines += ["", "module integrity: ||W - W_q|| / ||W|| of the worst module (highest ratio to "
