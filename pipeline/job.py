@@ -393,6 +393,7 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(logging.INFO)
+        lg.propagate = False  # a library (GPTQModel) may have configured the root logger: no echo
     log.addHandler(console)
     log.info("job %s: stages up to %s, variants %s, work dir %s", recipe.name, stage,
              ", ".join(branches), workdir)
@@ -404,6 +405,7 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
+            lg.propagate = True
         log.removeHandler(console)
         handler.close()
     return job.result()
