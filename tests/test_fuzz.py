@@ -13,7 +13,6 @@ import math
 import random
 import shutil
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from meta_fixtures import build_checkpoint, refresh_checklist
-from pipeline.cli import main
+from cli_runner import run_cli
 from pipeline.convert import convert
 from pipeline.meta import PARAMS_KEYS
 
@@ -109,17 +108,6 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return {"meta": d / "meta", "fp16": d / "fp16"}
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 TOKENS = torch.tensor([[1, 15, 200, 7, 99, 3, 42, 512]])
 
 
@@ -170,7 +158,8 @@ def test_fuzz_parsed_inputs(sources, tmp_path, monkeypatch, capsys):
                     what = mutate_header(src / "model.safetensors", rng)
                 argv = ["quantize", src, case / "out", "--method", "rtn", "--bits", "4",
                         "--group-size", "32", "--device", "cpu"]
-            code, text = run_cli(monkeypatch, capsys, *argv)
+            code, out, err = run_cli(argv, monkeypatch, capsys)
+            text = out + err
             where = f"{kind} mutant {i} ({what}): exit {code}\n{text[-2000:]}"
             assert "Traceback" not in text and code in (0, 2), where
             if code == 0:

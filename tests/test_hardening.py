@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pipeline.quantize as stage
+from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
-from pipeline.cli import main
 from pipeline.convert import convert
 from pipeline.gptq import QuantSpec
 from pipeline.quantize import quantize
@@ -50,14 +49,8 @@ def cli(monkeypatch, capsys):
     """`python -m pipeline ARGS` in this process: (exit code, stdout + stderr); never a
     traceback (main() turns only PipelineError into a message, anything else escapes here)."""
     def run(*args) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        text = captured.out + captured.err
+        code, out, err = run_cli(list(args), monkeypatch, capsys)
+        text = out + err
         assert "Traceback" not in text
         return code, text
     return run

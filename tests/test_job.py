@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_runner import run_cli
 from meta_fixtures import build_checkpoint
-from pipeline.cli import main
 from pipeline.job import JobFailed, run_job, tree_fingerprint
 from pipeline.recipe import load_recipe
 
@@ -160,18 +159,6 @@ def test_failing_verify_stops_publish(project, monkeypatch):
     assert not (project / "work" / "publish-plan").exists()
     records = json.loads((project / "work" / "job.json").read_text())["stages"]
     assert records["verify"]["status"] == "failed" and "publish" not in records
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python -m pipeline ARGS` in this process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_one_variant_then_the_rest_and_the_cli(project, monkeypatch, capsys):

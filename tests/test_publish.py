@@ -432,16 +432,8 @@ def test_rate_limit_persisting_is_a_clear_error(work, hub):
 
 def publish_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
     """`python -m pipeline publish ARGS` in this process: exit code, stdout, stderr."""
-    from pipeline.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["pipeline", "publish", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    from cli_runner import run_cli
+    return run_cli(["publish", *args], monkeypatch, capsys)
 
 
 def everything_written(*roots: Path) -> str:

@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from meta_fixtures import build_checkpoint
-from pipeline.cli import main
+from cli_runner import run_cli
 from pipeline.credentials import PATTERNS, find_credentials, masked_url, strip_url
 from pipeline.errors import CheckFailed, InputError
 from pipeline.recipe import ALLOW_ENV, MAX_CARD_BYTES, load_recipe
@@ -45,18 +44,6 @@ eval = "eval"
 fp16_repo = "org/Tiny-fp16"
 gptq_repo = "org/Tiny-GPTQ"
 """
-
-
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python -m pipeline ARGS` in this process: exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:

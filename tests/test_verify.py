@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from demo_model import CALIBRATION, EVAL, demo_fp16
 from meta_fixtures import build_checkpoint, corpus
-from pipeline.cli import main
+import cli_runner
 from pipeline.convert import convert
 from pipeline.errors import CheckFailed, InputError, OutputExistsError
 from pipeline.gptq import QuantSpec
@@ -39,16 +38,9 @@ from verify.report import check_integrity, read_report
 SEQLEN, WINDOWS = 64, 4
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+def verify_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`python -m pipeline verify ARGS` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["pipeline", "verify", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return cli_runner.run_cli(["verify", *args], monkeypatch, capsys)
 
 
 def checks(report: dict) -> dict[tuple[str, str], bool]:
@@ -80,7 +72,7 @@ def broken_copy(c: dict, tmp_path: Path, edit) -> Path:
 
 
 def test_good_conversion_passes(converted, tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "--meta", str(converted["meta"]), "--fp16",
+    code, out, err = verify_cli(monkeypatch, capsys, "--meta", str(converted["meta"]), "--fp16",
                              str(converted["fp16"]), "--eval", converted["eval"], "--out",
                              str(tmp_path / "v"), "--seqlen", str(SEQLEN), "--max-windows",
                              str(WINDOWS), "--prompt", "def main():", "--json")
@@ -154,7 +146,7 @@ def cut_vocabulary(d: Path) -> None:
 @pytest.mark.parametrize("edit", [unpermute_k, wrong_rope_theta, cut_vocabulary])
 def test_broken_conversion_fails_parity(converted, tmp_path, monkeypatch, capsys, edit):
     fp16 = broken_copy(converted, tmp_path, edit)
-    code, _, err = run_cli(monkeypatch, capsys, "--meta", str(converted["meta"]), "--fp16",
+    code, _, err = verify_cli(monkeypatch, capsys, "--meta", str(converted["meta"]), "--fp16",
                            str(fp16), "--eval", converted["eval"], "--out", str(tmp_path / "v"),
                            "--seqlen", str(SEQLEN), "--max-windows", str(WINDOWS))
     assert code == 3
@@ -185,7 +177,7 @@ def test_integrity_detects_changed_missing_and_new_files(converted, tmp_path):
 
 def test_bad_inputs(converted, tmp_path, monkeypatch, capsys):
     base = meta_args(converted, tmp_path / "v")
-    code, _, err = run_cli(monkeypatch, capsys, "--fp16", str(converted["fp16"]), "--eval",
+    code, _, err = verify_cli(monkeypatch, capsys, "--fp16", str(converted["fp16"]), "--eval",
                            converted["eval"], "--out", str(tmp_path / "v"), "--tolerance", "4:0.05")
     assert code == 2 and "expected BITS=VALUE" in err
     with pytest.raises(InputError, match="--seqlen 5000: longer than .*4096"):
@@ -370,7 +362,7 @@ def test_one_randomised_tensor_of_one_module_fails_module_integrity(demo, tmp_pa
     names = [f"gptq-4bit-{kind}" for kind in RANDOMISE]
     args = ["--fp16", str(demo["fp16"]), "--eval", EVAL, "--out", str(tmp_path / "v"),
             "--seqlen", str(SEQ), "--max-windows", str(NWIN), "--prompt", PROMPTS[0]]
-    code, _, err = run_cli(monkeypatch, capsys, *args,
+    code, _, err = verify_cli(monkeypatch, capsys, *args,
                            *(a for n in names for a in ("--quant", str(demo[n]))))
     assert code == 3
     report = read_report(tmp_path / "v")
@@ -403,7 +395,7 @@ def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_pat
                                                                     capsys):
     base = ["--fp16", str(demo["fp16"]), "--quant", str(demo["gptq-4bit-128g"]), "--eval", EVAL,
             "--seqlen", str(SEQ), "--max-windows", str(NWIN), "--prompt", PROMPTS[0]]
-    code, _, err = run_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "cli"),
+    code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "cli"),
                            "--kl-mean", "4=0", "--tolerance", "4=0.5", "--kl-mean", "8=0.5",
                            "--agreement", "4=0")  # one prompt: its greedy agreement is not judged
     assert code == 3
@@ -414,7 +406,7 @@ def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_pat
     assert entry(report, "generation", "gptq-4bit-128g")["thresholds"]["agreement"] == 0
     assert entry(report, "module_integrity", "gptq-4bit-128g")["thresholds"]["module_error"] == \
         th.KINDS["module_error"][2][4]  # untouched kinds keep their defaults
-    code, _, err = run_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
+    code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
                            "--top1", "4=1.5")
     assert code == 2 and "top1 must be in [0, 1]" in err
 
