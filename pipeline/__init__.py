@@ -1,7 +1,8 @@
-"""Meta Llama-family checkpoints to verified fp16 and GPTQ Hugging Face repositories.
+"""Meta Llama-family checkpoints to verified fp16, GPTQ and GGUF Hugging Face repositories.
 
-Stages: convert (pipeline.convert), quantize (pipeline.quantize), verify (pipeline.verify),
-publish (pipeline.publish); pipeline.job chains them from a recipe (pipeline.recipe).
+Stages: convert (pipeline.convert), quantize (pipeline.quantize), gguf (pipeline.gguf), verify
+(pipeline.judge, on the verify/ library), publish (pipeline.publish); pipeline.job chains them
+from a recipe (pipeline.recipe). DESIGN.md has the layers and the stage table.
 """
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
 POOL_FACTOR = 4  # documents are read (in seeded order) until the pool holds 4× the tokens needed

@@ -15,10 +15,10 @@ from pathlib import Path
 from string import Template
 
 from pipeline.chat import chat_format
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.recipe import Recipe, Variant
-from pipeline.gptq_format import RAGGED_REFUSED_BY
-from pipeline.verify import RUNTIME_WINDOWS
+from verify.gptq_format import RAGGED_REFUSED_BY
+from pipeline.judge import RUNTIME_WINDOWS
 from verify.runtimes import PPL_MATCH
 from verify.report import check_metrics
 

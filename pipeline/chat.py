@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 
 # Whitespace control ({%- -%}) everywhere: only the {{ }} expressions produce text.
 LLAMA2_TEMPLATE = r"""{#- Meta's Llama 2 chat_completion (also CodeLlama-Instruct) -#}

@@ -8,14 +8,14 @@ import sys
 import click
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from verify.errors import PipelineError
 
 # command name -> module defining `command`; imported only when invoked (torch is slow to import).
 COMMANDS = {
     "convert": "pipeline.convert",
     "quantize": "pipeline.quantize",
     "gguf": "pipeline.gguf",
-    "verify": "pipeline.verify",
+    "verify": "pipeline.judge",
     "publish": "pipeline.publish",
     "run": "pipeline.job",
     "demo": "pipeline.demo",

@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 from pipeline.meta import (CHECKLIST, FAMILIES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS, MetaCheckpoint,
                            hf_name, load_shard, md5_files, meta_names, model_args, permute_rotary,
                            prefetch, release, shard_dim, split_name, verify_checksums)
 from pipeline.output import check_target, staged_dir
-from pipeline.safetensors_stream import ShardedWriter, TensorSpec, parse_size
+from verify.safetensors_stream import ShardedWriter, TensorSpec, parse_size
 from pipeline.chat import FORMATS
 from pipeline.tokenizer import convert_tokenizer, load_source
 from verify.llama import LlamaArgs

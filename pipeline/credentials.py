@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 
 # environment variables whose values are secrets, by name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, …)
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|APIKEY|(^|_)KEY$", re.I)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.output import staged_dir
 
 SETTINGS_NAME = "settings.json"

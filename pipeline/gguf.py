@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 from pipeline.output import staged_file
 from pipeline.tokenizer import INFILL, tokenizer_kind
 from verify.checkpoint import HFCheckpoint, read_json

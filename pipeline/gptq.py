@@ -1,15 +1,15 @@
-"""GPTQ (Frantar et al., arXiv 2210.17323) for one linear layer, the quantisation grid it rounds
-to, and round-to-nearest (RTN) on the same grid as the baseline. Weights are W [out, in]."""
+"""GPTQ (Frantar et al., arXiv 2210.17323) for one linear layer, rounding to the grid of
+verify/grid.py (where RTN, the baseline, rounds too). Weights are W [out, in]."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
-from pipeline.errors import InputError, PipelineError
-from pipeline.gptq_format import BITS
+from verify.errors import InputError, PipelineError
+from verify.gptq_format import BITS
+from verify.grid import Grid, Quantizer, QuantResult, group_width, stack
 
 METHODS = ("gptq", "rtn")
 
@@ -44,88 +44,9 @@ class QuantSpec:
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-class Quantizer:
-    """The grid q = clamp(round(w/s) + z, 0, maxq), fitted per output row on a slice of W.
-
-    Scales are rounded to fp16 when fitted (what the checkpoint stores), so s·(q − z) here is
-    bit-for-bit what a runtime dequantises. GPTQ v1 stores z − 1 unsigned, so z ≥ 1 always.
-    """
-
-    def __init__(self, bits: int, sym: bool = True, mse: bool = False, grid: int = 100,
-                 maxshrink: float = 0.8, norm: float = 2.4) -> None:
-        self.maxq, self.sym, self.mse = 2**bits - 1, sym, mse
-        self.grid, self.maxshrink, self.norm = grid, maxshrink, norm
-
-    def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) [out, 1] covering [xmin, xmax] (xmin ≤ 0 ≤ xmax)."""
-        if self.sym:
-            xmax = torch.maximum(-xmin, xmax)
-            scale = 2 * xmax / self.maxq
-            zero = torch.full_like(scale, (self.maxq + 1) // 2)
-        else:
-            scale = (xmax - xmin) / self.maxq
-            zero = torch.round(-xmin / scale)
-            # z = 0 is unstorable in v1: anchor the grid at z = 1 (still covers [xmin, xmax]).
-            scale = torch.where(zero < 1, xmax / (self.maxq - 1), scale)
-            zero = zero.clamp(1, self.maxq)
-        scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)
-        return scale.unsqueeze(1), zero.unsqueeze(1)
-
-    def fit(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero), each [out, 1], for the columns W [out, k]; MSE search if enabled."""
-        xmin = W.min(1).values.clamp(max=0)
-        xmax = W.max(1).values.clamp(min=0)
-        both0 = (xmin == 0) & (xmax == 0)
-        xmin, xmax = xmin.masked_fill(both0, -1), xmax.masked_fill(both0, 1)
-        scale, zero = self._grid(xmin, xmax)
-        if self.mse:
-            best = torch.full_like(xmin, float("inf"))
-            for i in range(int(self.maxshrink * self.grid)):
-                p = 1 - i / self.grid
-                s1, z1 = self._grid(p * xmin, p * xmax)
-                err = (self.quantize(W, s1, z1) - W).abs().pow(self.norm).sum(1)
-                better = err < best
-                best = torch.where(better, err, best)
-                scale = torch.where(better[:, None], s1, scale)
-                zero = torch.where(better[:, None], z1, zero)
-        return scale, zero
-
-    def ints(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
-
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Fake-quantise: the float value the runtime will compute for w."""
-        return scale * (self.ints(w, scale, zero) - zero)
-
-
-@dataclass
-class QuantResult:
-    """Fake-quantised weights Q [out, in] (float32) and what the checkpoint stores for them."""
-
-    Q: torch.Tensor
-    scales: torch.Tensor  # [n_groups, out], float32 holding fp16 values
-    zeros: torch.Tensor  # [n_groups, out], in [1, maxq]
-    g_idx: torch.Tensor  # [in], int32
-    loss: float
-    damp: float | None = None
-    damp_retries: list[float] = field(default_factory=list)
-
-    def ints(self, bits: int) -> torch.Tensor:
-        """Integer weights q [out, in] such that Q = scales[g]·(q − zeros[g])."""
-        g = self.g_idx.long()
-        s, z = self.scales.t()[:, g], self.zeros.t()[:, g]  # [out, in]
-        return torch.clamp(torch.round(self.Q / s) + z, 0, 2**bits - 1).to(torch.int32)
-
-
-def _groups(n_cols: int, group_size: int) -> int:
-    """Columns per group; one group (all columns) for -1 or a size beyond the width."""
-    return n_cols if group_size == -1 else min(group_size, n_cols)
-
-
-def _stack(params: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale [out, 1], zero [out, 1]) -> scales, zeros [n_groups, out]."""
-    return torch.cat([s for s, _ in params], 1).t(), torch.cat([z for _, z in params], 1).t()
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.sym, self.mse)
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, list[float]]:
@@ -157,7 +78,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult:
     W, H = W.to(torch.float32, copy=True), H.to(torch.float32, copy=True)
     n = W.shape[1]
     quantizer = Quantizer(spec.bits, spec.sym, spec.mse)
-    g = _groups(n, spec.group_size)
+    g = group_width(n, spec.group_size)
     dead = torch.diag(H) == 0  # inputs that never fire: any weight works, choose 0
     torch.diagonal(H).masked_fill_(dead, 1)
     W.masked_fill_(dead[None, :], 0)
@@ -197,25 +118,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult:
     g_idx = torch.arange(n, device=W.device) // g
     if not static:
         g_idx = g_idx[invperm]  # act-order: group of each column in processing order
-    scales, zeros = _stack(static or fitted)
+    scales, zeros = stack(static or fitted)
     return QuantResult(Q[:, invperm], scales, zeros, g_idx.to(torch.int32),
                        float(Losses.sum()), damp, retries)
-
-
-def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest on the same grid and groups (the baseline GPTQ is measured against)."""
-    W = W.float()
-    n = W.shape[1]
-    quantizer = Quantizer(spec.bits, spec.sym, spec.mse)
-    g = _groups(n, spec.group_size)
-    scales, zeros = _stack([quantizer.fit(W[:, i:i + g]) for i in range(0, n, g)])
-    g_idx = torch.arange(n, device=W.device) // g
-    s, z = scales.t()[:, g_idx], zeros.t()[:, g_idx]  # [out, in]
-    Q = quantizer.quantize(W, s, z)
-    return QuantResult(Q, scales, zeros, g_idx.to(torch.int32), float(((W - Q) ** 2).sum()))
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    """Rows of scales/qzeros for a linear with in_features inputs (the last group is partial
-    when group_size does not divide in_features)."""
-    return 1 if group_size == -1 else math.ceil(in_features / group_size)

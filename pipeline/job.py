@@ -27,7 +27,7 @@ from typing import Any, Callable
 import click
 
 from pipeline import __version__
-from pipeline.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import overlap, partial_path
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 
@@ -306,7 +306,7 @@ class Job:
         if not self.wants("verify"):
             return
 
-        from pipeline.verify import verify
+        from pipeline.judge import judge
         from verify.report import read_report
         vo = r.verify
         inputs = {"fp16": conv["output"], "variants": quants, "meta": source_fp,
@@ -315,7 +315,7 @@ class Job:
                   "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
 
         def run_verify(resume: bool) -> dict[str, Any]:
-            report = verify(fp16=self.fp16, quants=[self.gptq(b) for b in self.branches], meta=src,
+            report = judge(fp16=self.fp16, quants=[self.gptq(b) for b in self.branches], meta=src,
                             eval_text=vo.eval, out=self.verify_dir, seqlen=vo.seqlen,
                             max_windows=vo.max_windows, thresholds=vo.thresholds(),
                             baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,

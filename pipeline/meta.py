@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.tokenizer import tokenizer_kind
 from verify.llama import LlamaArgs, check_heads, config_float, config_int
 

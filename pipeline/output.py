@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import InputError, OutputExistsError, PipelineError
+from verify.errors import InputError, OutputExistsError, PipelineError
 
 
 def partial_path(target: Path) -> Path:

@@ -35,7 +35,7 @@ from huggingface_hub.utils.sha import git_hash
 
 from pipeline import __version__, card
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
-from pipeline.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from verify.report import check_inputs, check_integrity, check_verdict, read_report

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.calibration import load_calibration, local_files
-from pipeline.errors import InputError
-from pipeline.gptq import QuantResult, QuantSpec, gptq, n_groups, rtn
-from pipeline.gptq_format import (RAGGED_REFUSED_BY, SUFFIXES, dequantize, pack, packed_shapes,
+from verify.errors import InputError
+from pipeline.gptq import QuantSpec, gptq
+from verify.grid import QuantResult, rtn
+from verify.gptq_format import (RAGGED_REFUSED_BY, SUFFIXES, dequantize, n_groups, pack, packed_shapes,
                                   ragged, write_configs)
 from pipeline.output import check_target, partial_path, staged_dir
-from pipeline.safetensors_stream import TensorSpec, ShardedWriter, parse_size
+from verify.safetensors_stream import TensorSpec, ShardedWriter, parse_size
 from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
 from verify.llama import (LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs, compute_dtype,
                           linear_shapes, load_layer, pick_device, rotary)
@@ -133,7 +134,7 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
                 W = state[f"{name}.weight"].to(dev, torch.float32)
                 if not bool(torch.isfinite(W).all()):
                     raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
-                r: QuantResult = gptq(W, H[group[0]], spec) if spec.method == "gptq" else rtn(W, spec)
+                r: QuantResult = gptq(W, H[group[0]], spec) if spec.method == "gptq" else rtn(W, spec.grid)
                 layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
                 packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
                 tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})

@@ -36,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from pipeline import chat
-from pipeline.errors import InputError
+from verify.errors import InputError
 from verify import thresholds
 from verify.runtimes import RUNTIMES
 
@@ -162,7 +162,7 @@ class VerifyOptions:
     runtimes: list[str] = field(default_factory=list)  # verify/runtimes.py RUNTIMES names
 
     def thresholds(self) -> dict[str, dict[int, float]]:
-        """The threshold tables the recipe sets (kind → bits → value), for pipeline.verify."""
+        """The threshold tables the recipe sets (kind → bits → value), for pipeline.judge."""
         return {kind: getattr(self, kind) for kind in thresholds.KINDS if getattr(self, kind)}
 
 
@@ -179,7 +179,7 @@ class GGUFFile:
     top1: float | None = None
 
     def thresholds(self) -> dict[str, float]:
-        """The thresholds this entry sets (kind → value), for pipeline.verify."""
+        """The thresholds this entry sets (kind → value), for pipeline.judge."""
         return {k: getattr(self, k) for k in thresholds.GGUF_KINDS if getattr(self, k) is not None}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import chat
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 
 # Meta's Llama 3 pre-tokenisation pattern and special tokens (256 after the BPE ranks).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.calibration import load_calibration
-from pipeline.errors import InputError
+from verify.errors import InputError
 from demo_model import demo_fp16
 
 NAMES = ["x", "y", "n", "total", "count", "items", "value", "key", "result", "data", "index"]

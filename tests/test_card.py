@@ -12,7 +12,7 @@ import yaml
 from markdown_it import MarkdownIt
 
 from pipeline import card
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.recipe import load_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -169,7 +169,7 @@ def compatibility_section(text: str) -> str:
 def test_card_compatibility_is_what_verify_measured(recipe, branches):
     """Only runtimes the report measured appear: no report section, no runtime named; a ragged
     branch gets RAGGED_REFUSED_BY and its measured refusal, a runtime that was not run its reason."""
-    from pipeline.gptq_format import RAGGED_REFUSED_BY
+    from verify.gptq_format import RAGGED_REFUSED_BY
 
     bare = {k: v for k, v in REPORT.items() if k != "runtimes"}
     section = compatibility_section(card.gptq_card(recipe, branches, bare, "llama", "https://huggingface.co"))

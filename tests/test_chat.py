@@ -28,7 +28,7 @@ from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, build_checkpoint,
 from pipeline import card, chat
 from pipeline.cli import cli
 from pipeline.convert import convert
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import convert_tokenizer
 
@@ -301,7 +301,7 @@ def test_transformers_4_gives_the_same_ids(converted, tmp_path):
         assert got == expected, case["dir"]
 
 
-# ---------------------------------------------------------------- convert, cards, recipes, verify
+# ---------------------------------------------------------------- convert, cards, recipes, judge
 
 @pytest.mark.parametrize("spec,fmt,stops", [
     ("llama2", "llama2", lambda n: [2]),
@@ -464,12 +464,12 @@ def test_verify_sends_chat_prompts_through_the_template(tmp_path):
     """verify's generation check gets each chat prompt as the chat template renders it (the
     prompt recorded is that text; tokenised it is Meta's dialog encoding)."""
     from meta_fixtures import corpus
-    from pipeline.verify import verify
+    from pipeline.judge import judge
 
     src = build_checkpoint(tmp_path / "meta", "llama2", 1)
     convert(src, tmp_path / "fp16", chat_format="llama2")
     (tmp_path / "eval.txt").write_text(corpus()[:6000])
-    report = verify(fp16=tmp_path / "fp16", eval_text=str(tmp_path / "eval.txt"),
+    report = judge(fp16=tmp_path / "fp16", eval_text=str(tmp_path / "eval.txt"),
                     out=tmp_path / "v", seqlen=64, max_windows=2, prompts=["def main():"],
                     chat_prompts=[" Reverse a string."])
     (gen,) = [c for c in report["checks"] if c["check"] == "generation"]
@@ -480,5 +480,5 @@ def test_verify_sends_chat_prompts_through_the_template(tmp_path):
         meta_llama2_dialog(sp, [{"role": "user", "content": " Reverse a string."}])
     convert(src, tmp_path / "plain")
     with pytest.raises(InputError, match="no chat template"):
-        verify(fp16=tmp_path / "plain", eval_text=str(tmp_path / "eval.txt"), out=tmp_path / "w",
+        judge(fp16=tmp_path / "plain", eval_text=str(tmp_path / "eval.txt"), out=tmp_path / "w",
                seqlen=64, max_windows=2, chat_prompts=["hi"])

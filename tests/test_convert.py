@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pipeline import cli
 from pipeline import convert as convert_module
 from pipeline.convert import convert
-from pipeline.errors import InputError, OutputExistsError, PipelineError
+from verify.errors import InputError, OutputExistsError, PipelineError
 from meta_fixtures import SPECS, build_checkpoint, edit_shard, random_state, refresh_checklist
 from verify.meta_reference import meta_logits
 

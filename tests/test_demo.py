@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from pipeline.demo import (DemoSettings, retrain_model, shipped_model, stdlib_split, token_stream,
                            train, train_tokenizer)
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.recipe import load_recipe
 from verify.meta_reference import meta_logits
 from demo_model import DEMO, EVAL, META

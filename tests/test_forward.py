@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import verify.forward as forward
-from pipeline.errors import InputError
+from verify.errors import InputError
 from verify.checkpoint import HFCheckpoint
 from verify.forward import LayerwiseModel
 

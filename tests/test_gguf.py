@@ -31,7 +31,7 @@ from pipeline.meta import permute_rotary
 from pipeline.publish import publish
 from pipeline.recipe import load_recipe
 from pipeline.tokenizer import PROBES, load_source
-from pipeline.verify import eval_documents, load_tokenizer, verify
+from pipeline.judge import eval_documents, load_tokenizer, judge
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.llamacpp import GGUFModel
@@ -263,7 +263,7 @@ def test_verify_reports_and_gates_each_file(job, tmp_path):
     assert q4["thresholds"] == {"tolerance": th.GGUF["Q4_K_M"]["tolerance"]}
     rise = q4["metrics"]["ratio"] - 1
     assert rise > 0, q4  # measured +0.1% on 64 windows; positive on these 16 as well
-    gated = verify(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
+    gated = judge(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
                    seqlen=SEQLEN, max_windows=16, device="cpu", ggufs=[job["gguf"]["Q4_K_M"]],
                    gguf_thresholds={"Q4_K_M": {"tolerance": rise / 2}})
     c = check(gated, "perplexity", job["gguf"]["Q4_K_M"].name)
@@ -293,7 +293,7 @@ def broken(source: Path, dest: Path, edit: str) -> Path:
 
 def test_a_broken_conversion_fails_gguf_parity(job, tmp_path):
     files = [broken(job["gguf"]["F16"], tmp_path / f"broken-{e}.F16.gguf", e) for e in ("theta", "qk")]
-    report = verify(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
+    report = judge(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
                     seqlen=SEQLEN, max_windows=4, device="cpu", ggufs=files)
     for f in files:
         c = check(report, "gguf_parity", f.name)
@@ -504,7 +504,7 @@ def test_every_type_has_default_thresholds_and_a_llama_cpp_file_type():
      "unknown key(s) bits"),
 ])
 def test_recipe_gguf_entries_are_validated(edit, message, tmp_path):
-    from pipeline.errors import InputError
+    from verify.errors import InputError
 
     (tmp_path / "r.toml").write_text(edit(RECIPE))
     with pytest.raises(InputError, match=re.escape(message)):
@@ -515,7 +515,7 @@ def test_a_credential_in_gguf_metadata_is_refused(job, tmp_path):
     """GGUF files are binary, but their string metadata is free text (name, chat template): the
     publish scan reads it."""
     from pipeline.credentials import refuse_credentials
-    from pipeline.errors import InputError
+    from verify.errors import InputError
 
     write_gguf(job["work"] / "fp16", tmp_path / "t.gguf", name=f"model {TOKEN}")
     with pytest.raises(InputError, match="t.gguf: a Hugging Face token"):
@@ -526,7 +526,7 @@ def test_a_credential_in_gguf_metadata_is_refused(job, tmp_path):
 def test_publish_refuses_a_report_that_misstates_a_files_type(job, tmp_path):
     """An F16 file recorded as Q8_0, its gguf_parity dropped (Q8_0 needs none): the verdict alone
     would pass; publish reads the type from the file and refuses."""
-    from pipeline.errors import CheckFailed
+    from verify.errors import CheckFailed
 
     report = json.loads(json.dumps(job["report"]))
     f16 = job["gguf"]["F16"].name

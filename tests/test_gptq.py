@@ -4,8 +4,9 @@ shrunk one column at a time, float64); reconstruction error against RTN; the gri
 import pytest
 import torch
 
-from pipeline.errors import InputError, PipelineError
-from pipeline.gptq import QuantSpec, Quantizer, gptq, rtn
+from verify.errors import InputError, PipelineError
+from pipeline.gptq import QuantSpec, gptq
+from verify.grid import Quantizer, rtn
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
     X = correlated_inputs(256, 1024, seed=bits)
     H = 2 / X.shape[0] * X.t() @ X
     spec = QuantSpec(bits=bits, group_size=group_size, act_order=False)
-    e_gptq, e_rtn = layer_error(W, gptq(W, H, spec).Q, X), layer_error(W, rtn(W, spec).Q, X)
+    e_gptq, e_rtn = layer_error(W, gptq(W, H, spec).Q, X), layer_error(W, rtn(W, spec.grid).Q, X)
     assert e_gptq < 0.5 * e_rtn
 
 
@@ -147,13 +148,13 @@ def test_grid_known_values():
 def test_rtn_and_mse_search():
     g = torch.Generator().manual_seed(6)
     W = torch.randn(64, 128, generator=g)
-    plain = rtn(W, QuantSpec(3, 32, False))
+    plain = rtn(W, QuantSpec(3, 32, False).grid)
     s, gi = plain.scales.t()[:, torch.arange(128) // 32], torch.arange(128) // 32
     amax = W.abs().view(64, 4, 32).amax(-1).t()  # [groups, out]
     assert torch.equal(plain.scales, (2 * amax / 7).half().float())
     assert torch.equal(plain.Q, s * (torch.clamp(torch.round(W / s) + 4, 0, 7) - 4))
     assert torch.equal(plain.g_idx.long(), gi)
-    searched = rtn(W, QuantSpec(3, 32, False, mse=True))
+    searched = rtn(W, QuantSpec(3, 32, False, mse=True).grid)
     assert ((W - searched.Q) ** 2).sum() < ((W - plain.Q) ** 2).sum()
 
 

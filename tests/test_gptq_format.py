@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from pipeline.errors import InputError
-from pipeline.gptq import QuantSpec, n_groups
-from pipeline.gptq_format import (dequantize, pack, pack_rows, quantize_config, ragged, unpack_rows,
+from verify.errors import InputError
+from pipeline.gptq import QuantSpec
+from verify.gptq_format import (dequantize, n_groups, pack, pack_rows, quantize_config, ragged, unpack_rows,
                                   write_configs)
 
 

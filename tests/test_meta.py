@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from meta_fixtures import SPECS, random_state, sentencepiece_model, tiktoken_model
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.meta import (detect_family, ffn_dim, hf_name, load_shard, meta_names, permute_rotary,
                            prefetch, read_params, release, rope_scaling, shard_paths,
                            verify_checksums, write_meta_checkpoint)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from demo_model import EVAL, demo_fp16
-from pipeline.errors import InputError
+from verify.errors import InputError
 from verify.forward import LayerwiseModel
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, kl_top1, logits_parity,
                             parity_passed, perplexity, windows)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline.errors import InputError, OutputExistsError
+from verify.errors import InputError, OutputExistsError
 from pipeline.output import check_target, partial_path, staged_dir
 
 MANIFEST = "made.json"  # what the stage under test always writes

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants, snapshot_download
 from safetensors.numpy import save_file
 
-from pipeline.errors import CheckFailed, InputError, PipelineError
+from verify.errors import CheckFailed, InputError, PipelineError
 from pipeline.publish import command, publish
 from pipeline.recipe import load_recipe
 from hub_server import Fault, HubServer

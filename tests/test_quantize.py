@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import pipeline.quantize as stage
 from pipeline.cli import main
-from pipeline.errors import InputError, OutputExistsError
+from verify.errors import InputError, OutputExistsError
 from pipeline.gptq import QuantSpec, gptq
 from pipeline.quantize import LINEARS, quantize
 from demo_model import CALIBRATION, EVAL, demo_fp16

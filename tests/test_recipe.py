@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.recipe import find_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from demo_model import CALIBRATION, EVAL, demo_fp16
 from pipeline.gptq import QuantSpec
-from pipeline.gptq_format import RAGGED_REFUSED_BY
+from verify.gptq_format import RAGGED_REFUSED_BY
 from pipeline.quantize import quantize
 from verify import runtimes
 from verify.forward import LayerwiseModel

@@ -17,7 +17,7 @@ import pytest
 from meta_fixtures import build_checkpoint
 from cli_runner import run_cli
 from pipeline.credentials import PATTERNS, find_credentials, masked_url, strip_url
-from pipeline.errors import CheckFailed, InputError
+from verify.errors import CheckFailed, InputError
 from pipeline.recipe import ALLOW_ENV, MAX_CARD_BYTES, load_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -341,7 +341,7 @@ def test_verify_records_its_inputs_and_publish_matches_them_to_the_conversion(tm
     the same fp16 verified against another checkpoint."""
     from meta_fixtures import corpus
     from pipeline.convert import convert
-    from pipeline.verify import verify
+    from pipeline.judge import judge
     from verify.report import check_inputs, check_verdict, read_report
 
     meta = build_checkpoint(tmp_path / "meta", "llama2", 2)
@@ -351,7 +351,7 @@ def test_verify_records_its_inputs_and_publish_matches_them_to_the_conversion(tm
     (tmp_path / "eval" / "a.txt").write_text(corpus()[:6000])
     args = dict(fp16=tmp_path / "fp16", eval_text=str(tmp_path / "eval"), seqlen=64, max_windows=2,
                 prompts=["def main():"], device="cpu")
-    verify(meta=meta, out=tmp_path / "v", **args)
+    judge(meta=meta, out=tmp_path / "v", **args)
     path = tmp_path / "v" / "verify.json"
     report = read_report(path)
     files = report["inputs"]["meta"]["files"]
@@ -365,7 +365,7 @@ def test_verify_records_its_inputs_and_publish_matches_them_to_the_conversion(tm
     check_verdict(report, ["fp16"], path)
     check_inputs(report, path, conversion)
 
-    verify(meta=other, out=tmp_path / "v2", **args)
+    judge(meta=other, out=tmp_path / "v2", **args)
     path = tmp_path / "v2" / "verify.json"
     with pytest.raises(CheckFailed, match="other than the one the fp16 model was converted from") as e:
         check_inputs(read_report(path), path, conversion)

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, padded_sentencepiece_model,
                            sentencepiece_model, tiktoken_model)
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 from pipeline.tokenizer import check_ids, convert_tokenizer, load_source, tokenizer_kind
 
 TEXTS = (

@@ -24,12 +24,12 @@ from demo_model import CALIBRATION, EVAL, demo_fp16
 from meta_fixtures import build_checkpoint, corpus
 import cli_runner
 from pipeline.convert import convert
-from pipeline.errors import CheckFailed, InputError, OutputExistsError
+from verify.errors import CheckFailed, InputError, OutputExistsError
 from pipeline.gptq import QuantSpec
-from pipeline.gptq_format import dequantize
+from verify.gptq_format import dequantize
 from pipeline.quantize import quantize
 from pipeline.recipe import load_recipe
-from pipeline.verify import verify
+from pipeline.judge import judge
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
@@ -97,8 +97,8 @@ def test_good_conversion_passes(converted, tmp_path, monkeypatch, capsys):
 
 
 def test_report_numbers_reproducible(converted, tmp_path):
-    a = verify(**meta_args(converted, tmp_path / "a"))
-    b = verify(**meta_args(converted, tmp_path / "b"))
+    a = judge(**meta_args(converted, tmp_path / "a"))
+    b = judge(**meta_args(converted, tmp_path / "b"))
     for r in (a, b):
         r.pop("tokens_per_second")
     assert a == b
@@ -160,7 +160,7 @@ def test_broken_conversion_fails_parity(converted, tmp_path, monkeypatch, capsys
 
 def test_integrity_detects_changed_missing_and_new_files(converted, tmp_path):
     fp16 = broken_copy(converted, tmp_path, lambda d: None)
-    report = verify(**{**meta_args(converted, tmp_path / "v"), "fp16": fp16, "meta": None})
+    report = judge(**{**meta_args(converted, tmp_path / "v"), "fp16": fp16, "meta": None})
     assert "conversion_parity" not in {c["check"] for c in report["checks"]}
     check_integrity(tmp_path / "v", "fp16")
     (fp16 / "generation_config.json").write_text("{}")
@@ -181,21 +181,21 @@ def test_bad_inputs(converted, tmp_path, monkeypatch, capsys):
                            converted["eval"], "--out", str(tmp_path / "v"), "--tolerance", "4:0.05")
     assert code == 2 and "expected BITS=VALUE" in err
     with pytest.raises(InputError, match="--seqlen 5000: longer than .*4096"):
-        verify(**{**base, "seqlen": 5000})
+        judge(**{**base, "seqlen": 5000})
     with pytest.raises(InputError, match=r"missing-dir/config.json: missing"):
-        verify(**{**base, "fp16": tmp_path / "missing-dir"})
+        judge(**{**base, "fp16": tmp_path / "missing-dir"})
     with pytest.raises(InputError, match="no evaluation text files found"):
-        verify(**{**base, "eval_text": str(tmp_path / "nothing" / "*.py")})
+        judge(**{**base, "eval_text": str(tmp_path / "nothing" / "*.py")})
     (tmp_path / "short.txt").write_text("def f(): pass\n")
     with pytest.raises(InputError, match=r"short.txt: \d+ tokens, shorter than one window of 64"):
-        verify(**{**base, "eval_text": str(tmp_path / "short.txt")})
+        judge(**{**base, "eval_text": str(tmp_path / "short.txt")})
     with pytest.raises(InputError, match="Meta checkpoint directory missing"):
-        verify(**{**base, "meta": tmp_path / "no-meta"})
+        judge(**{**base, "meta": tmp_path / "no-meta"})
     with pytest.raises(InputError, match="not a GPTQ model"):
-        verify(**{**base, "quants": [converted["fp16"]]})
+        judge(**{**base, "quants": [converted["fp16"]]})
     (tmp_path / "v").mkdir()
     with pytest.raises(OutputExistsError):
-        verify(**base)
+        judge(**base)
 
 
 # ------------------------------------------------ GPTQ variants of the shipped demo model vs fp16
@@ -266,7 +266,7 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def demo_verify(demo: dict[str, Path], names: list[str], out: Path, **kw) -> dict:
-    return verify(**{"fp16": demo["fp16"], "quants": [demo[n] for n in names], "eval_text": EVAL,
+    return judge(**{"fp16": demo["fp16"], "quants": [demo[n] for n in names], "eval_text": EVAL,
                      "out": out, "seqlen": SEQ, "max_windows": NWIN, "prompts": PROMPTS, **kw})
 
 

@@ -18,7 +18,7 @@ import pytest
 from demo_model import CALIBRATION, EVAL, demo_fp16
 from pipeline.gptq import QuantSpec
 from pipeline.quantize import quantize
-from pipeline.verify import RUNTIME_WINDOWS, failed_checks, verify
+from pipeline.judge import RUNTIME_WINDOWS, failed_checks, judge
 from test_runtimes import RAGGED_FFN, ragged_model
 from verify.report import TABLE_NAME
 from verify.runtimes import PPL_MATCH
@@ -41,7 +41,7 @@ def demo(tmp_path_factory) -> dict[str, Path]:
 
 
 def run(fp16: Path, quants: list[Path], out: Path, runtimes: list[str]) -> dict:
-    return verify(fp16=fp16, quants=quants, eval_text=EVAL, out=out, seqlen=SEQ,
+    return judge(fp16=fp16, quants=quants, eval_text=EVAL, out=out, seqlen=SEQ,
                   max_windows=RUNTIME_WINDOWS, prompts=["def f():"], device="cpu",
                   runtimes=runtimes)
 

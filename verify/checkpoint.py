@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pipeline.errors import InputError
-from pipeline.gptq import n_groups
-from pipeline.gptq_format import BITS, packed_shapes
-from pipeline.safetensors_stream import DTYPES, FLOAT_DTYPES, StoredTensor, read_header
+from verify.errors import InputError
+from verify.gptq_format import BITS, n_groups, packed_shapes
+from verify.safetensors_stream import DTYPES, FLOAT_DTYPES, StoredTensor, read_header
 from verify.llama import LlamaArgs, linear_shapes
 
 INDEX_NAME = "model.safetensors.index.json"

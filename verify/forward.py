@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.errors import InputError
-from pipeline.gptq_format import SUFFIXES, dequantize
+from verify.errors import InputError
+from verify.gptq_format import SUFFIXES, dequantize
 from verify.checkpoint import HFCheckpoint
 from verify.llama import LINEAR_GROUPS, DecoderLayer, load_layer, rms_norm, rotary
 from verify.metrics import kl_top1

@@ -10,18 +10,18 @@ import sys
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import InputError
-from pipeline.gptq import QuantSpec, n_groups, rtn
-from pipeline.gptq_format import dequantize
+from verify.errors import InputError
+from verify.gptq_format import dequantize, n_groups
+from verify.grid import Grid, rtn
 from verify.checkpoint import HFCheckpoint
 from verify.forward import packed_linears
 
 
-def rtn_spec(quantization: dict) -> QuantSpec:
-    """Round-to-nearest at a variant's bits, group size and symmetry (config.json's
-    quantization_config): the baseline grid."""
-    return QuantSpec(bits=int(quantization["bits"]), group_size=int(quantization["group_size"]),
-                     act_order=False, sym=bool(quantization.get("sym", True)), method="rtn")
+def rtn_grid(quantization: dict) -> Grid:
+    """The grid of a variant's bits, group size and symmetry (config.json's quantization_config):
+    where round-to-nearest, the baseline, rounds."""
+    return Grid(int(quantization["bits"]), int(quantization["group_size"]),
+                bool(quantization.get("sym", True)))
 
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor) -> float:
@@ -64,7 +64,7 @@ def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device:
         rtn_cache: dict[tuple, float] = {}
         for name, ckpt in variants.items():
             q = ckpt.quantization
-            bits, spec = int(q["bits"]), rtn_spec(q)
+            bits, grid = int(q["bits"]), rtn_grid(q)
             prefix = f"{ckpt.path}: model.layers.{i}"
             for linear, parts in packed_linears(ckpt.layer_state(i), bits, device, prefix).items():
                 W = ref[f"{linear}.weight"].to(device, torch.float32)
@@ -72,11 +72,11 @@ def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device:
                 if Wq.shape != W.shape:
                     raise InputError(f"{prefix}.{linear}: dequantises to {tuple(Wq.shape)}, the "
                                      f"fp16 weight is {tuple(W.shape)}")
-                key = (linear, spec.bits, spec.group_size, spec.sym)
+                key = (linear, grid.bits, grid.group_size, grid.sym)
                 if key not in rtn_cache:
-                    rtn_cache[key] = relative_error(W, rtn(W, spec).Q)
+                    rtn_cache[key] = relative_error(W, rtn(W, grid).Q)
                 result[name][f"model.layers.{i}.{linear}"] = {
                     "error": relative_error(W, Wq), "rtn_error": rtn_cache[key],
-                    "g_idx": g_idx_problem(parts["g_idx"], spec.group_size,
+                    "g_idx": g_idx_problem(parts["g_idx"], grid.group_size,
                                            bool(q.get("desc_act", False)))}
     return result

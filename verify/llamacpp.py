@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError
 from verify.checkpoint import read_json
 from verify.llama import LlamaArgs
 from verify.metrics import kl_top1, logits_parity

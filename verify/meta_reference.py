@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 from pipeline.meta import (MetaCheckpoint, ffn_dim, load_shard, prefetch, release,
                            rope_scaling)
 

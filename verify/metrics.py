@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 
 
 def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.errors import CheckFailed, InputError
+from verify.errors import CheckFailed, InputError
 
 SCHEMA = 1
 REPORT_NAME = "verify.json"

@@ -4,12 +4,13 @@ bit packing for 2/3/4/8 bits, dequantisation as the runtimes compute it, and the
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 
 BITS = (2, 3, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # tensors of one quantised linear
@@ -18,6 +19,12 @@ MASK32 = 0xFFFFFFFF
 # size. The format (ceil(in/group) groups, g_idx) and GPTQModel's torch kernel accept it;
 # transformers (optimum) picks GPTQModel's int4/AVX-512 CPU kernels, which refuse it (measured).
 RAGGED_REFUSED_BY = ("vLLM", "Marlin", "ExLlama", "transformers")
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Rows of scales/qzeros for a linear with in_features inputs (the last group is partial
+    when group_size does not divide in_features)."""
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
 def ragged(n_in: int, group_size: int) -> bool:

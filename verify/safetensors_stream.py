@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import torch
 
-from pipeline.errors import InputError
+from verify.errors import InputError
 
 DTYPES = {
     torch.float16: "F16",

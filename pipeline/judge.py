@@ -27,13 +27,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pipeline import __version__
 from pipeline.calibration import file_documents, hf_documents, local_files
 from pipeline.chat import chat_prompt
-from pipeline.errors import CheckFailed, InputError
+from verify.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
-from pipeline.gptq import rtn
-from pipeline.gptq_format import RAGGED_REFUSED_BY, ragged
+from verify.grid import rtn
+from verify.gptq_format import RAGGED_REFUSED_BY, ragged
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
-from verify.integrity import module_errors, rtn_spec
+from verify.integrity import module_errors, rtn_grid
 from verify.llama import compute_dtype, linear_shapes, pick_device
 from verify.meta_reference import meta_logits
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
@@ -94,8 +94,8 @@ def check_same_tokenizer(fp16_tok: PreTrainedTokenizerBase, tok: PreTrainedToken
 
 def rtn_weight_fn(quantization: dict[str, Any]) -> WeightFn:
     """Round-to-nearest at the variant's bits/group/sym, dequantised (the baseline GPTQ beats)."""
-    spec = rtn_spec(quantization)
-    return lambda name, W: rtn(W, spec).Q
+    grid = rtn_grid(quantization)
+    return lambda name, W: rtn(W, grid).Q
 
 
 def open_models(fp16: Path, quants: list[Path], table: th.Table, device: torch.device,
@@ -318,7 +318,7 @@ def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict
     return section, checks
 
 
-def verify(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval_text: str,
+def judge(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval_text: str,
            out: Path, seqlen: int = 2048, max_windows: int | None = None,
            thresholds: th.Table | None = None, baseline_rtn: bool = False,
            prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
@@ -544,7 +544,7 @@ def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, p
             chat_prompts, device, ggufs, gguf_thresholds, runtimes, as_json, force,
             **thresholds) -> None:
     """Prove fp16, GPTQ and GGUF artifacts by forward passes; exit 3 when any check fails."""
-    report = verify(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
+    report = judge(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
                     seqlen=seqlen, max_windows=max_windows,
                     thresholds={k: v for k, v in thresholds.items() if v},
                     baseline_rtn=baseline == "rtn", prompts=list(prompts) or None,

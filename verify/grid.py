@@ -1,0 +1,115 @@
+"""The GPTQ quantisation grid (min-max scale and zero per output row and group, scales in fp16)
+and round-to-nearest (RTN) on it: what the quantizer rounds to and the baseline verify measures
+every variant against. Weights are W [out, in]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Bits, columns per group (-1: one group), symmetric zero, MSE-searched range."""
+
+    bits: int
+    group_size: int
+    sym: bool = True
+    mse: bool = False
+
+
+class Quantizer:
+    """The grid q = clamp(round(w/s) + z, 0, maxq), fitted per output row on a slice of W.
+
+    Scales are rounded to fp16 when fitted (what the checkpoint stores), so s·(q − z) here is
+    bit-for-bit what a runtime dequantises. GPTQ v1 stores z − 1 unsigned, so z ≥ 1 always.
+    """
+
+    def __init__(self, bits: int, sym: bool = True, mse: bool = False, grid: int = 100,
+                 maxshrink: float = 0.8, norm: float = 2.4) -> None:
+        self.maxq, self.sym, self.mse = 2**bits - 1, sym, mse
+        self.grid, self.maxshrink, self.norm = grid, maxshrink, norm
+
+    def _grid(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) [out, 1] covering [xmin, xmax] (xmin ≤ 0 ≤ xmax)."""
+        if self.sym:
+            xmax = torch.maximum(-xmin, xmax)
+            scale = 2 * xmax / self.maxq
+            zero = torch.full_like(scale, (self.maxq + 1) // 2)
+        else:
+            scale = (xmax - xmin) / self.maxq
+            zero = torch.round(-xmin / scale)
+            # z = 0 is unstorable in v1: anchor the grid at z = 1 (still covers [xmin, xmax]).
+            scale = torch.where(zero < 1, xmax / (self.maxq - 1), scale)
+            zero = zero.clamp(1, self.maxq)
+        scale = scale.half().float().clamp(min=torch.finfo(torch.float16).tiny)
+        return scale.unsqueeze(1), zero.unsqueeze(1)
+
+    def fit(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero), each [out, 1], for the columns W [out, k]; MSE search if enabled."""
+        xmin = W.min(1).values.clamp(max=0)
+        xmax = W.max(1).values.clamp(min=0)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin, xmax = xmin.masked_fill(both0, -1), xmax.masked_fill(both0, 1)
+        scale, zero = self._grid(xmin, xmax)
+        if self.mse:
+            best = torch.full_like(xmin, float("inf"))
+            for i in range(int(self.maxshrink * self.grid)):
+                p = 1 - i / self.grid
+                s1, z1 = self._grid(p * xmin, p * xmax)
+                err = (self.quantize(W, s1, z1) - W).abs().pow(self.norm).sum(1)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale = torch.where(better[:, None], s1, scale)
+                zero = torch.where(better[:, None], z1, zero)
+        return scale, zero
+
+    def ints(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Fake-quantise: the float value the runtime will compute for w."""
+        return scale * (self.ints(w, scale, zero) - zero)
+
+
+@dataclass
+class QuantResult:
+    """Fake-quantised weights Q [out, in] (float32) and what the checkpoint stores for them."""
+
+    Q: torch.Tensor
+    scales: torch.Tensor  # [n_groups, out], float32 holding fp16 values
+    zeros: torch.Tensor  # [n_groups, out], in [1, maxq]
+    g_idx: torch.Tensor  # [in], int32
+    loss: float
+    damp: float | None = None
+    damp_retries: list[float] = field(default_factory=list)
+
+    def ints(self, bits: int) -> torch.Tensor:
+        """Integer weights q [out, in] such that Q = scales[g]·(q − zeros[g])."""
+        g = self.g_idx.long()
+        s, z = self.scales.t()[:, g], self.zeros.t()[:, g]  # [out, in]
+        return torch.clamp(torch.round(self.Q / s) + z, 0, 2**bits - 1).to(torch.int32)
+
+
+def group_width(n_cols: int, group_size: int) -> int:
+    """Columns per group; one group (all columns) for -1 or a size beyond the width."""
+    return n_cols if group_size == -1 else min(group_size, n_cols)
+
+
+def stack(params: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale [out, 1], zero [out, 1]) -> scales, zeros [n_groups, out]."""
+    return torch.cat([s for s, _ in params], 1).t(), torch.cat([z for _, z in params], 1).t()
+
+
+def rtn(W: torch.Tensor, grid: Grid) -> QuantResult:
+    """Round-to-nearest on the same grid and groups (the baseline GPTQ is measured against)."""
+    W = W.float()
+    n = W.shape[1]
+    quantizer = Quantizer(grid.bits, grid.sym, grid.mse)
+    g = group_width(n, grid.group_size)
+    scales, zeros = stack([quantizer.fit(W[:, i:i + g]) for i in range(0, n, g)])
+    g_idx = torch.arange(n, device=W.device) // g
+    s, z = scales.t()[:, g_idx], zeros.t()[:, g_idx]  # [out, in]
+    Q = quantizer.quantize(W, s, z)
+    return QuantResult(Q, scales, zeros, g_idx.to(torch.int32), float(((W - Q) ** 2).sum()))
