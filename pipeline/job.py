@@ -30,6 +30,7 @@ from pipeline import __version__
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import overlap, partial_path
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
+from verify.report import perplexity_rows, render_perplexity
 
 STAGES = ("convert", "quantize", "gguf", "verify", "publish")
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
@@ -412,45 +413,6 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def perplexity_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """fp16 / GPTQ / RTN perplexity per artifact of a verify report, with ratios to fp16, and each
-    variant's mean KL and top-1 agreement against fp16."""
-    from verify.report import check_metrics
-
-    ppl = report.get("perplexity", {})
-    kl = check_metrics(report, "kl_divergence")
-    base = ppl.get("fp16")
-    rows = []
-    for name, art in report.get("artifacts", {}).items():
-        if name not in ppl:
-            continue
-        rtn = ppl.get(f"{name}:rtn")
-        rows.append({"artifact": name, "bits": art.get("bits", 16), "group_size": art.get("group_size"),
-                     "act_order": art.get("desc_act"), "ppl": ppl[name],
-                     "ratio": ppl[name] / base if base else None, "ppl_rtn": rtn,
-                     "ratio_rtn": rtn / base if rtn and base else None,
-                     "kl_mean": kl.get(name, {}).get("kl_mean"), "top1": kl.get(name, {}).get("top1")})
-    return rows
-
-
-def render_perplexity(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: artifact, bits, group, act-order, GPTQ ppl (Δ), RTN ppl (Δ), KL, top-1."""
-    def delta(r: float | None) -> str:
-        return "" if r is None else f" ({(r - 1) * 100:+.1f}%)"
-
-    out = ["| artifact | bits | group | act-order | perplexity | RTN perplexity | KL mean | top-1 |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        group = "" if r["group_size"] is None else str(r["group_size"])
-        act = "" if r["act_order"] is None else str(r["act_order"])
-        gptq = f"{r['ppl']:.3f}" + ("" if r["artifact"] == "fp16" else delta(r["ratio"]))
-        rtn = "" if r["ppl_rtn"] is None else f"{r['ppl_rtn']:.3f}{delta(r['ratio_rtn'])}"
-        kl = "" if r["kl_mean"] is None else f"{r['kl_mean']:.4f}"
-        top1 = "" if r["top1"] is None else f"{r['top1']:.1%}"
-        out.append(f"| {r['artifact']} | {r['bits']} | {group} | {act} | {gptq} | {rtn} | {kl} | {top1} |")
-    return "\n".join(out)
 
 
 def render_summary(result: dict[str, Any]) -> str:
