@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# llama.cpp is compiled from source by llama-cpp-python (~6 min on 2 idle cores); a portable
 	# build (no -march=native), so what the tests measured is what any CPU of the kind runs
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[test,gguf]'
+	# scale: Ray and submitit, for `run --executor ray|slurm` and tests/test_scaleout.py
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[test,gguf,scale]'
 	# GPTQ runtimes: gptqmodel's build imports torch, so no build isolation, and no CUDA extension
 	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation -e '.[runtimes]'
 	touch $(STAMP)

@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from demo_model import CALIBRATION, demo_fp16  # noqa: E402  (the shipped demo model)
 
 from pipeline.gptq import QuantSpec  # noqa: E402
-from pipeline.quantize import linear_shapes, quantize  # noqa: E402
-from verify.llama import LlamaArgs  # noqa: E402
+from pipeline.quantize import quantize  # noqa: E402
+from verify.llama import LAYER_NORMS, LlamaArgs  # noqa: E402
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template")  # files copied over
 
@@ -63,10 +63,10 @@ def build(out: Path, width: int, n_layers: int, tokenizer: Path, vocab: int) -> 
              "lm_head.weight": rand(vocab, width)}
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        for name, shape in linear_shapes(LlamaArgs.from_hf_config(cfg)).items():
+        for name, shape in LlamaArgs.from_hf_config(cfg).linear_shapes().items():
             state[f"{p}{name}.weight"] = rand(*shape)
-        state[p + "input_layernorm.weight"] = torch.ones(width).half()
-        state[p + "post_attention_layernorm.weight"] = torch.ones(width).half()
+        for norm in LAYER_NORMS:
+            state[p + norm] = torch.ones(width).half()
     save_file(state, str(out / "model.safetensors"))
     return out
 

@@ -17,6 +17,7 @@ import torch
 from verify.errors import InputError
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
+NSAMPLES, SEQLEN, SEED = 128, 2048, 0  # GPTQ's calibration: 128 random 2048-token windows
 POOL_FACTOR = 4  # documents are read (in seeded order) until the pool holds 4× the tokens needed
 
 

@@ -19,8 +19,9 @@ from verify.errors import InputError
 from pipeline.recipe import Recipe, Variant
 from verify.gptq_format import RAGGED_REFUSED_BY
 from pipeline.judge import RUNTIME_WINDOWS
-from verify.runtimes import PPL_MATCH
-from verify.report import check_metrics
+from verify.thresholds import PPL_MATCH
+from verify.llama import LlamaArgs
+from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
 
 TEMPLATES = Path(__file__).parent / "templates"
 PART = re.compile(r"^<!-- part: (\w+) -->\n", re.M)
@@ -92,15 +93,12 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
              f"{b.damp_percent:g}", dataset_label(recipe, b.dataset, hub_url), str(b.seqlen),
              human_size(b.size), b.description] for b in branches]
     labels = {b.artifact: f"{b.name} ({b.bits}-bit, {group_label(b.group_size)})" for b in branches}
-    measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))")]
-    for b in branches:
-        measured.append((b.artifact, f"`{b.name}` ({b.bits}-bit, {group_label(b.group_size)})"))
-        measured.append((f"{b.artifact}:rtn", f"`{b.name}` RTN baseline"))
-    measured = [(key, label) for key, label in measured if key in ppl]
-    kl = check_metrics(report, "kl_divergence")
-    ppl_rows = [[label, f"{ppl[key]:.4f}", "—" if key == "fp16" else f"{(ppl[key] / ppl['fp16'] - 1) * 100:+.2f}%",
-                 *kl_cells(kl.get(key))] for key, label in measured]
-    has_rtn = any(key.endswith(":rtn") for key, _ in measured)
+    measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
+                *((b.artifact, f"`{b.name}` ({b.bits}-bit, {group_label(b.group_size)})")
+                  for b in branches)]
+    ppl_rows = perplexity_table(report, measured, {b.artifact: f"`{b.name}` RTN baseline"
+                                                   for b in branches})
+    has_rtn = any(f"{b.artifact}:rtn" in ppl for b in branches)
     example = next((b.name for b in branches if b.name != "main"), "main")
     meta = metadata(recipe, model_type, pub.gptq_repo, [(labels[k], ppl[k]) for k in labels if k in ppl])
     shown = [("fp16", "fp16"), *((b.artifact, f"`{b.name}`") for b in branches)]
@@ -142,10 +140,10 @@ class GGUFRow:
 
 
 def kv_cache(config: dict) -> tuple[int, int]:
-    """(trained context length, bytes of llama.cpp's f16 KV cache per token) from config.json."""
-    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    return config["max_position_embeddings"], 2 * layers * kv_heads * (config["hidden_size"] // heads) * 2
+    """(trained context length, bytes of llama.cpp's f16 KV cache per token) from config.json:
+    K and V, kv_dim wide, 2 bytes each, in every layer."""
+    a = LlamaArgs.from_hf_config(config)
+    return a.max_seq_len, 2 * a.n_layers * a.kv_dim * 2
 
 
 def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, hub_url: str) -> str:
@@ -158,12 +156,9 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, h
     url = repo_url(hub_url, pub.gguf_repo)
     files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type, str(r.bits), human_size(r.size),
               human_size(r.size + context * per_token), r.use_case] for r in rows]
-    kl = check_metrics(report, "kl_divergence")
     measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
                 *((r.name, f"`{r.name}`") for r in rows)]
-    ppl_rows = [[label, f"{ppl[key]:.4f}",
-                 "—" if key == "fp16" else f"{(ppl[key] / ppl['fp16'] - 1) * 100:+.2f}%",
-                 *kl_cells(kl.get(key))] for key, label in measured if key in ppl]
+    ppl_rows = perplexity_table(report, measured)
     parity = check_metrics(report, "gguf_parity")
     parity = next(iter(parity.values()), None)
     example = next((r.name for r in rows if r.type == "Q4_K_M"), rows[0].name)
@@ -215,11 +210,21 @@ def compatibility(report: dict, branches: list[Branch]) -> str:
     return text
 
 
-def kl_cells(metrics: dict | None) -> list[str]:
-    """Mean KL, 99th-percentile KL and same-top-token share against fp16 ("—" for fp16 and RTN)."""
-    if not metrics:
-        return ["—"] * 3
-    return [f"{metrics['kl_mean']:.4f}", f"{metrics['kl_p99']:.3f}", f"{metrics['top1']:.1%}"]
+def perplexity_table(report: dict, measured: list[tuple[str, str]],
+                     rtn: dict[str, str] | None = None) -> list[list[str]]:
+    """The card's perplexity rows, built from verify/report.py's rows and cells: each measured
+    (artifact, label) with its perplexity, change against fp16, KL mean / p99 and top-1, then
+    its RTN baseline's row (labelled `rtn[artifact]`) when one was measured."""
+    rows = {r["artifact"]: r for r in perplexity_rows(report)}
+    out = []
+    for key, label in measured:
+        if key not in rows:
+            continue
+        c = perplexity_cells(rows[key])
+        out.append([label, c["ppl"], c["vs_fp16"], c["kl_mean"], c["kl_p99"], c["top1"]])
+        if rtn and key in rtn and rows[key]["ppl_rtn"] is not None:
+            out.append([rtn[key], c["ppl_rtn"], c["rtn_vs_fp16"], NONE, NONE, NONE])
+    return out
 
 
 def generation(report: dict, shown: list[tuple[str, str]], note: str) -> str:

@@ -19,14 +19,15 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from verify.errors import InputError, PipelineError
-from pipeline.meta import (CHECKLIST, FAMILIES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS, MetaCheckpoint,
-                           hf_name, load_shard, md5_files, meta_names, model_args, permute_rotary,
-                           prefetch, release, shard_dim, split_name, verify_checksums)
+from pipeline.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS,
+                           MetaCheckpoint, hf_name, load_shard, md5_files, meta_names, model_args,
+                           permute_rotary, prefetch, release, shard_dim, split_name,
+                           verify_checksums)
 from pipeline.output import check_target, staged_dir
 from verify.safetensors_stream import ShardedWriter, TensorSpec, parse_size
 from pipeline.chat import FORMATS
 from pipeline.tokenizer import convert_tokenizer, load_source
-from verify.llama import LlamaArgs
+from verify.llama import LAYER_NORMS, LlamaArgs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MANIFEST = "conversion.json"
@@ -45,14 +46,11 @@ class Layout:
 
 
 def expected_shapes(a: LlamaArgs) -> dict[str, tuple[int, ...]]:
-    """Merged shape of every Meta tensor implied by the hyper-parameters, in output order."""
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    layer = {"attention.wq.weight": (q, a.dim), "attention.wk.weight": (kv, a.dim),
-             "attention.wv.weight": (kv, a.dim), "attention.wo.weight": (a.dim, q),
-             "feed_forward.w1.weight": (a.ffn_dim, a.dim),
-             "feed_forward.w3.weight": (a.ffn_dim, a.dim),
-             "feed_forward.w2.weight": (a.dim, a.ffn_dim),
-             "attention_norm.weight": (a.dim,), "ffn_norm.weight": (a.dim,)}
+    """Merged shape of every Meta tensor implied by the hyper-parameters, in output order: that of
+    the HF tensor it becomes (the q/k permutation keeps shapes)."""
+    hf = {f"{name}.weight": shape for name, shape in a.linear_shapes().items()}
+    hf.update(dict.fromkeys(LAYER_NORMS, (a.dim,)))
+    layer = {meta: hf[name] for meta, name in HF_LAYER_NAMES.items()}
     top = {"tok_embeddings.weight": (a.vocab_size, a.dim), "norm.weight": (a.dim,),
            "output.weight": (a.vocab_size, a.dim)}
     return {n: layer[s] if i is not None else top[s]
@@ -129,7 +127,7 @@ def read_layout(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]],
     args = model_args(p, ckpt.family, vocab, tied="output.weight" not in names)
     hd = args.head_dim
     wk_rows = shards[0]["layers.0.attention.wk.weight"].shape[0] * MP
-    if wk_rows != args.n_kv_heads * hd:
+    if wk_rows != args.kv_dim:
         raise InputError(f"{paths[0]}: attention.wk holds {wk_rows / hd:g} kv heads of {hd}, "
                          f"params.json says n_kv_heads={args.n_kv_heads}")
     if args.n_heads % MP or args.n_kv_heads % MP:

@@ -3,24 +3,36 @@ verify/grid.py (where RTN, the baseline, rounds too). Weights are W [out, in].""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 from verify.errors import InputError, PipelineError
-from verify.gptq_format import BITS
+from verify.gptq_format import BITS, GROUP_SIZE_RULE, valid_group_size
 from verify.grid import Grid, Quantizer, QuantResult, group_width, stack
 
 METHODS = ("gptq", "rtn")
 
 
+class SpecError(InputError):
+    """A QuantSpec field GPTQ cannot use: `key` (the field), its `value` and the `rule` it breaks.
+    The message names the CLI option; the recipe re-words it with its file and key."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        self.key, self.value, self.rule = key, value, rule
+        shown = "" if isinstance(value, bool) else f" {value!r}"
+        super().__init__(f"--{key.replace('_', '-')}{shown}: {rule}")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
-    """What to quantise to and how; the same spec means the same output."""
+    """What to quantise to and how; the same spec means the same output. Validated here, once,
+    for the CLI and the recipe alike (a recipe variant is a QuantSpec with more fields)."""
 
     bits: int
-    group_size: int
-    act_order: bool
+    group_size: int = 128
+    act_order: bool = False
     sym: bool = True
     damp: float = 0.01
     static_groups: bool = False
@@ -30,19 +42,22 @@ class QuantSpec:
     method: str = "gptq"
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise InputError(f"--bits {self.bits}: GPTQ packing supports {BITS}")
-        if self.group_size == 0 or self.group_size < -1:
-            raise InputError(f"--group-size {self.group_size}: use -1 (one group) or a size > 0")
-        if not 0 < self.damp < 1:
-            raise InputError(f"--damp {self.damp}: must be in (0, 1) (fraction of mean diag H)")
-        if self.method not in METHODS:
-            raise InputError(f"--method {self.method!r}: choose from {METHODS}")
-        if self.blocksize < 1:
-            raise InputError(f"blocksize {self.blocksize}: must be positive")
+        rules = (
+            ("bits", self.bits in BITS, f"must be one of {', '.join(map(str, BITS))} (GPTQ packing)"),
+            ("group_size", valid_group_size(self.group_size), GROUP_SIZE_RULE),
+            ("damp", 0 < self.damp < 1, "must be in (0, 1) (a fraction of mean diag H)"),
+            ("static_groups", not (self.static_groups and self.group_size == -1),
+             "needs a group size other than -1"),
+            ("blocksize", self.blocksize > 0, "must be positive"),
+            ("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+        )
+        for key, ok, rule in rules:
+            if not ok:
+                raise SpecError(key, getattr(self, key), rule)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        """QuantSpec's fields only (a recipe variant's others are not part of the spec)."""
+        return {f.name: getattr(self, f.name) for f in fields(QuantSpec)}
 
     @property
     def grid(self) -> Grid:

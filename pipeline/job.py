@@ -1,28 +1,33 @@
-"""`python -m pipeline run RECIPE`: convert → quantize (each variant) → gguf (each [[gguf]] type)
-→ verify → publish in one work directory, re-running a stage only when its inputs changed (like
-make, but by fingerprint).
+"""`python -m pipeline run RECIPE`: the stages of the table STAGES (convert → quantize, one task
+per variant, and gguf, one per [[gguf]] type → verify → publish) in one work directory, re-running
+a task only when its inputs changed (like make, but by fingerprint). `--executor ray|slurm` runs
+the tasks of each level on a cluster (pipeline/executors.py); publish always runs here.
 
 Work directory (work/<recipe name>/): fp16/, gptq/<branch>/, gguf/<name>.<TYPE>.gguf,
 verify/verify.json, publish-plan/,
-job.json (per stage: input fingerprints, output fingerprint, status) and job.log. A stage's
-inputs are its options, the files it reads (size + mtime) and the fingerprints of the upstream
-outputs it uses, so changing one variant's options re-runs that variant and verify only.
-Stages take a lock per stage and per variant, so `--variant` jobs may run side by side.
+job.json (per task: input fingerprints, output fingerprint, status, where it ran) and job.log. A
+task's inputs are its options, the files it reads (size + mtime) and the fingerprints of the
+upstream outputs it uses, so changing one variant's options re-runs that variant and verify only.
+Tasks take a lock each, so `--variant` jobs and a cluster's workers may run side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import click
 
@@ -30,11 +35,12 @@ from pipeline import __version__
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import overlap, partial_path
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
-from verify.report import perplexity_rows, render_perplexity
+from verify.report import failed_checks, perplexity_rows, read_report, render_perplexity
 
-STAGES = ("convert", "quantize", "gguf", "verify", "publish")
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
+EXECUTORS = ("local", "ray", "slurm")  # pipeline/executors.py
 SCHEMA = 1
+ALWAYS = "always runs (uploads only what changed)"
 log = logging.getLogger("pipeline.job")
 
 
@@ -45,6 +51,15 @@ class JobFailed(PipelineError):
         super().__init__(str(cause))
         self.exit_code = cause.exit_code
         self.result = result
+
+
+class TaskFailed(PipelineError):
+    """A task's PipelineError as it came back (from this process or a worker): message and exit
+    code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -82,7 +97,7 @@ def text_fingerprint(source: str) -> str:
         return f"{source}:no files"  # the stage itself reports it
 
 
-def options_fingerprint(options: dict[str, Any]) -> str:
+def options_fingerprint(options: Any) -> str:
     return json.dumps(options, sort_keys=True, default=str)
 
 
@@ -113,11 +128,11 @@ def read_records(workdir: Path) -> dict[str, Any]:
 
 
 def write_record(workdir: Path, key: str, record: dict[str, Any]) -> None:
-    """Update one stage's record in job.json (read-modify-write under a lock, atomic replace)."""
+    """Update one task's record in job.json (read-modify-write under a lock, atomic replace)."""
     with locked(workdir, JOB_NAME):
         stages = read_records(workdir)
         stages[key] = record
-        tmp = workdir / f".{JOB_NAME}.{os.getpid()}"
+        tmp = workdir / f".{JOB_NAME}.{socket.gethostname()}.{os.getpid()}"
         tmp.write_text(json.dumps({"schema": SCHEMA, "tool_version": __version__,
                                    "stages": stages}, indent=2) + "\n")
         os.replace(tmp, workdir / JOB_NAME)
@@ -130,25 +145,23 @@ def scalars(summary: Any) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-# ---------------------------------------------------------------- the job
+# ---------------------------------------------------------------- the job's configuration
 
 
-@dataclasses.dataclass
+@dataclass(frozen=True)
 class Job:
-    """One run of a recipe: which stages and variants, where, and how."""
+    """What one run of a recipe does: which stages and variants, where, and how. Configuration
+    only, and no credential: a task on another machine gets its fields, never the Hub token."""
 
     recipe: Recipe
     workdir: Path
     last_stage: str = "publish"
-    branches: list[str] = dataclasses.field(default_factory=list)
+    branches: tuple[str, ...] = ()
     dry_run: bool = False
     endpoint: str | None = None
-    token: str | None = None
     force: bool = False
     device: str = "auto"
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    report: dict[str, Any] | None = None
-    published: dict[str, Any] | None = None
+    source: Path | None = None  # the checkpoint directory, resolved once (check_inputs) on the driver
 
     @property
     def fp16(self) -> Path:
@@ -170,52 +183,17 @@ class Job:
     def plan_dir(self) -> Path:
         return self.workdir / "publish-plan"
 
-    def wants(self, stage: str) -> bool:
-        return STAGES.index(stage) <= STAGES.index(self.last_stage)
+    def artifacts(self) -> dict[str, Any]:
+        """What publish takes from the work directory (publish's keyword arguments)."""
+        return {"fp16": self.fp16, "variants": {b: self.gptq(b) for b in self.branches},
+                "ggufs": {g.type: self.gguf(g.type) for g in self.recipe.gguf},
+                "report": self.verify_dir / "verify.json"}
 
-    def stage(self, key: str, inputs: dict[str, Any], output: Path,
-              run: Callable[[bool], dict[str, Any]]) -> dict[str, Any]:
-        """Run `run(resume)` unless job.json shows the same inputs and an unchanged output;
-        returns the stage's record."""
-        with locked(self.workdir, key):
-            old = read_records(self.workdir).get(key)
-            reason = self.stale(old, inputs, output)
-            if reason is None:
-                log.info("%s: up to date, reused (%s)", key, output)
-                self.rows.append({"stage": key, "status": "reused", "seconds": 0.0,
-                                  "output": str(output), "reason": "inputs unchanged"})
-                return old
-            if old is None and (output.exists() or output.is_symlink()):
-                raise OutputExistsError(
-                    f"{output}: exists, but {self.workdir / JOB_NAME} has no record of this job "
-                    "writing it; the job replaces only its own outputs: move it away")
-            resume = bool(old and old.get("inputs") == inputs and old.get("status") != "done"
-                          and partial_path(output).exists())
-            log.info("%s: running (%s)%s", key, reason, ", resuming" if resume else "")
-            write_record(self.workdir, key, {"status": "running", "inputs": inputs,
-                                             "started": time.time()})
-            t0 = time.perf_counter()
-            try:
-                summary = run(resume)
-            except BaseException as e:
-                seconds = round(time.perf_counter() - t0, 2)
-                write_record(self.workdir, key, {"status": "failed", "inputs": inputs,
-                                                 "error": str(e) or type(e).__name__,
-                                                 "seconds": seconds})
-                self.rows.append({"stage": key, "status": "failed", "seconds": seconds,
-                                  "output": str(output), "reason": reason})
-                raise
-            seconds = round(time.perf_counter() - t0, 2)
-            record = {"status": "done", "inputs": inputs, "output": tree_fingerprint(output),
-                      "seconds": seconds, "finished": time.time(), "summary": scalars(summary)}
-            write_record(self.workdir, key, record)
-            log.info("%s: done in %.1f s (%s)", key, seconds, output)
-            self.rows.append({"stage": key, "status": "ran", "seconds": seconds,
-                              "output": str(output), "reason": reason})
-            return record
+    def wants(self, stage: str) -> bool:
+        return STAGE_NAMES.index(stage) <= STAGE_NAMES.index(self.last_stage)
 
     def stale(self, old: dict[str, Any] | None, inputs: dict[str, Any], output: Path) -> str | None:
-        """Why a stage must run, or None when its previous output can be reused."""
+        """Why a task must run, or None when its previous output can be reused."""
         if self.force:
             return "--force"
         if old is None:
@@ -234,7 +212,7 @@ class Job:
         """Every local input of the stages to run, checked before the first one starts (a missing
         evaluation text must not surface after the quantisation); returns the source directory.
         The stages pass force=True: each replaces only an output of its own (its manifest), and
-        `stage` only one that job.json records."""
+        `execute` only one that job.json records."""
         from pipeline.calibration import local_files
         from pipeline.meta import MetaCheckpoint
 
@@ -260,132 +238,308 @@ class Job:
                 raise InputError(f"{r.path}: {where} = {source!r}: no files found") from None
         return src
 
-    def run(self) -> None:
-        """The stages up to `last_stage`, in order; raises the first failure."""
-        r = self.recipe
-        src = self.check_inputs()
-        source_fp = tree_fingerprint(src)
-        tool = __version__
 
-        from pipeline.convert import convert
-        conv = self.stage("convert", {"source": source_fp, "options": options_fingerprint(
-            {**dataclasses.asdict(r.convert), "chat_format": r.model.chat_format}), "tool": tool},
-            self.fp16, lambda resume: convert(src, self.fp16, dtype=r.convert.dtype,
-                                              max_shard_size=r.convert.max_shard_size,
-                                              skip_checksums=r.convert.skip_checksums,
-                                              chat_format=r.model.chat_format, force=True))
-        if not self.wants("quantize"):
-            return
+# ---------------------------------------------------------------- the stages: inputs and functions
+# inputs(job, item, upstream) -> the task's input fingerprints (upstream: output fingerprint of
+# every finished task, by key); run(job, item, resume) -> the stage's summary.
 
-        from pipeline.gptq import QuantSpec
-        from pipeline.quantize import quantize
-        quants: dict[str, str] = {}
-        for branch in self.branches:
-            v = r.variant(branch)
-            spec = QuantSpec(**v.quant_options())
-            inputs = {"fp16": conv["output"], "spec": options_fingerprint(spec.as_dict()),
-                      "calibration": text_fingerprint(v.calibration),
-                      "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
-                                                       "seed": v.seed}), "tool": tool}
-            rec = self.stage(f"quantize/{branch}", inputs, self.gptq(branch),
-                             lambda resume, v=v, spec=spec: quantize(
-                                 self.fp16, self.gptq(v.branch), spec, calibration=v.calibration,
-                                 nsamples=v.nsamples, seqlen=v.seqlen, seed=v.seed,
-                                 device=self.device, resume=resume, force=True,
-                                 max_shard_size=r.convert.max_shard_size))
-            quants[branch] = rec["output"]
-        ggufs: dict[str, str] = {}
-        if r.gguf and self.wants("gguf"):
-            from pipeline.gguf import write_gguf
-            for g in r.gguf:
-                inputs = {"fp16": conv["output"], "type": g.type, "name": r.model.name, "tool": tool}
-                rec = self.stage(f"gguf/{g.type}", inputs, self.gguf(g.type),
-                                 lambda resume, g=g: write_gguf(
-                                     self.fp16, self.gguf(g.type), type_name=g.type,
-                                     name=r.model.name, force=True))
-                ggufs[g.type] = rec["output"]
-        if not self.wants("verify"):
-            return
 
-        from pipeline.judge import judge
-        from verify.report import read_report
-        vo = r.verify
-        inputs = {"fp16": conv["output"], "variants": quants, "meta": source_fp,
-                  "eval": text_fingerprint(vo.eval), "tool": tool,
-                  "options": options_fingerprint(dataclasses.asdict(vo)), "gguf": ggufs,
-                  "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
+def quant_spec(job: Job, branch: str) -> Any:
+    from pipeline.gptq import QuantSpec
 
-        def run_verify(resume: bool) -> dict[str, Any]:
-            report = judge(fp16=self.fp16, quants=[self.gptq(b) for b in self.branches], meta=src,
-                            eval_text=vo.eval, out=self.verify_dir, seqlen=vo.seqlen,
-                            max_windows=vo.max_windows, thresholds=vo.thresholds(),
-                            baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
-                            chat_prompts=vo.chat_prompts,
-                            device=self.device, force=True,
-                            ggufs=[self.gguf(g.type) for g in r.gguf],
-                            gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
-                            runtimes=vo.runtimes)
-            self.report = report
-            if not report["passed"]:
-                failed = [f"{c['check']} ({c.get('artifact')})" for c in report["checks"]
-                          if not c["passed"]]
-                raise CheckFailed(f"{self.verify_dir / 'verify.txt'}: verify failed: "
-                                  f"{', '.join(failed)}; nothing is published")
-            return {"passed": True}
+    return QuantSpec(**job.recipe.variant(branch).quant_options())
 
-        self.stage("verify", inputs, self.verify_dir, run_verify)
-        if self.report is None:
-            self.report = read_report(self.verify_dir / "verify.json")
-        if not self.wants("publish"):
-            return
 
-        from pipeline.publish import publish
-        log.info("publish: %s", "dry run" if self.dry_run else "uploading what changed")
-        t0 = time.perf_counter()
-        try:
-            self.published = publish(r, fp16=self.fp16,
-                                     variants={b: self.gptq(b) for b in self.branches},
-                                     ggufs={g.type: self.gguf(g.type) for g in r.gguf},
-                                     report=self.verify_dir / "verify.json", dry_run=self.dry_run,
-                                     plan_dir=self.plan_dir, endpoint=self.endpoint,
-                                     token=self.token)
-        except BaseException:
-            self.rows.append({"stage": "publish", "status": "failed",
-                              "seconds": round(time.perf_counter() - t0, 2),
-                              "output": str(self.plan_dir), "reason": "always runs"})
-            raise
-        seconds = round(time.perf_counter() - t0, 2)
-        self.rows.append({"stage": "publish", "status": "dry run" if self.dry_run else "ran",
-                          "seconds": seconds, "output": str(self.plan_dir),
-                          "reason": "always runs (uploads only what changed)"})
-        write_record(self.workdir, "publish", {"status": "done", "seconds": seconds,
-                                               "finished": time.time(),
-                                               "summary": scalars(self.published)})
+def convert_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    r = job.recipe
+    return {"source": tree_fingerprint(job.source), "tool": __version__,
+            "options": options_fingerprint({**dataclasses.asdict(r.convert),
+                                            "chat_format": r.model.chat_format})}
+
+
+def run_convert(job: Job, item: str, resume: bool) -> dict[str, Any]:
+    from pipeline.convert import convert
+
+    c = job.recipe.convert
+    return convert(job.source, job.fp16, dtype=c.dtype, max_shard_size=c.max_shard_size,
+                   skip_checksums=c.skip_checksums, chat_format=job.recipe.model.chat_format,
+                   force=True)
+
+
+def quantize_inputs(job: Job, branch: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    v = job.recipe.variant(branch)
+    return {"fp16": upstream["convert"],
+            "spec": options_fingerprint(quant_spec(job, branch).as_dict()),
+            "calibration": text_fingerprint(v.calibration),
+            "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
+                                             "seed": v.seed}), "tool": __version__}
+
+
+def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
+    from pipeline.quantize import quantize
+
+    v = job.recipe.variant(branch)
+    return quantize(job.fp16, job.gptq(branch), quant_spec(job, branch), calibration=v.calibration,
+                    nsamples=v.nsamples, seqlen=v.seqlen, seed=v.seed, device=job.device,
+                    resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size)
+
+
+def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    return {"fp16": upstream["convert"], "type": type_name, "name": job.recipe.model.name,
+            "tool": __version__}
+
+
+def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
+    from pipeline.gguf import write_gguf
+
+    return write_gguf(job.fp16, job.gguf(type_name), type_name=type_name,
+                      name=job.recipe.model.name, force=True)
+
+
+def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    r = job.recipe
+    return {"fp16": upstream["convert"],
+            "variants": {b: upstream[f"quantize/{b}"] for b in job.branches},
+            "meta": tree_fingerprint(job.source), "eval": text_fingerprint(r.verify.eval),
+            "tool": __version__, "options": options_fingerprint(dataclasses.asdict(r.verify)),
+            "gguf": {g.type: upstream[f"gguf/{g.type}"] for g in r.gguf},
+            "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
+
+
+def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
+    """The verify stage; CheckFailed (after verify.json is written) when a check failed."""
+    from pipeline.judge import judge
+
+    r, vo = job.recipe, job.recipe.verify
+    report = judge(fp16=job.fp16, quants=[job.gptq(b) for b in job.branches], meta=job.source,
+                   eval_text=vo.eval, out=job.verify_dir, seqlen=vo.seqlen,
+                   max_windows=vo.max_windows, thresholds=vo.thresholds(),
+                   baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
+                   chat_prompts=vo.chat_prompts,
+                   device=job.device, force=True,
+                   ggufs=[job.gguf(g.type) for g in r.gguf],
+                   gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
+                   runtimes=vo.runtimes)
+    if not report["passed"]:
+        raise CheckFailed(f"{job.verify_dir / 'verify.txt'}: verify failed: "
+                          f"{', '.join(failed_checks(report))}; nothing is published")
+    return {"passed": True}
+
+
+def publish_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
+    return {"verify": upstream["verify"], "dry_run": job.dry_run, "tool": __version__}
+
+
+def run_publish(job: Job, item: str, resume: bool, token: str | None = None) -> dict[str, Any]:
+    from pipeline.publish import publish
+
+    return publish(job.recipe, **job.artifacts(), dry_run=job.dry_run, plan_dir=job.plan_dir,
+                   endpoint=job.endpoint, token=token)
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One entry of the job's table: how the stage fans out into tasks, each task's output, its
+    inputs (fingerprints) and the function that makes it."""
+
+    name: str
+    level: int  # levels run in order; the tasks of one level are independent of each other
+    items: Callable[[Job], Sequence[str]]  # one task per item; ("",): the stage runs once
+    output: Callable[[Job, str], Path]
+    inputs: Callable[[Job, str, dict[str, Any]], dict[str, Any]]
+    run: Callable[..., dict[str, Any]]
+    always: bool = False  # no reuse: runs every time (publish uploads only what changed)
+    on_driver: bool = False  # never sent to a worker: runs where the job runs, with the Hub token
+
+    def key(self, item: str) -> str:
+        """The task's name in job.json, the summary and --json: `quantize/main`, `verify`."""
+        return f"{self.name}/{item}" if item else self.name
+
+
+def once(job: Job) -> Sequence[str]:
+    return ("",)
+
+
+STAGES = (
+    Stage("convert", 0, once, lambda job, _: job.fp16, convert_inputs, run_convert),
+    Stage("quantize", 1, lambda job: job.branches, Job.gptq, quantize_inputs, run_quantize),
+    Stage("gguf", 1, lambda job: [g.type for g in job.recipe.gguf], Job.gguf, gguf_inputs,
+          run_gguf),
+    Stage("verify", 2, once, lambda job, _: job.verify_dir, verify_inputs, run_verify),
+    Stage("publish", 3, once, lambda job, _: job.plan_dir, publish_inputs, run_publish,
+          always=True, on_driver=True),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def task_stage(key: str) -> tuple[Stage, str]:
+    """(stage, item) of a task key such as `quantize/main`."""
+    name, _, item = key.partition("/")
+    return BY_NAME[name], item
+
+
+# ---------------------------------------------------------------- running one task
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one task gives back: its summary-table row (None when it stopped before running),
+    job.json record, the stage's summary, its log lines (a worker's, for the driver to show) and,
+    when it failed, the PipelineError's message and exit code."""
+
+    key: str
+    row: dict[str, Any] | None
+    record: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    log: tuple[str, ...] = ()
+    error: str | None = None
+    exit_code: int = 0
+
+
+def where() -> dict[str, Any]:
+    """The host, process and torch thread count a task runs with (rows and job.json records)."""
+    import torch
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
+            token: str | None = None) -> TaskResult:
+    """One task with the job's bookkeeping: reuse when job.json shows the same inputs and an
+    unchanged output, else run (resuming a partial output left by the same inputs) and record.
+    A PipelineError comes back in the result; anything else is recorded and raised."""
+    key, output = stage.key(item), stage.output(job, item)
+    row: dict[str, Any] = {"stage": key, "status": "failed", "seconds": 0.0, "output": str(output),
+                           "reason": "", **where()}
+    try:
+        inputs = stage.inputs(job, item, upstream)
+        with locked(job.workdir, key):
+            old = read_records(job.workdir).get(key)
+            reason = ALWAYS if stage.always else job.stale(old, inputs, output)
+            if reason is None:
+                log.info("%s: up to date, reused (%s)", key, output)
+                return TaskResult(key, {**row, "status": "reused", "reason": "inputs unchanged"}, old)
+            if not stage.always and old is None and (output.exists() or output.is_symlink()):
+                raise OutputExistsError(
+                    f"{output}: exists, but {job.workdir / JOB_NAME} has no record of this job "
+                    "writing it; the job replaces only its own outputs: move it away")
+            resume = bool(old and old.get("inputs") == inputs and old.get("status") != "done"
+                          and partial_path(output).exists())
+            row["reason"] = reason
+            log.info("%s: running (%s)%s", key, reason, ", resuming" if resume else "")
+            place = {k: row[k] for k in ("host", "pid", "threads")}
+            write_record(job.workdir, key, {"status": "running", "inputs": inputs,
+                                            "started": time.time(), **place})
+            t0 = time.perf_counter()
+            try:
+                summary = stage.run(job, item, resume, **({"token": token} if stage.on_driver else {}))
+            except BaseException as e:
+                row["seconds"] = round(time.perf_counter() - t0, 2)
+                write_record(job.workdir, key, {"status": "failed", "inputs": inputs,
+                                                "error": str(e) or type(e).__name__,
+                                                "exit_code": getattr(e, "exit_code", None),
+                                                "seconds": row["seconds"], **place})
+                raise
+            seconds = round(time.perf_counter() - t0, 2)
+            record = {"status": "done", "inputs": inputs, "output": tree_fingerprint(output),
+                      "seconds": seconds, "finished": time.time(), "summary": scalars(summary),
+                      **place}
+            write_record(job.workdir, key, record)
+            log.info("%s: done in %.1f s (%s)", key, seconds, output)
+            status = "dry run" if summary.get("dry_run") is True else "ran"  # publish --dry-run
+            return TaskResult(key, {**row, "status": status, "seconds": seconds}, record, summary)
+    except PipelineError as e:
+        return TaskResult(key, row if row["reason"] else None, error=str(e), exit_code=e.exit_code)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Executor(Protocol):
+    """Runs the tasks of one level (pipeline/executors.py: local, ray, slurm)."""
+
+    name: str
+
+    def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Run:
+    """What one run of a job produced, filled from the tasks' results: the summary rows, each
+    finished task's output fingerprint, the stage summaries and the verify report."""
+
+    job: Job
+    executor: str = "local"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, str | None] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+    def add(self, res: TaskResult) -> None:
+        if res.row is not None:
+            self.rows.append(res.row)
+        if res.record is not None:
+            self.outputs[res.key] = res.record.get("output")
+        if res.summary is not None:
+            self.summaries[res.key] = res.summary
+        report = self.job.verify_dir / "verify.json"
+        if res.key == "verify" and res.exit_code in (0, CheckFailed.exit_code) and report.is_file():
+            self.report = read_report(report)  # a failed verify's report too: its perplexities
 
     def result(self, error: PipelineError | None = None) -> dict[str, Any]:
         """The JSON-able summary of this run."""
-        return {"recipe": str(self.recipe.path), "name": self.recipe.name,
-                "workdir": str(self.workdir), "stage": self.last_stage,
-                "variants": self.branches, "ok": error is None,
-                "exit_code": 0 if error is None else error.exit_code,
+        return {"recipe": str(self.job.recipe.path), "name": self.job.recipe.name,
+                "workdir": str(self.job.workdir), "stage": self.job.last_stage,
+                "variants": list(self.job.branches), "executor": self.executor,
+                "ok": error is None, "exit_code": 0 if error is None else error.exit_code,
                 "error": None if error is None else str(error), "stages": self.rows,
                 "perplexity": perplexity_rows(self.report) if self.report else None,
-                "publish": self.published}
+                "publish": self.summaries.get("publish")}
+
+
+def run_levels(run: Run, executor: Executor, token: str | None) -> None:
+    """The table's tasks up to the job's last stage, level by level (the executor waits for each
+    level: that is the dependency graph); raises the first failure."""
+    job = run.job = dataclasses.replace(run.job, source=run.job.check_inputs())
+    for level in sorted({s.level for s in STAGES}):
+        stages = [s for s in STAGES if s.level == level and job.wants(s.name)]
+        tasks = [s.key(i) for s in stages if not s.on_driver for i in s.items(job)]
+        results = executor.run(job, tasks, dict(run.outputs)) if tasks else []
+        if not any(r.error for r in results):
+            results += [execute(job, s, i, dict(run.outputs), token)
+                        for s in stages if s.on_driver for i in s.items(job)]
+        for r in results:
+            run.add(r)
+        failed = next((r for r in results if r.error), None)
+        if failed is not None:
+            raise TaskFailed(failed.error, failed.exit_code)
 
 
 def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",
             variants: list[str] | None = None, dry_run: bool = False, endpoint: str | None = None,
-            token: str | None = None, force: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Run the recipe's stages up to `stage` for the chosen variants (all by default); returns
-    the summary, or raises JobFailed (carrying it) when a stage fails."""
-    if stage not in STAGES:
-        raise InputError(f"--stage {stage!r}: choose one of {', '.join(STAGES)}")
+            token: str | None = None, force: bool = False, device: str = "auto",
+            executor: Executor | None = None) -> dict[str, Any]:
+    """Run the recipe's stages up to `stage` for the chosen variants (all by default) on the
+    executor (default: this process); returns the summary, or raises JobFailed (carrying it)
+    when a task fails."""
+    from pipeline.executors import LocalExecutor
+
+    if stage not in STAGE_NAMES:
+        raise InputError(f"--stage {stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     branches = list(dict.fromkeys(variants)) if variants else [v.branch for v in recipe.variants]
     for b in branches:
         recipe.variant(b)
-    workdir = Path(workdir) if workdir is not None else Path("work") / recipe.name
+    workdir = Path(workdir) if workdir is not None else default_workdir(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
-    job = Job(recipe, workdir, stage, branches, dry_run, endpoint, token, force, device)
+    executor = executor or LocalExecutor()
+    run = Run(Job(recipe, workdir, stage, tuple(branches), dry_run, endpoint, force, device),
+              executor.name)
     handler = logging.FileHandler(workdir / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     console = logging.StreamHandler()
@@ -396,34 +550,44 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
         lg.setLevel(logging.INFO)
         lg.propagate = False  # a library (GPTQModel) may have configured the root logger: no echo
     log.addHandler(console)
-    log.info("job %s: stages up to %s, variants %s, work dir %s", recipe.name, stage,
-             ", ".join(branches), workdir)
+    log.info("job %s: stages up to %s, variants %s, work dir %s%s", recipe.name, stage,
+             ", ".join(branches), workdir,
+             "" if executor.name == "local" else f", executor {executor.name}")
     try:
-        job.run()
+        run_levels(run, executor, token)
     except PipelineError as e:
         log.error("job %s failed: %s", recipe.name, e)
-        raise JobFailed(e, job.result(e)) from e
+        raise JobFailed(e, run.result(e)) from e
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
             lg.propagate = True
         log.removeHandler(console)
         handler.close()
-    return job.result()
+    return run.result()
+
+
+def default_workdir(recipe: Recipe) -> Path:
+    return Path("work") / recipe.name
 
 
 # ---------------------------------------------------------------- reporting
 
 
 def render_summary(result: dict[str, Any]) -> str:
-    """The final table: one row per stage, then the perplexities and where the plan went."""
+    """The final table: one row per task (with where it ran, for a cluster's executor), then the
+    perplexities and where the plan went."""
     w = max([len(r["stage"]) for r in result["stages"]] + [5])
+    remote = result.get("executor", "local") != "local"
+    places = [f"{r.get('host')} pid {r.get('pid')}" if remote else "" for r in result["stages"]]
+    pw = max([len(p) for p in places] + [5]) if remote else 0
     lines = [f"job {result['name']} ({result['workdir']}): "
              + ("ok" if result["ok"] else f"FAILED (exit {result['exit_code']}): {result['error']}"),
-             f"{'stage':<{w}}  {'status':<8} {'seconds':>8}  output / reason"]
-    for r in result["stages"]:
+             f"{'stage':<{w}}  {'status':<8} {'seconds':>8}  "
+             + (f"{'where':<{pw}}  " if remote else "") + "output / reason"]
+    for r, place in zip(result["stages"], places):
         lines.append(f"{r['stage']:<{w}}  {r['status']:<8} {r['seconds']:>8.1f}  "
-                     f"{r['output']}  ({r['reason']})")
+                     + (f"{place:<{pw}}  " if remote else "") + f"{r['output']}  ({r['reason']})")
     if result.get("perplexity"):
         lines += ["", render_perplexity(result["perplexity"]),
                   f"(verify report: {Path(result['workdir']) / 'verify' / 'verify.txt'})"]
@@ -438,7 +602,7 @@ def render_summary(result: dict[str, Any]) -> str:
 
 @click.command("run")
 @click.argument("recipe")
-@click.option("--stage", type=click.Choice(STAGES), default="publish", show_default=True,
+@click.option("--stage", type=click.Choice(STAGE_NAMES), default="publish", show_default=True,
               help="Run the stages up to and including this one.")
 @click.option("--variant", "variants", multiple=True, metavar="BRANCH",
               help="Only this variant (repeatable); verify and publish cover the chosen ones.")
@@ -448,20 +612,52 @@ def render_summary(result: dict[str, Any]) -> str:
 @click.option("--endpoint", default=None, help="Hub URL [default: $HF_ENDPOINT or huggingface.co].")
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="Where the tasks run: this process, a Ray cluster, or Slurm jobs (submitit); "
+                   "publish always runs here.")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to join [default: $RAY_ADDRESS, else a new local one].")
+@click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), default="slurm",
+              show_default=True, help="local: submitit runs the jobs as processes on this "
+                                      "machine (for testing on one machine).")
+@click.option("--slurm-partition", default=None, help="Slurm partition [default: [slurm] partition].")
+@click.option("--slurm-time", type=click.IntRange(min=1), default=None, metavar="MINUTES",
+              help="Time limit of each Slurm job [default: [slurm] time_min].")
 @allow_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(recipe: str, stage: str, variants: tuple[str, ...], workdir: Path | None,
-            dry_run: bool, endpoint: str | None, force: bool, device: str,
-            allow_dirs: tuple[Path, ...], as_json: bool) -> None:
+            dry_run: bool, endpoint: str | None, force: bool, device: str, executor: str,
+            ray_address: str | None, slurm_cluster: str, slurm_partition: str | None,
+            slurm_time: int | None, allow_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Run RECIPE (a path, or a name in recipes/) end to end, reusing unchanged stage outputs."""
+    from pipeline.executors import make_executor
+
+    given = {"ray": [("--ray-address", ray_address)],
+             "slurm": [("--slurm-partition", slurm_partition), ("--slurm-time", slurm_time),
+                       ("--slurm-cluster", None if slurm_cluster == "slurm" else slurm_cluster)]}
+    for name, options in given.items():
+        stray = [option for option, value in options if value is not None and executor != name]
+        if stray:
+            raise InputError(f"{', '.join(stray)}: only with --executor {name}")
     r = load_recipe(find_recipe(recipe), allow_dirs)
-    try:
-        result = run_job(r, workdir=workdir, stage=stage, variants=list(variants),
-                         dry_run=dry_run, endpoint=endpoint, force=force, device=device)
-    except JobFailed as e:
-        emit(e.result, as_json)
-        raise
+    workdir = workdir if workdir is not None else default_workdir(r)
+    failure = None
+    # with --json, stdout holds the JSON only: an engine prints news of its workers there (Ray)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        engine = make_executor(executor, workdir, ray_address=ray_address,
+                               slurm_cluster=slurm_cluster, slurm_partition=slurm_partition,
+                               slurm_time=slurm_time)
+        try:
+            result = run_job(r, workdir=workdir, stage=stage, variants=list(variants),
+                             dry_run=dry_run, endpoint=endpoint, force=force, device=device,
+                             executor=engine)
+        except JobFailed as e:
+            result, failure = e.result, e
+        finally:
+            engine.close()
     emit(result, as_json)
+    if failure is not None:
+        raise failure
 
 
 def emit(result: dict[str, Any], as_json: bool) -> None:

@@ -34,12 +34,13 @@ from verify.gptq_format import RAGGED_REFUSED_BY, ragged
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import module_errors, rtn_grid
-from verify.llama import compute_dtype, linear_shapes, pick_device
+from verify.llama import compute_dtype, pick_device
 from verify.meta_reference import meta_logits
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
-                            parity_passed, perplexity, windows)
-from verify.runtimes import PPL_MATCH, RUNTIMES, Reference, run_runtime
-from verify.report import REPORT_NAME, SCHEMA, artifact_entry, run_inputs, write_report
+                            perplexity, windows)
+from verify.runtimes import RUNTIMES, Reference, run_runtime
+from verify.report import (REPORT_NAME, SCHEMA, artifact_entry, failed_checks, run_inputs,
+                           write_report)
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of the eval text
@@ -136,7 +137,7 @@ def conversion_parity(model: LayerwiseModel, h: torch.Tensor, meta: Path,
                 f"{tuple(ref.shape)}", "metrics": {"max_rel_err": math.inf, "top1_agreement": 0.0},
                 "thresholds": thresholds}
     metrics = logits_parity(ours, ref)
-    return {**check, "passed": parity_passed(metrics, thresholds), "metrics": metrics,
+    return {**check, "passed": th.parity_passed(metrics, thresholds), "metrics": metrics,
             "thresholds": thresholds}
 
 
@@ -171,7 +172,7 @@ def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = N
         if s["degenerate"] and not ref["degenerate"]:
             problems.append(f"{s['prompt']!r}: {s['degenerate']}, where fp16's is not degenerate")
     mean = sum(r["agreement"] for r in rows) / len(rows)
-    if mean < min_agreement:
+    if not th.agreement_passed(mean, min_agreement):
         problems.append(f"mean agreement with fp16 {mean:.3f} < {min_agreement:g}")
     reason = {"reason": "; ".join(problems)} if problems else {}
     return {**check, "passed": not problems, **reason, "metrics": {"agreement": mean},
@@ -182,9 +183,8 @@ def kl_check(name: str, metrics: dict[str, float], t: dict[str, float]) -> dict:
     """Pass when mean and 99th-percentile KL against fp16 are at most, and the same-top-token
     fraction at least, the bit width's thresholds (NaN fails)."""
     limits = {k: t[k] for k in ("kl_mean", "kl_p99", "top1")}
-    passed = (metrics["kl_mean"] <= limits["kl_mean"] and metrics["kl_p99"] <= limits["kl_p99"]
-              and metrics["top1"] >= limits["top1"])
-    return {"check": "kl_divergence", "artifact": name, "passed": passed, "metrics": metrics,
+    return {"check": "kl_divergence", "artifact": name,
+            "passed": th.kl_passed(metrics, limits), "metrics": metrics,
             "thresholds": limits}
 
 
@@ -193,7 +193,7 @@ def integrity_check(name: str, modules: dict[str, dict], factor: float) -> dict:
     on the same grid and its g_idx is well formed; the failure names the modules."""
     problems = []
     for module, m in modules.items():
-        if not m["error"] <= factor * m["rtn_error"]:  # NaN fails
+        if not th.module_passed(m["error"], m["rtn_error"], factor):
             problems.append(f"{module}: ||W - W_q||/||W|| = {m['error']:.3g} > {factor:g} × "
                             f"RTN's {m['rtn_error']:.3g}")
         if m["g_idx"]:
@@ -226,7 +226,7 @@ def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float) -
     """Pass when ppl is finite and ppl ≤ ppl_fp16 · (1 + tolerance)."""
     ratio = ppl / ppl_fp16
     return {"check": "perplexity", "artifact": name,
-            "passed": math.isfinite(ppl) and ratio <= 1 + tolerance,
+            "passed": th.perplexity_passed(ppl, ppl_fp16, tolerance),
             "metrics": {"ppl": ppl, "ppl_fp16": ppl_fp16, "ratio": ratio},
             "thresholds": {"tolerance": tolerance}}
 
@@ -273,7 +273,7 @@ def gguf_checks(path: Path, ref: LayerwiseModel, h_fp16: torch.Tensor, win: torc
     if kind == "F16":
         limits = th.GGUF_PARITY
         checks.append({"check": "gguf_parity", "artifact": name,
-                       "passed": parity_passed(s.parity, limits), "metrics": s.parity,
+                       "passed": th.parity_passed(s.parity, limits), "metrics": s.parity,
                        "thresholds": limits})
     entry = {"path": str(path.resolve()), "kind": "gguf", "type": kind, "bits": TYPES[kind].bits,
              "runtime": f"llama-cpp-python {llamacpp.bindings().__version__}",
@@ -309,7 +309,7 @@ def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict
                      "passed": bool(r["passed"]) or r["expected_refusal"],
                      "metrics": {k: r[k] for k in ("ppl", "ppl_ours", "ratio", "top1", "kl_mean")
                                  if r[k] is not None},
-                     "thresholds": {"ppl_match": PPL_MATCH}}
+                     "thresholds": {"ppl_match": th.PPL_MATCH}}
             if r["error"]:
                 check["reason"] = (f"{rt} refuses layers with a partial last group, as expected "
                                    f"(RAGGED_REFUSED_BY): " if r["expected_refusal"] else "") \
@@ -403,7 +403,7 @@ def judge(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval
     n_artifacts = 1 + len(variants)
     paths = {n: m.ckpt.path for n, m in variants.items()}
     ragged_groups = {n: any(ragged(n_in, m.ckpt.quantization["group_size"])
-                            for _, n_in in linear_shapes(m.args).values())
+                            for _, n_in in m.args.linear_shapes().values())
                      for n, m in variants.items()}
     for name in list(variants):
         m = variants.pop(name)  # released (with any layers it kept) after its checks
@@ -447,11 +447,6 @@ def judge(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval
     with staged_dir(out, force, manifest=REPORT_NAME, inputs=[*models, *files]) as tmp:
         write_report(report, tmp)
     return report
-
-
-def failed_checks(report: dict) -> list[str]:
-    return [f"{c['check']}:{c['artifact']}" + (f"@{c['runtime']}" if "runtime" in c else "")
-            for c in report["checks"] if not c["passed"]]
 
 
 def summary(report: dict, out: Path) -> str:

@@ -386,10 +386,6 @@ class MetaCheckpoint:
     def family(self) -> str:
         return self._family or detect_family(self.params, self.tokenizer_kind)
 
-    @property
-    def n_shards(self) -> int:
-        return len(self.shards)
-
 
 def write_meta_checkpoint(directory: Path, params: dict[str, Any], state: dict[str, torch.Tensor],
                           n_shards: int, tokenizer_model: Path, *,

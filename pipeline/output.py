@@ -1,7 +1,8 @@
 """Atomic, safe outputs: build in a hidden temporary directory beside the target, rename at the end.
 
 A crash, a full disk or Ctrl-C never leaves a complete-looking output: the temporary directory
-is removed, or (after SIGKILL) left under an unmistakable `.NAME.partial` name.
+(or file) is removed, or left under its unmistakable `.NAME.partial` name: after SIGKILL, and on
+purpose by quantize, whose `--resume` continues from it.
 Nothing is ever destroyed that is not this tool's: an output may not be, contain or lie inside
 one of the stage's inputs; links are never followed or replaced; and even with --force only an
 empty directory or one of this tool's outputs is replaced. An output is recognised as ours by its

@@ -36,9 +36,11 @@ from huggingface_hub.utils.sha import git_hash
 from pipeline import __version__, card
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from pipeline.job import Job
 from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
-from verify.report import check_inputs, check_integrity, check_verdict, read_report
+from verify.report import (check_inputs, check_integrity, check_verdict, failed_checks,
+                           read_report)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -148,10 +150,6 @@ def resolve_token(token: str | None) -> str:
         raise InputError("no Hugging Face token: set HF_TOKEN to a token with write access "
                          "(or run `hf auth login`); --dry-run needs none")
     return token
-
-
-def failed_checks(report: dict) -> list[str]:
-    return [f"{c['check']} on {c.get('artifact')}" for c in report["checks"] if not c["passed"]]
 
 
 def verified_files(report: dict, name: str, path: Path, kind: str) -> dict[str, str]:
@@ -428,15 +426,9 @@ def command(recipe: str, workdir: Path | None, dry_run: bool, plan_dir: Path | N
     r = load_recipe(find_recipe(recipe), allow_dirs)
     if private:
         r = dataclasses.replace(r, publish=dataclasses.replace(r.publish, private=True))
-    workdir = workdir or Path("work") / r.name
-    ggufs = {}
-    if r.gguf:
-        from pipeline.gguf import file_name
-        ggufs = {g.type: workdir / "gguf" / file_name(r.model.name, g.type) for g in r.gguf}
-    result = publish(r, fp16=workdir / "fp16", variants={v.branch: workdir / "gptq" / v.branch for v in r.variants},
-                     ggufs=ggufs,
-                     report=workdir / "verify" / "verify.json", dry_run=dry_run,
-                     plan_dir=plan_dir or workdir / "publish-plan", endpoint=endpoint)
+    job = Job(r, workdir or Path("work") / r.name, branches=tuple(v.branch for v in r.variants))
+    result = publish(r, **job.artifacts(), dry_run=dry_run, plan_dir=plan_dir or job.plan_dir,
+                     endpoint=endpoint)
     if dry_run:
         line = (f"dry run: {len(result['branches'])} branches, {result['files']} files "
                 f"({card.human_size(result['bytes'])}); plan and cards in {result['plan_dir']}")

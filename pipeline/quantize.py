@@ -24,22 +24,23 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.calibration import load_calibration, local_files
+from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from verify.errors import InputError
-from pipeline.gptq import QuantSpec, gptq
+from pipeline.gptq import METHODS, QuantSpec, gptq
 from verify.grid import QuantResult, rtn
-from verify.gptq_format import (RAGGED_REFUSED_BY, SUFFIXES, dequantize, n_groups, pack, packed_shapes,
-                                  ragged, write_configs)
+from verify.gptq_format import (BITS, RAGGED_REFUSED_BY, SUFFIXES, dequantize, n_groups, pack,
+                                packed_shapes, ragged, write_configs)
 from pipeline.output import check_target, partial_path, staged_dir
 from verify.safetensors_stream import TensorSpec, ShardedWriter, parse_size
 from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
-from verify.llama import (LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs, compute_dtype,
-                          linear_shapes, load_layer, pick_device, rotary)
+from verify.llama import (LAYER_NORMS, LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs,
+                          compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 LAYERS_DIR, RUN_FILE = "layers", "run.json"  # resume state inside the partial directory
 LOG_NAME = "quant_log.json"  # the stage's manifest: an output holding it is ours to replace
+DEFAULT = QuantSpec(bits=4)  # the CLI's defaults: QuantSpec's, at 4 bits
 
 
 def check_model(ck: HFCheckpoint, spec: QuantSpec) -> list[str]:
@@ -51,21 +52,21 @@ def check_model(ck: HFCheckpoint, spec: QuantSpec) -> list[str]:
     if ck.quantization:
         raise InputError(f"{cfg}: the model is already quantised ({ck.quantization}); "
                          "quantise the fp16 model instead")
-    for name, (n_out, n_in) in linear_shapes(ck.args).items():
+    shapes = ck.args.linear_shapes()
+    for name, (n_out, n_in) in shapes.items():
         if n_in % 32 or n_out % 32:
             raise InputError(f"{cfg}: {name} is [{n_out}, {n_in}]; GPTQ packing needs both "
                              "dimensions to be multiples of 32")
-    return [name for name, (_, n_in) in linear_shapes(ck.args).items()
+    return [name for name, (_, n_in) in shapes.items()
             if ragged(n_in, spec.group_size)]
 
 
 def activation_device(dev: torch.device, nbytes: int) -> torch.device:
     """Keep a layer's inputs and outputs on the device when both fit in half its free memory;
     otherwise in host memory, moved over one sample at a time."""
-    if dev.type != "cuda":
+    if dev.type != "cuda" or fits_in_memory(2 * nbytes, dev):
         return dev
-    free, _ = torch.cuda.mem_get_info(dev)
-    return dev if 2 * nbytes <= free // 2 else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def run_layer(layer: DecoderLayer, X: torch.Tensor, Y: torch.Tensor, dev: torch.device,
@@ -167,9 +168,9 @@ def output_plan(ck: HFCheckpoint, spec: QuantSpec) -> list[TensorSpec]:
     plan = [TensorSpec("model.embed_tokens.weight", torch.float16, (a.vocab_size, a.dim))]
     for i in range(a.n_layers):
         p = f"model.layers.{i}."
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        for norm in LAYER_NORMS:
             plan.append(TensorSpec(p + norm, torch.float16, (a.dim,)))
-        for name, (n_out, n_in) in linear_shapes(a).items():
+        for name, (n_out, n_in) in a.linear_shapes().items():
             packed = packed_shapes(n_out, n_in, bits, n_groups(n_in, spec.group_size))
             plan += [TensorSpec(f"{p}{name}.{k}", dtype, shape) for k, (dtype, shape) in packed.items()]
     plan.append(TensorSpec("model.norm.weight", torch.float16, (a.dim,)))
@@ -262,7 +263,7 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
 
 
 def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None = None,
-             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, device: str = "auto",
+             nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = "auto",
              resume: bool = False, force: bool = False, max_shard_size: str = "5GB") -> dict:
     """Quantise the HF Llama directory `model` into the GPTQ directory `out`; returns the summary.
     `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN."""
@@ -283,7 +284,8 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
     dev = pick_device(device)
     tokens, cal_info = calibration_tokens(model, ck.args, spec, calibration, nsamples, seqlen, seed)
     run = {"model": str(model.resolve()), "input": model_identity(ck), "spec": spec.as_dict(),
-           "calibration": cal_info, "device": dev.type, "tool_version": __version__}
+           "calibration": cal_info, "device": dev.type, "threads": torch.get_num_threads(),
+           "tool_version": __version__}  # float sums follow the thread count: part of the identity
     partial = partial_path(out)
     if partial.exists():  # check_target made sure it is a real directory, not a link
         why = resume_mismatch(partial / RUN_FILE, run) if resume else "no --resume"
@@ -308,7 +310,8 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
                "modules": modules, "seconds": round(seconds, 3), "resumed_layers": done,
                "partial_groups": {"linears": partial_groups,
                                   "refused_by": list(RAGGED_REFUSED_BY) if partial_groups else []},
-               "device": dev.type, "activations": store, "tool_version": __version__}
+               "device": dev.type, "threads": run["threads"], "activations": store,
+               "tool_version": __version__}
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
         shutil.rmtree(tmp / LAYERS_DIR)
         (tmp / RUN_FILE).unlink()
@@ -372,21 +375,29 @@ def model_tokenizer(model: Path) -> Any:
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help="-1: one group per row")
-@click.option("--act-order/--no-act-order", default=False, show_default=True,
+@click.option("--bits", type=click.Choice([str(b) for b in BITS]), default=str(DEFAULT.bits),
+              show_default=True)
+@click.option("--group-size", type=int, default=DEFAULT.group_size, show_default=True,
+              help="columns per group (any positive width; a partial last group is recorded); "
+                   "-1: one group per row")
+@click.option("--act-order/--no-act-order", default=DEFAULT.act_order, show_default=True,
               help="quantise columns by descending Hessian diagonal (desc_act)")
-@click.option("--sym/--asym", default=True, show_default=True, help="symmetric or asymmetric grid")
-@click.option("--damp", type=float, default=0.01, show_default=True, help="fraction of mean diag(H)")
-@click.option("--static-groups", is_flag=True, help="fit every group's grid up front")
-@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True)
-@click.option("--mse", is_flag=True, help="search shrunk ranges for the least-error grid")
-@click.option("--blocksize", type=int, default=128, show_default=True)
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True)
+@click.option("--sym/--asym", default=DEFAULT.sym, show_default=True,
+              help="symmetric or asymmetric grid")
+@click.option("--damp", type=float, default=DEFAULT.damp, show_default=True,
+              help="fraction of mean diag(H)")
+@click.option("--static-groups", is_flag=True, default=DEFAULT.static_groups,
+              help="fit every group's grid up front")
+@click.option("--true-sequential/--no-true-sequential", default=DEFAULT.true_sequential,
+              show_default=True)
+@click.option("--mse", is_flag=True, default=DEFAULT.mse,
+              help="search shrunk ranges for the least-error grid")
+@click.option("--blocksize", type=int, default=DEFAULT.blocksize, show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT.method, show_default=True)
 @click.option("--calibration", help="glob, directory, file, or hf:DATASET[:CONFIG]:SPLIT:FIELD")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--nsamples", type=int, default=NSAMPLES, show_default=True)
+@click.option("--seqlen", type=int, default=SEQLEN, show_default=True)
+@click.option("--seed", type=int, default=SEED, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished layer")

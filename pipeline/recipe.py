@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 import re
 import stat
@@ -36,13 +38,14 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from pipeline import chat
+from pipeline.calibration import NSAMPLES, SEED, SEQLEN
+from pipeline.convert import DTYPES
+from pipeline.gptq import QuantSpec, SpecError
 from verify.errors import InputError
 from verify import thresholds
+from verify.gptq_format import BITS
 from verify.runtimes import RUNTIMES
 
-BITS = (2, 3, 4, 8)
-DTYPES = ("float16", "bfloat16", "float32")
-METHODS = ("gptq", "rtn")
 SHARD_SIZE = re.compile(r"^\d+(\.\d+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 BRANCH = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -105,36 +108,27 @@ class Calibration:
     """Calibration defaults for every variant (glob, directory or hf:DATASET[:CONFIG]:SPLIT:FIELD)."""
 
     source: str
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+    nsamples: int = NSAMPLES
+    seqlen: int = SEQLEN
+    seed: int = SEED
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One GPTQ artifact, published on its own branch; calibration fields are always filled."""
+class Variant(QuantSpec):
+    """One GPTQ artifact, published on its own branch: a pipeline.gptq QuantSpec (its fields are
+    the table's quantisation keys, validated there as for the CLI) plus the branch, a description
+    and the calibration, whose fields are always filled."""
 
-    bits: int
-    group_size: int = 128
-    act_order: bool = False
-    damp: float = 0.01
-    sym: bool = True
-    static_groups: bool = False
-    true_sequential: bool = True
-    mse: bool = False
-    method: str = "gptq"
     branch: str = ""
     description: str = ""
     calibration: str = ""
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
+    nsamples: int = NSAMPLES
+    seqlen: int = SEQLEN
+    seed: int = SEED
 
     def quant_options(self) -> dict[str, Any]:
-        """Keyword arguments of pipeline.gptq.QuantSpec."""
-        keys = ("bits", "group_size", "act_order", "sym", "damp", "static_groups",
-                "true_sequential", "mse", "method")
-        return {k: getattr(self, k) for k in keys}
+        """Keyword arguments of pipeline.gptq.QuantSpec: the spec without the other fields."""
+        return self.as_dict()
 
 
 def default_branch(bits: int, group_size: int, act_order: bool) -> str:
@@ -197,6 +191,37 @@ class PublishOptions:
 
 
 @dataclass(frozen=True)
+class TaskResources:
+    """What one task of a stage asks of `--executor ray|slurm`; `cpus` is also its torch thread
+    count (floating-point sums depend on it: same hardware and threads, same bytes)."""
+
+    cpus: int = 1
+    gpus: int | None = None  # default: 1 for quantize and verify when the job runs on CUDA, else 0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """[resources]: each stage's task requests on a cluster (publish runs on the driver), and how
+    often the engine runs again a task whose worker died."""
+
+    convert: TaskResources = TaskResources()
+    quantize: TaskResources = TaskResources()
+    gguf: TaskResources = TaskResources()
+    verify: TaskResources = TaskResources()
+    retries: int = 2
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """[slurm]: where `--executor slurm` submits each task (CPUs and GPUs: [resources])."""
+
+    partition: str = ""
+    account: str = ""
+    time_min: int = 60  # per task
+    mem_gb: int = 0  # 0: the partition's default
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole recipe: what to convert, which variants to quantise, how to verify and publish."""
 
@@ -209,16 +234,15 @@ class Recipe:
     verify: VerifyOptions
     publish: PublishOptions
     gguf: list[GGUFFile] = field(default_factory=list)
+    resources: Resources = Resources()
+    slurm: SlurmOptions = SlurmOptions()
+    allow_dirs: tuple[Path, ...] = ()  # the folders it was loaded with (a worker loads it again)
+    digest: str = ""  # sha256 of the merged tables: a worker refuses a recipe that changed since
 
     @property
     def name(self) -> str:
         """The recipe's file stem: names the job's work directory."""
         return self.path.stem
-
-    @property
-    def default_variant(self) -> Variant:
-        """The variant published on `main`."""
-        return self.variant("main")
 
     def variant(self, branch: str) -> Variant:
         for v in self.variants:
@@ -232,10 +256,10 @@ class Recipe:
 SECTIONS: dict[str, type] = {
     "model": ModelInfo, "source": Source, "convert": ConvertOptions,
     "calibration": Calibration, "variants": Variant, "verify": VerifyOptions,
-    "publish": PublishOptions, "gguf": GGUFFile,
+    "publish": PublishOptions, "gguf": GGUFFile, "resources": Resources, "slurm": SlurmOptions,
 }
 ARRAYS = ("variants", "gguf")
-OPTIONAL_SECTIONS: dict[str, Any] = {"convert": {}, "gguf": []}
+OPTIONAL_SECTIONS: dict[str, Any] = {"convert": {}, "gguf": [], "resources": {}, "slurm": {}}
 
 # keys holding paths, resolved against the directory of the file that wrote them
 # (section, key, is_text_source: "hf:…" sources are left alone)
@@ -264,8 +288,10 @@ def load_recipe(path: Path | str, allow_dirs: Sequence[Path | str] = ()) -> Reci
     """Read, merge (`extends`) and validate a recipe; InputError names the file and the key.
     Paths it names must lie in its own folder, one of `allow_dirs` or one in $PIPELINE_ALLOW_DIRS."""
     path = Path(path).resolve()
-    raw = read_merged(path, (), allowed_dirs(allow_dirs))
-    return build_recipe(path, raw)
+    allowed = allowed_dirs(allow_dirs)
+    raw = read_merged(path, (), allowed)
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+    return dataclasses.replace(build_recipe(path, raw), allow_dirs=allowed, digest=digest)
 
 
 allow_dir_option = click.option(
@@ -415,7 +441,12 @@ def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
         where = f"[[variants]] #{i + 1}"
         if not isinstance(table, dict):
             raise InputError(f"{path}: {where} must be a table")
-        v = build(Variant, {**defaults, **table}, path, where, given=set(table))
+        try:
+            v = build(Variant, {**defaults, **table}, path, where, given=set(table))
+        except SpecError as e:  # QuantSpec's rule, worded with the recipe's key
+            shown = str(e.value).lower() if isinstance(e.value, bool) else repr(e.value)
+            branch = f" ({table['branch']})" if isinstance(table.get("branch"), str) else ""
+            raise InputError(f"{path}: {where}{branch}: {e.key} = {shown}: {e.rule}") from None
         if not v.branch:
             v = dataclasses.replace(v, branch=default_branch(v.bits, v.group_size, v.act_order))
         variants.append(v)
@@ -426,7 +457,9 @@ def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
             raise InputError(f"{path}: [[gguf]] #{i + 1} must be a table")
         ggufs.append(build(GGUFFile, table, path, f"[[gguf]] #{i + 1}"))
 
-    recipe = Recipe(path, model, source, convert, calibration, variants, verify, publish, ggufs)
+    recipe = Recipe(path, model, source, convert, calibration, variants, verify, publish, ggufs,
+                    resources=build(Resources, sections["resources"], path, "[resources]"),
+                    slurm=build(SlurmOptions, sections["slurm"], path, "[slurm]"))
     for check in CHECKS:
         check(recipe)
     return recipe
@@ -497,6 +530,10 @@ def coerce(value: Any, hint: Any, path: Path, key: str) -> Any:
         if not isinstance(value, str):
             raise fail("a path (string)")
         return Path(value)
+    if dataclasses.is_dataclass(hint):  # a table inside a table: [resources] quantize = { … }
+        if not isinstance(value, dict):
+            raise fail("a table such as { cpus = 2 }")
+        return build(hint, value, path, key)
     raise TypeError(f"recipe schema: unsupported annotation {hint!r} for {key}")
 
 
@@ -561,12 +598,6 @@ def check_variants(r: Recipe) -> None:
     for i, v in enumerate(r.variants, 1):
         where = f"[[variants]] #{i} ({v.branch})"
         problems = [
-            (v.bits not in BITS, f"bits = {v.bits}: must be one of {', '.join(map(str, BITS))}"),
-            (v.group_size != -1 and (v.group_size < 1 or v.group_size & (v.group_size - 1)),
-             f"group_size = {v.group_size}: must be -1 (one group per row) or a power of two"),
-            (not 0 < v.damp < 1, f"damp = {v.damp}: must be in (0, 1)"),
-            (v.method not in METHODS, f"method = {v.method!r}: must be one of {', '.join(METHODS)}"),
-            (v.static_groups and v.group_size == -1, "static_groups needs a group_size other than -1"),
             (v.nsamples < 1, f"nsamples = {v.nsamples}: must be at least 1"),
             (v.seqlen < 1, f"seqlen = {v.seqlen}: must be at least 1"),
             (v.seed < 0, f"seed = {v.seed}: must not be negative"),
@@ -643,5 +674,20 @@ def check_gguf(r: Recipe) -> None:
                 raise InputError(f"{where} ({g.type}): {problem}")
 
 
+def check_scale(r: Recipe) -> None:
+    res, s = r.resources, r.slurm
+    tasks = [(f"[resources] {f.name}", getattr(res, f.name)) for f in dataclasses.fields(res)
+             if isinstance(getattr(res, f.name), TaskResources)]
+    for where, t in tasks:
+        if t.cpus < 1:
+            raise InputError(f"{r.path}: {where} cpus = {t.cpus}: must be at least 1")
+        if t.gpus is not None and t.gpus < 0:
+            raise InputError(f"{r.path}: {where} gpus = {t.gpus}: must not be negative")
+    for where, value, least in (("[resources] retries", res.retries, 0),
+                                ("[slurm] time_min", s.time_min, 1), ("[slurm] mem_gb", s.mem_gb, 0)):
+        if value < least:
+            raise InputError(f"{r.path}: {where} = {value}: must be at least {least}")
+
+
 CHECKS = (check_model, check_source, check_convert, check_calibration, check_variants,
-          check_verify, check_publish, check_gguf)
+          check_verify, check_publish, check_gguf, check_scale)

@@ -4,14 +4,18 @@ threshold measured on it holds everywhere (unlike a model trained at test time).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
 
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo"
 META = DEMO / "meta"                       # params.json, consolidated.0{0,1}.pth, tokenizer.model
 CALIBRATION = str(DEMO / "text" / "calib" / "*.py.txt")
 EVAL = str(DEMO / "text" / "eval" / "*.py.txt")
+RAGGED_FFN = 704  # 5.5 groups of 128: down_proj gets a partial last group
 _BUILT: list[Path] = []  # process-wide cache: the first conversion, copied for later callers
 
 
@@ -29,3 +33,20 @@ def demo_fp16(directory: Path) -> Path:
         _BUILT.append(built)
     shutil.copytree(_BUILT[0], directory, dirs_exist_ok=True)
     return directory
+
+
+def ragged_model(fp16: Path, out: Path, ffn: int) -> Path:
+    """The demo model with its FFN cut to the first `ffn` neurons (gate/up rows, down columns)."""
+    shutil.copytree(fp16, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "intermediate_size": ffn}))
+    files = sorted(out.glob("*.safetensors"))
+    for f in files:
+        state = load_file(f)
+        for k, v in state.items():
+            if k.endswith(("gate_proj.weight", "up_proj.weight")):
+                state[k] = v[:ffn].contiguous()
+            elif k.endswith("down_proj.weight"):
+                state[k] = v[:, :ffn].contiguous()
+        save_file(state, str(f), metadata={"format": "pt"})
+    return out

@@ -107,7 +107,7 @@ REPORT = {
 
 def runtime_result(version: str | None, ppl: float | None = None, ours: float = 6.3, top1: float = 0.95,
                    reason: str | None = None, error: str | None = None, expected: bool = False) -> dict:
-    """One verify.json `runtimes` entry (pipeline/verify.py runtime_checks) for the card."""
+    """One verify.json `runtimes` entry (pipeline/judge.py runtime_checks) for the card."""
     return {"version": version, "checked": reason is None, "reason": reason, "loaded": reason is None,
             "error": error, "kernels": ["TorchLinear"], "ppl": ppl, "ppl_ours": ours,
             "ratio": None if ppl is None else ppl / ours - 1, "top1": None if ppl is None else top1,
@@ -231,7 +231,7 @@ def test_gptq_table_rows_carry_parameters_sizes_and_perplexities(recipe, branche
     assert "`data/code/**/*.py`" in cells[2][5]  # local calibration shown relative to the recipe
     assert "closest to fp16" in cells[2][8] and "\\|" in cells[2][8]  # '|' in a description is escaped
     ppl = [line for line in text.splitlines() if line.startswith("| `main`")]
-    assert ppl == ["| `main` (4-bit, 128g) | 6.3012 | +2.90% | 0.0312 | 0.410 | 94.1% |",
+    assert ppl == ["| `main` (4-bit, 128g) | 6.3012 | +2.90% | 0.0312 | 0.41 | 94.12% |",
                    "| `main` RTN baseline | 6.5000 | +6.15% | — | — | — |"]  # RTN: no KL measured
 
 

@@ -17,6 +17,7 @@ import verify.forward as forward
 from verify.errors import InputError
 from verify.checkpoint import HFCheckpoint
 from verify.forward import LayerwiseModel
+from verify.llama import LlamaArgs
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -198,3 +199,14 @@ def test_unsupported_quantization_format(fp16_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="only GPTQ v1"):
         LayerwiseModel(d, progress=False)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_layer_geometry_matches_transformers(heads, kv_heads):
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=32)
+    layer = LlamaForCausalLM(cfg).model.layers[0]
+    a = LlamaArgs.from_hf_config(cfg.to_dict())
+    assert a.linear_shapes() == {n: tuple(layer.get_submodule(n).weight.shape) for n in LINEARS}
+    assert a.layer_numel() == sum(p.numel() for p in layer.parameters())
+    assert (a.q_dim, a.kv_dim) == (64, 64 // heads * kv_heads)

@@ -217,10 +217,8 @@ def test_llama31_vocab_and_rope_freqs_read_back(tmp_path):
     assert field(r, "tokenizer.chat_template") == chat.LLAMA3_TEMPLATE
     head_dim = params["dim"] // params["n_heads"]
     freqs = 1.0 / params["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    (t,) = [t for t in r.tensors if t.name == "rope_freqs.weight"]
-    assert np.allclose(np.array(t.data), (freqs / apply_scaling(freqs, scaling)).numpy(), rtol=1e-5)
+    (t,) = [t for t in r.tensors if t.name == "rope_freqs.weight"]  # Meta's factor 8, high 4
+    assert np.allclose(np.array(t.data), (freqs / apply_scaling(freqs, 8.0, 4.0)).numpy(), rtol=1e-5)
     # llama.cpp's own BPE over these tokens, merges and pre-tokenizer gives tiktoken's ids
     source = load_source(meta / "tokenizer.model", "llama3.1")
     model = GGUFModel(tmp_path / "m.gguf", n_ctx=64)
@@ -434,7 +432,8 @@ CARD_FILES = {"Q4_K_M": ("codellama-7b-instruct.Q4_K_M.gguf", 4_081_010_464),
               "Q8_0": ("codellama-7b-instruct.Q8_0.gguf", 7_161_089_824),
               "F16": ("codellama-7b-instruct.F16.gguf", 13_478_127_904)}
 CARD_CONFIG = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-               "hidden_size": 4096, "max_position_embeddings": 16384}
+               "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32016,
+               "max_position_embeddings": 16384}
 CARD_REPORT = {
     "schema": 1, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
     "eval": {"source": "hf", "files": [], "sha256": "ab" * 32, "seqlen": 2048, "windows": 64,

@@ -158,7 +158,15 @@ def test_rtn_and_mse_search():
     assert ((W - searched.Q) ** 2).sum() < ((W - plain.Q) ** 2).sum()
 
 
-def test_spec_rejects_bad_options():
-    for kwargs in ({"bits": 5}, {"group_size": 0}, {"damp": 0}, {"method": "awq"}):
-        with pytest.raises(InputError):
-            QuantSpec(**{"bits": 4, "group_size": 128, "act_order": False, **kwargs})
+@pytest.mark.parametrize("kwargs,message", [
+    ({"bits": 5}, r"--bits 5: must be one of 2, 3, 4, 8"),
+    ({"group_size": 0}, r"--group-size 0: must be -1 \(one group per row\) or a positive"),
+    ({"group_size": -2}, r"--group-size -2: "),
+    ({"damp": 0}, r"--damp 0: must be in \(0, 1\)"),
+    ({"method": "awq"}, r"--method 'awq': must be one of gptq, rtn"),
+    ({"group_size": -1, "static_groups": True}, r"--static-groups: needs a group size other than -1"),
+    ({"blocksize": 0}, r"--blocksize 0: must be positive"),
+])
+def test_spec_rejects_bad_options_naming_the_option(kwargs, message):
+    with pytest.raises(InputError, match=f"^{message}"):
+        QuantSpec(**{"bits": 4, **kwargs})

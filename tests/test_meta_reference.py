@@ -1,9 +1,11 @@
 """The independent Meta forward: MetaTransformer against transformers (weights permuted here, by
 index arithmetic), the streamed model-parallel meta_logits against MetaTransformer, RoPE against
-the textbook rotation, and Llama 3.1's frequency scaling against Meta's scalar loop."""
+the textbook rotation, Llama 3.1's frequency scaling against Meta's scalar loop, params.json read
+with Meta's defaults (FFN widths of released models), and a wrong converter default caught."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from meta_fixtures import SPECS, random_state, tokenizer_for
 from pipeline.meta import write_meta_checkpoint
-from verify.meta_reference import (MetaTransformer, apply_rotary_emb, meta_logits,
+from verify.errors import InputError
+from verify.meta_reference import (MetaTransformer, ModelArgs, apply_rotary_emb, meta_logits,
                                    precompute_freqs_cis)
 
 
@@ -121,26 +124,118 @@ def test_rotary_rotates_interleaved_pairs():
             assert got[t, 2 * i + 1] == pytest.approx(float(re * math.sin(a) + im * math.cos(a)), abs=1e-5)
 
 
-def test_llama31_frequency_scaling_matches_meta_loop():
-    """Meta's apply_scaling, written as its original scalar loop, on Llama 3.1 8B's RoPE."""
-    hd, theta = 128, 500000.0
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+def meta_loop_freqs(head_dim: int, theta: float, factor: float) -> list[float]:
+    """Meta's apply_scaling written as its original scalar loop (llama-models, Llama 3.1):
+    low 1, high 4, original context 8192."""
     want = []
-    for i in range(0, hd, 2):
-        f = 1.0 / theta ** (i / hd)
+    for i in range(0, head_dim, 2):
+        f = 1.0 / theta ** (i / head_dim)
         wavelen = 2 * math.pi / f
         if wavelen < 8192 / 4:
             want.append(f)
         elif wavelen > 8192 / 1:
-            want.append(f / 8)
+            want.append(f / factor)
         else:
             s = (8192 / wavelen - 1) / (4 - 1)
-            want.append((1 - s) * f / 8 + s * f)
-    got = precompute_freqs_cis(hd, 2, theta, scaling)[1].angle().double()
-    assert got.tolist() == pytest.approx(want, rel=1e-5)
-    plain = precompute_freqs_cis(hd, 2, theta)[1].angle()
-    assert (got[:20] == plain[:20].double()).all() and (got[-20:] < plain[-20:] / 7.9).all()
+            want.append((1 - s) * f / factor + s * f)
+    return want
+
+
+# Meta's params.json of real models (vocab left out) and the FFN width their w1 holds.
+REAL_PARAMS = {
+    "Llama-2-7B": (dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, norm_eps=1e-5,
+                        vocab_size=-1), 11008),
+    "Llama-2-13B": (dict(dim=5120, n_layers=40, n_heads=40, multiple_of=256, norm_eps=1e-5,
+                         vocab_size=-1), 13824),
+    "CodeLlama-34B": (dict(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256,
+                           ffn_dim_multiplier=1.0, norm_eps=1e-5, rope_theta=1000000,
+                           vocab_size=-1), 22016),
+    "Llama-2-70B": (dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                         ffn_dim_multiplier=1.3, norm_eps=1e-5, vocab_size=-1), 28672),
+    "Llama-3-8B": (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                        multiple_of=1024, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                        rope_theta=500000.0), 14336),
+    "Llama-3.1-8B": (dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                          multiple_of=1024, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                          rope_theta=500000.0, use_scaled_rope=True), 14336),
+    "Llama-3.2-1B": (dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                          ffn_dim_multiplier=1.5, multiple_of=256, norm_eps=1e-5,
+                          rope_theta=500000.0, use_scaled_rope=True), 8192),
+}
+
+
+@pytest.mark.parametrize("name", REAL_PARAMS)
+def test_ffn_width_is_metas_rule_on_real_params(name):
+    """Known widths of released models (their w1 shapes), not the code's own arithmetic."""
+    params, ffn = REAL_PARAMS[name]
+    assert ModelArgs.from_params(params).hidden_dim == ffn
+
+
+def test_params_defaults_are_metas():
+    """Llama 2 7B's params.json leaves out n_kv_heads and rope_theta: 32 kv heads, θ 10000."""
+    a = ModelArgs.from_params({"model": REAL_PARAMS["Llama-2-7B"][0]})  # wrapped, as some ship
+    assert (a.n_kv_heads, a.rope_theta, a.use_scaled_rope, a.vocab_size) == (32, 10000.0, False, -1)
+    assert ModelArgs.from_params({"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": None}) \
+        == ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, multiple_of=256, norm_eps=1e-5)
+    for bad, key in [({"dim": 64, "n_layers": 1}, "n_heads"), ({"dim": 64.0, "n_layers": 1,
+                      "n_heads": 4}, "dim"), ({"dim": 64, "n_layers": 1, "n_heads": 4,
+                      "rope_theta": "1e6"}, "rope_theta")]:
+        with pytest.raises(ValueError, match=key):
+            ModelArgs.from_params(bad)
+
+
+@pytest.mark.parametrize("name,factor", [("Llama-3.1-8B", 8.0), ("Llama-3.2-1B", 32.0)])
+def test_scaled_rope_frequencies_match_meta_loop(name, factor):
+    """Llama 3.1's frequency scaling against Meta's scalar loop, with factor 8 (3.1 8B) and 32
+    (3.2 1B/3B: Meta's maintainers, llama-models#166; their params.json does not say)."""
+    a = ModelArgs.from_params(REAL_PARAMS[name][0])
+    got = a.freqs_cis(2)[1].angle().double()
+    assert got.tolist() == pytest.approx(meta_loop_freqs(a.head_dim, 500000.0, factor), rel=1e-5)
+    plain = precompute_freqs_cis(a.head_dim, 2, 500000.0)[1].angle()
+    assert (got[:10] == plain[:10].double()).all()  # wavelengths under 2048: kept
+    assert (got[-5:] < plain[-5:] / (factor - 0.1)).all()
+    explicit = ModelArgs.from_params({**REAL_PARAMS[name][0], "rope_scaling_factor": 16.0})
+    assert explicit.freqs_cis(2)[1].angle().double().tolist() \
+        == pytest.approx(meta_loop_freqs(a.head_dim, 500000.0, 16.0), rel=1e-5)
+
+
+def test_params_that_disagree_with_the_shards_are_refused(tmp_path):
+    """meta_logits derives the FFN width, head counts and vocab from params.json, and a shard
+    that does not hold them is refused (as loading into Meta's modules would be)."""
+    spec = SPECS["llama3"]
+    write_meta_checkpoint(tmp_path, params_with_vocab("llama3"), bf16_state("llama3"), 2,
+                          tokenizer_for(spec))
+    params = json.loads((tmp_path / "params.json").read_text())
+    tokens = tokens_for("llama3", T=8)
+    for key, value, what in [("ffn_dim_multiplier", None, "feed_forward.w1.weight"),
+                             ("n_kv_heads", None, "attention.wk.weight"),
+                             ("vocab_size", 1000, "output.weight")]:
+        (tmp_path / "params.json").write_text(json.dumps({**params, key: value}))
+        with pytest.raises(InputError, match=what):
+            meta_logits(tmp_path, tokens)
+
+
+def test_conversion_parity_catches_a_wrong_converter_default(tmp_path, monkeypatch):
+    """The reference shares no default with the converter: with the converter's Llama 3.1 RoPE
+    factor wrong (4, not 8) the converted model no longer matches the reference. Measured at
+    T=256: 1.8e-2 relative, against 1.1e-6 for the right conversion; 1e-3 leaves 18x room below
+    the broken one and ~1000x above float noise on any CPU."""
+    from transformers import AutoModelForCausalLM
+
+    import pipeline.meta
+    from pipeline.convert import convert
+
+    build = pipeline.meta.rope_scaling
+    spec = SPECS["llama3.1"]
+    write_meta_checkpoint(tmp_path / "meta", params_with_vocab("llama3.1"), bf16_state("llama3.1"),
+                          2, tokenizer_for(spec))
+    monkeypatch.setattr(pipeline.meta, "rope_scaling", lambda p: {**build(p), "factor": 4.0})
+    convert(tmp_path / "meta", tmp_path / "hf")
+    tokens = tokens_for("llama3.1", T=256)
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(tokens).logits
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]["factor"] == 4.0
+    assert max_rel_err(hf, meta_logits(tmp_path / "meta", tokens)) > 1e-3
 
 
 def test_meta_transformer_trains():

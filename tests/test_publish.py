@@ -549,7 +549,7 @@ FORGERIES = {  # hand-edited verify.json -> what the refusal (exit 3) says
     "hash_edited": (lambda r: r["artifacts"][V32]["files"].update({"model.safetensors": "0" * 64}),
                     "model.safetensors: changed"),
     "no_checks": (lambda r: r.update(checks=[]), "its check list is empty"),
-    "passed_with_a_failing_check": (fail_one, "failed: generation on gptq-8bit-128g-actorder_True although it says passed"),
+    "passed_with_a_failing_check": (fail_one, "failed: generation:gptq-8bit-128g-actorder_True although it says passed"),
     "required_check_missing": (lambda r: drop_check(r, V32, "kl_divergence"),
                                f"'{V32}' lacks the required check\\(s\\) kl_divergence"),
     "no_parity": (lambda r: drop_check(r, "fp16", "conversion_parity"), "lacks the required check\\(s\\) conversion_parity"),

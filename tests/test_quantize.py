@@ -180,6 +180,24 @@ def test_sharded_output_and_resume_is_bit_identical(runs, model, tmp_path, monke
     assert {k: v["loss"] for k, v in logs[0].items()} == {k: v["loss"] for k, v in logs[1].items()}
 
 
+def test_resume_on_another_thread_count_starts_over(model, tmp_path, monkeypatch):
+    """GPTQ's float sums follow torch's thread count, so layers quantised on 1 thread must not be
+    finished on 2: the partial output is discarded and the log records the threads used."""
+    spec, out = QuantSpec(4, -1, False), tmp_path / "q"
+    monkeypatch.setattr(stage, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out, spec)
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        summary = run(model, out, spec, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["resumed_layers"] == 0
+    assert json.loads((out / "quant_log.json").read_text())["threads"] == threads + 1
+
+
 def write_model(directory: Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(config))

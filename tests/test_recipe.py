@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from cli_runner import run_cli
 from verify.errors import InputError
+from pipeline.gptq import QuantSpec
 from pipeline.recipe import find_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -54,13 +57,14 @@ def test_minimal_recipe_defaults_and_paths(tmp_path):
     assert r.verify.eval == str(tmp_path / "eval")
     assert r.convert.dtype == "float16" and r.convert.max_shard_size == "5GB"
     (v,) = r.variants
-    assert r.default_variant is v
+    assert r.variant("main") is v
     assert (v.branch, v.bits, v.group_size, v.act_order, v.damp, v.sym) == ("main", 4, 128, False, 0.01, True)
     # variants inherit the calibration defaults
     assert (v.calibration, v.nsamples, v.seqlen, v.seed) == (str(tmp_path / "calib/*.py"), 128, 2048, 0)
     assert v.quant_options() == {"bits": 4, "group_size": 128, "act_order": False, "sym": True,
                                  "damp": 0.01, "static_groups": False, "true_sequential": True,
-                                 "mse": False, "method": "gptq"}
+                                 "mse": False, "blocksize": 128, "method": "gptq"}
+    assert QuantSpec(**v.quant_options()) == QuantSpec(4)  # the spec alone, QuantSpec's defaults
     assert r.verify.tolerance == {} and r.verify.prompts == [] and r.verify.max_windows is None
 
 
@@ -119,13 +123,14 @@ def test_tolerance_and_lists_parse(tmp_path):
     ("[[variants]]", "[variants]", r"variants must be an array of tables"),
     # impossible values and combinations
     ("bits = 4", "bits = 5", r"bits = 5: must be one of 2, 3, 4, 8"),
-    ("bits = 4", "bits = 4\ngroup_size = 100", r"group_size = 100: must be -1 .* or a power of two"),
-    ("bits = 4", "bits = 4\ngroup_size = 0", r"group_size = 0"),
+    ("bits = 4", "bits = 4\ngroup_size = 0", r"group_size = 0: must be -1 \(one group per row\) or a "
+     "positive number of columns"),
     ("bits = 4", "bits = 4\ngroup_size = -2", r"group_size = -2"),
     ("bits = 4", "bits = 4\ndamp = 0", r"damp = 0.0: must be in \(0, 1\)"),
     ("bits = 4", "bits = 4\ndamp = 1", r"damp = 1.0"),
     ("bits = 4", "bits = 4\nmethod = \"awq\"", r"method = 'awq'"),
-    ("bits = 4", "bits = 4\ngroup_size = -1\nstatic_groups = true", r"static_groups needs a group_size"),
+    ("bits = 4", "bits = 4\ngroup_size = -1\nstatic_groups = true", r"static_groups = true: needs a group size other than -1"),
+    ("bits = 4", "bits = 4\nblocksize = 0", r"\[\[variants\]\] #1 \(main\): blocksize = 0: must be positive"),
     ("bits = 4", "bits = 4\nnsamples = 0", r"nsamples = 0"),
     ('branch = "main"', 'branch = "my branch"', r"branch = 'my branch'"),
     ('branch = "main"', 'branch = "gptq-4bit-128g"', r'no variant has branch = "main"'),
@@ -149,6 +154,33 @@ def test_invalid_recipes_name_file_and_key(tmp_path, old, new, message):
     with pytest.raises(InputError, match=message) as e:
         load_recipe(path)
     assert str(path) in str(e.value)
+
+
+# -1, or any positive width: GPTQ's format (ceil(in/group) groups, g_idx) and GPTQModel take a
+# partial last group (recorded in quant_log.json for the runtimes that refuse it)
+@pytest.mark.parametrize("group_size,accepted", [(-1, True), (1, True), (32, True), (96, True),
+                                                 (100, True), (128, True), (4096, True),
+                                                 (0, False), (-2, False), (-128, False)])
+def test_group_size_rule_is_the_same_in_recipe_and_cli(tmp_path, monkeypatch, capsys, group_size,
+                                                       accepted):
+    rule = r"must be -1 \(one group per row\) or a positive number of columns"
+    path = write(tmp_path, edited("bits = 4", f"bits = 4\ngroup_size = {group_size}"))
+    if accepted:
+        assert load_recipe(path).variant("main").group_size == group_size
+    else:
+        with pytest.raises(InputError, match=rf"{path}: \[\[variants\]\] #1 \(main\): group_size = "
+                                             rf"{group_size}: {rule}"):
+            load_recipe(path)
+    # the CLI: a refused width stops at the option; an accepted one gets to the (missing) model
+    missing = tmp_path / "no-model"
+    code, _, err = run_cli(["quantize", missing, tmp_path / "out", "--method", "rtn",
+                            "--group-size", group_size, "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2
+    if accepted:
+        assert str(missing) in err and "--group-size" not in err, err
+    else:
+        assert err.startswith(f"error: --group-size {group_size}: "), err
+        assert re.search(rule, err), err
 
 
 def test_duplicate_branches(tmp_path):
@@ -247,7 +279,7 @@ def test_every_expected_recipe_is_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_recipe_is_valid(path):
     r = load_recipe(path)
-    assert r.default_variant.branch == "main"
+    assert r.variant("main").branch == "main"
     assert r.publish.fp16_repo != r.publish.gptq_repo
     if path.stem.startswith("codellama"):
         got = [(v.branch, v.bits, v.group_size, v.act_order) for v in r.variants]

@@ -17,24 +17,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from demo_model import CALIBRATION, EVAL, demo_fp16
+from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 from pipeline.gptq import QuantSpec
 from verify.gptq_format import RAGGED_REFUSED_BY
 from pipeline.quantize import quantize
 from verify import runtimes
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, perplexity, windows
-from verify.runtimes import PPL_MATCH, RUNTIMES, Runtime, run_runtime
+from verify.runtimes import RUNTIMES, Runtime, run_runtime
+from verify.thresholds import PPL_MATCH
 
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}  # as tests/test_quantize.py
 SEQLEN, MAX_WINDOWS = 256, 4  # fp16 matmuls on the CPU are slow (~1.5 s per window here)
 VARIANTS = {"4bit-128g": QuantSpec(4, 128, False), "4bit-32g-actorder": QuantSpec(4, 32, True),
             "8bit-128g": QuantSpec(8, 128, False), "3bit-128g": QuantSpec(3, 128, False)}
 CPU_RUNTIMES = ("gptqmodel", "transformers")
-RAGGED_FFN = 704  # 5.5 groups of 128: down_proj gets a partial last group
 
 
 @pytest.fixture(scope="module")
@@ -122,23 +122,6 @@ def test_a_config_mixup_fails_in_the_runtime(variants, eval_windows, tmp_path):
     r = run_runtime("gptqmodel", bad, eval_windows[1], ppl_ours=ppl_ours, device="cpu")
     assert r["checked"] and r["passed"] is False
     assert r["error"] or abs(r["ratio"]) > PPL_MATCH
-
-
-def ragged_model(fp16: Path, out: Path, ffn: int) -> Path:
-    """The demo model with its FFN cut to the first `ffn` neurons (gate/up rows, down columns)."""
-    shutil.copytree(fp16, out)
-    cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**cfg, "intermediate_size": ffn}))
-    files = sorted(out.glob("*.safetensors"))
-    for f in files:
-        state = load_file(f)
-        for k, v in state.items():
-            if k.endswith(("gate_proj.weight", "up_proj.weight")):
-                state[k] = v[:ffn].contiguous()
-            elif k.endswith("down_proj.weight"):
-                state[k] = v[:, :ffn].contiguous()
-        save_file(state, str(f), metadata={"format": "pt"})
-    return out
 
 
 @pytest.mark.parametrize("act_order", [False, True])

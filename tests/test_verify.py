@@ -33,7 +33,7 @@ from pipeline.judge import judge
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
-from verify.report import check_integrity, read_report
+from verify.report import check_integrity, failed_checks, read_report
 
 SEQLEN, WINDOWS = 64, 4
 
@@ -381,14 +381,9 @@ def test_fp16_repeating_itself_does_not_fail_verify(demo, tmp_path):
                          prompts=[REPEATING])
     (fp16,) = entry(report, "generation", "fp16")["samples"]
     assert fp16["degenerate"]  # the prompt does make fp16 repeat itself
-    assert report["passed"], failed(report)
+    assert report["passed"], failed_checks(report)
     eight = entry(report, "generation", "gptq-8bit-128g")["samples"][0]
     assert eight["degenerate"] and eight["agreement"] == 1.0  # equally degenerate: passes
-
-
-def failed(report: dict) -> list[str]:
-    return [f"{c['check']}:{c['artifact']} {c.get('reason', '')}" for c in report["checks"]
-            if not c["passed"]]
 
 
 def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_path, monkeypatch,
@@ -400,7 +395,7 @@ def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_pat
                            "--agreement", "4=0")  # one prompt: its greedy agreement is not judged
     assert code == 3
     report = read_report(tmp_path / "cli")
-    assert failed(report) == ["kl_divergence:gptq-4bit-128g "]  # KL of a quantised model is > 0
+    assert failed_checks(report) == ["kl_divergence:gptq-4bit-128g"]  # KL of a quantised model is > 0
     assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["kl_mean"] == 0
     assert entry(report, "perplexity", "gptq-4bit-128g")["thresholds"]["tolerance"] == 0.5
     assert entry(report, "generation", "gptq-4bit-128g")["thresholds"]["agreement"] == 0

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from demo_model import CALIBRATION, EVAL, demo_fp16
+from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 from pipeline.gptq import QuantSpec
 from pipeline.quantize import quantize
-from pipeline.judge import RUNTIME_WINDOWS, failed_checks, judge
-from test_runtimes import RAGGED_FFN, ragged_model
-from verify.report import TABLE_NAME
-from verify.runtimes import PPL_MATCH
+from pipeline.judge import RUNTIME_WINDOWS, judge
+from verify.report import TABLE_NAME, failed_checks
+from verify.thresholds import PPL_MATCH
 
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
 SEQ = 256

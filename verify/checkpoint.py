@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from verify.errors import InputError
-from verify.gptq_format import BITS, n_groups, packed_shapes
+from verify.gptq_format import BITS, GROUP_SIZE_RULE, n_groups, packed_shapes, valid_group_size
 from verify.safetensors_stream import DTYPES, FLOAT_DTYPES, StoredTensor, read_header
-from verify.llama import LlamaArgs, linear_shapes
+from verify.llama import LAYER_NORMS, LlamaArgs
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -135,8 +135,8 @@ class HFCheckpoint:
         bits, group = q.get("bits"), q.get("group_size", -1)
         if type(bits) is not int or bits not in BITS:
             raise InputError(f"{where}.bits = {bits!r}: must be one of {BITS}")
-        if type(group) is not int or not (group == -1 or group > 0):
-            raise InputError(f"{where}.group_size = {group!r}: must be -1 or a positive integer")
+        if type(group) is not int or not valid_group_size(group):
+            raise InputError(f"{where}.group_size = {group!r}: {GROUP_SIZE_RULE}")
         for key in ("desc_act", "sym"):
             if not isinstance(q.get(key, False), bool):
                 raise InputError(f"{where}.{key} = {q[key]!r}: must be true or false")
@@ -148,9 +148,9 @@ class HFCheckpoint:
         yield "model.embed_tokens.weight", FLOAT_DTYPES, (a.vocab_size, a.dim)
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
-            for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            for norm in LAYER_NORMS:
                 yield p + norm, FLOAT_DTYPES, (a.dim,)
-            for name, (n_out, n_in) in linear_shapes(a).items():
+            for name, (n_out, n_in) in a.linear_shapes().items():
                 if self.grid is None:
                     yield f"{p}{name}.weight", FLOAT_DTYPES, (n_out, n_in)
                     continue
@@ -189,9 +189,6 @@ class HFCheckpoint:
             raise InputError(f"{self.path / self.weight_map[unknown[0]]}: unexpected tensor(s) "
                              f"{unknown[:3]} for the {self.args.n_layers}-layer Llama {cfg} "
                              "describes")
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map

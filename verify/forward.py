@@ -5,7 +5,6 @@ model's head, a few rows at a time."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from functools import cached_property
@@ -18,10 +17,9 @@ from tqdm import tqdm
 from verify.errors import InputError
 from verify.gptq_format import SUFFIXES, dequantize
 from verify.checkpoint import HFCheckpoint
-from verify.llama import LINEAR_GROUPS, DecoderLayer, load_layer, rms_norm, rotary
+from verify.llama import LINEARS, DecoderLayer, fits_in_memory, load_layer, rms_norm, rotary
 from verify.metrics import kl_top1
 
-LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
 HEAD_ELEMENTS = 2**26  # logits computed at once at the head: rows × vocab (256 MiB in float32)
 
 # name of a linear ("self_attn.q_proj"), its dequantised weight [out, in] -> the weight to run
@@ -58,10 +56,7 @@ class LayerwiseModel:
 
     def layer_bytes(self) -> int:
         """Bytes of one dequantised decoder layer in the compute dtype."""
-        a = self.args
-        n = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
-        n += 3 * a.dim * a.ffn_dim + 2 * a.dim
-        return n * torch.tensor([], dtype=self.dtype).element_size()
+        return self.args.layer_numel() * self.dtype.itemsize
 
     def layer(self, i: int) -> DecoderLayer:
         """Decoder layer i on the device, linears dequantised; kept when resident."""
@@ -229,12 +224,3 @@ def gptq_bits(ckpt: HFCheckpoint) -> int | None:
     if "bits" not in q:
         raise InputError(f"{ckpt.path / 'config.json'}: quantization_config has no 'bits'")
     return int(q["bits"])
-
-
-def fits_in_memory(nbytes: int, device: torch.device) -> bool:
-    """Whether nbytes fit in half the memory free on device."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return nbytes <= free // 2

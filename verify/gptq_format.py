@@ -21,6 +21,15 @@ MASK32 = 0xFFFFFFFF
 RAGGED_REFUSED_BY = ("vLLM", "Marlin", "ExLlama", "transformers")
 
 
+GROUP_SIZE_RULE = "must be -1 (one group per row) or a positive number of columns"
+
+
+def valid_group_size(group_size: int) -> bool:
+    """-1 or any positive width: the format holds ceil(in/group) groups (the last one partial
+    when the group does not divide the width), as GPTQModel does; RAGGED_REFUSED_BY do not."""
+    return group_size == -1 or group_size > 0
+
+
 def n_groups(in_features: int, group_size: int) -> int:
     """Rows of scales/qzeros for a linear with in_features inputs (the last group is partial
     when group_size does not divide in_features)."""

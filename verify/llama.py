@@ -4,6 +4,7 @@ run one layer at a time: quantize feeds calibration through it, verify runs full
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,27 @@ class LlamaArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries (q_proj's output, o_proj's input)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys and values (k_proj's and v_proj's output)."""
+        return self.n_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear of a decoder layer, in LINEARS order."""
+        return {"self_attn.q_proj": (self.q_dim, self.dim), "self_attn.k_proj": (self.kv_dim, self.dim),
+                "self_attn.v_proj": (self.kv_dim, self.dim), "self_attn.o_proj": (self.dim, self.q_dim),
+                "mlp.gate_proj": (self.ffn_dim, self.dim), "mlp.up_proj": (self.ffn_dim, self.dim),
+                "mlp.down_proj": (self.dim, self.ffn_dim)}
+
+    def layer_numel(self) -> int:
+        """Weights of one decoder layer: its linears and its norms."""
+        return sum(o * i for o, i in self.linear_shapes().values()) + len(LAYER_NORMS) * self.dim
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
@@ -193,11 +215,10 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        hd = args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.q_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.o_proj = nn.Linear(args.q_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -212,7 +233,7 @@ class Attention(nn.Module):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.q_dim))
 
 
 class MLP(nn.Module):
@@ -249,15 +270,7 @@ LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
-
-
-def linear_shapes(args: LlamaArgs) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear of a decoder layer."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    return {"self_attn.q_proj": (q, args.dim), "self_attn.k_proj": (kv, args.dim),
-            "self_attn.v_proj": (kv, args.dim), "self_attn.o_proj": (args.dim, q),
-            "mlp.gate_proj": (args.ffn_dim, args.dim), "mlp.up_proj": (args.ffn_dim, args.dim),
-            "mlp.down_proj": (args.dim, args.ffn_dim)}
+LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")  # [dim] each
 
 
 def load_layer(args: LlamaArgs, state: dict[str, torch.Tensor]) -> DecoderLayer:
@@ -273,6 +286,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """Whether nbytes fit in half the memory free on device (the GPU's, or the host's for the
+    CPU): what may stay resident rather than be streamed."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return nbytes <= free // 2
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

@@ -29,6 +29,7 @@ from verify.errors import InputError, PipelineError
 from verify.checkpoint import read_json
 from verify.llama import LlamaArgs
 from verify.metrics import kl_top1, logits_parity
+from verify.thresholds import GGUF_FLOAT_REL
 
 INSTALL = "pip install -e '.[gguf]' (llama-cpp-python builds llama.cpp from source: ~6 min on 2 cores)"
 
@@ -80,10 +81,6 @@ class GGUFModel:
         except (ValueError, RuntimeError) as e:
             tail = " ".join("".join(lines).split())[-300:]
             raise InputError(f"{self.path}: llama.cpp cannot load it ({e}; {tail})") from None
-
-    @property
-    def n_vocab(self) -> int:
-        return self.llm.n_vocab()
 
     def logits(self, tokens: list[int]) -> torch.Tensor:
         """float32 logits [T, V] of one window, from an empty cache (positions 0..T-1)."""
@@ -163,7 +160,7 @@ def metadata_problems(path: Path, fp16: Path, tokenizer: Any, model: GGUFModel,
     for key, value in want.items():
         got = field(reader, key)
         close = (isinstance(value, float) and isinstance(got, float)
-                 and math.isclose(got, value, rel_tol=1e-6))  # stored as float32
+                 and math.isclose(got, value, rel_tol=GGUF_FLOAT_REL))  # stored as float32
         if got != value and not close:
             problems.append(f"{key} = {got!r}, the fp16 model has {value!r}")
     tokens = field(reader, "tokenizer.ggml.tokens") or []

@@ -1,18 +1,25 @@
 """Meta's Llama forward pass, independent of the converter: `MetaTransformer` (Meta's module names
 and math: interleaved complex RoPE, float32 RMSNorm then cast then weight, float32 softmax,
 repeated kv heads) and `meta_logits`, the same math streamed over the original model-parallel
-shards, rank by rank as fairscale computes it (it never merges a tensor, so it shares nothing with
-the converter's shard table: a wrong merge in the converter shows up as a logits mismatch).
+shards, rank by rank as fairscale computes it. It reads params.json and the shards itself and
+imports nothing of the converter (tests/test_layering.py), so a wrong default or merge in the
+converter shows up as a logits mismatch instead of being shared.
 
 Usage:
-    model = MetaTransformer(params)              # params.json dict, vocab_size > 0; trainable
+    args = ModelArgs.from_params(params)         # params.json dict, Meta's defaults
+    model = MetaTransformer(params)              # vocab_size > 0; trainable
     logits = model(tokens)                       # tokens [B, T] -> logits [B, T, V] float32
     logits = meta_logits(Path("CodeLlama-7b"), tokens, device="cuda", dtype=torch.float16)
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import math
+import mmap
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +29,119 @@ from torch import nn
 from tqdm import tqdm
 
 from verify.errors import InputError
-from pipeline.meta import (MetaCheckpoint, ffn_dim, load_shard, prefetch, release,
-                           rope_scaling)
 
 LAYER_KEYS = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
               "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
               "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
 
+# Llama 3.1 RoPE scaling constants, as Meta's apply_scaling hard-codes them (llama-models,
+# models/llama3/model.py); params.json may override the factor and the high-frequency factor
+# (`rope_scaling_factor`, `rope_high_freq_factor`, the names of Meta's later ModelArgs).
+SCALE_FACTOR, LOW_FREQ_FACTOR, HIGH_FREQ_FACTOR, OLD_CONTEXT_LEN = 8.0, 1.0, 4.0, 8192
+# Llama 3.2 1B and 3B, (dim, n_layers): trained with factor 32, which neither their params.json
+# nor Meta's hard-coded 8 says (Meta's answer in meta-llama/llama-models#166, #241).
+SCALE_FACTOR_32 = frozenset({(2048, 16), (3072, 28)})
 
-def apply_scaling(freqs: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """params.json read as Meta's ModelArgs reads it: n_kv_heads absent or null = n_heads,
+    multiple_of 256, no ffn_dim_multiplier, norm_eps 1e-5, rope_theta 10000 (Llama 1/2 do not
+    store it), no scaled RoPE; vocab_size -1 (not stored) until the shards say."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> ModelArgs:
+        """From a params.json dict (unwrapped from `{"model": {...}}`); ValueError naming the key
+        when a value Meta's code needs is missing or of the wrong type."""
+        p = p["model"] if isinstance(p.get("model"), dict) else p
+
+        def number(key: str, kind: type, default: Any = None) -> Any:
+            v = p.get(key)
+            if v is None:  # absent or null: Meta's default
+                return default
+            if isinstance(v, bool) or not isinstance(v, int if kind is int else (int, float)):
+                raise ValueError(f"{key} = {v!r}: expected {kind.__name__}")
+            return kind(v)
+
+        missing = [k for k in ("dim", "n_layers", "n_heads") if p.get(k) is None]
+        if missing:
+            raise ValueError(f"missing key(s) {missing}")
+        n_heads = number("n_heads", int)
+        args = cls(dim=number("dim", int), n_layers=number("n_layers", int), n_heads=n_heads,
+                   n_kv_heads=number("n_kv_heads", int, n_heads),
+                   vocab_size=number("vocab_size", int, -1),
+                   multiple_of=number("multiple_of", int, 256),
+                   ffn_dim_multiplier=number("ffn_dim_multiplier", float),
+                   norm_eps=number("norm_eps", float, 1e-5),
+                   rope_theta=number("rope_theta", float, 10000.0),
+                   use_scaled_rope=p.get("use_scaled_rope") is True,
+                   rope_scaling_factor=number("rope_scaling_factor", float),
+                   rope_high_freq_factor=number("rope_high_freq_factor", float))
+        if min(args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.multiple_of) <= 0:
+            raise ValueError("dim, n_layers, n_heads, n_kv_heads and multiple_of must be positive")
+        if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+            raise ValueError(f"dim {args.dim}, n_heads {args.n_heads}, n_kv_heads "
+                             f"{args.n_kv_heads}: heads must divide dim, kv heads the heads")
+        return args
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Meta's FeedForward width from hidden_dim = 4·dim: two thirds, times the multiplier,
+        rounded up to multiple_of (the int() truncations are Meta's)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def scale_factor(self) -> float:
+        if self.rope_scaling_factor is not None:
+            return self.rope_scaling_factor
+        return 32.0 if (self.dim, self.n_layers) in SCALE_FACTOR_32 else SCALE_FACTOR
+
+    def freqs_cis(self, end: int) -> torch.Tensor:
+        """Rotations for positions 0..end-1 (complex64 [end, head_dim/2])."""
+        return precompute_freqs_cis(self.head_dim, end, self.rope_theta, self.use_scaled_rope,
+                                    self.scale_factor,
+                                    self.rope_high_freq_factor or HIGH_FREQ_FACTOR)
+
+
+def apply_scaling(freqs: torch.Tensor, scale_factor: float = SCALE_FACTOR,
+                  high_freq_factor: float = HIGH_FREQ_FACTOR) -> torch.Tensor:
     """Llama 3.1 long-context frequencies: keep high ones, divide low ones by the factor, blend
     in between (wavelengths measured against the original 8192-token context)."""
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_ctx = s["original_max_position_embeddings"]
+    low, high, old_ctx = LOW_FREQ_FACTOR, high_freq_factor, OLD_CONTEXT_LEN
     wavelen = 2 * math.pi / freqs
     smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = (1 - smooth) * freqs / factor + smooth * freqs
-    scaled = torch.where(wavelen > old_ctx / low, freqs / factor, blended)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > old_ctx / low, freqs / scale_factor, blended)
     return torch.where(wavelen < old_ctx / high, freqs, scaled)
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float,
-                         scaling: dict[str, Any] | None = None) -> torch.Tensor:
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
+                         use_scaled: bool = False, scale_factor: float = SCALE_FACTOR,
+                         high_freq_factor: float = HIGH_FREQ_FACTOR) -> torch.Tensor:
     """Unit complex rotations [end, head_dim/2] (complex64), as Meta precomputes them."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if scaling:
-        freqs = apply_scaling(freqs, scaling)
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor, high_freq_factor)
     t = torch.arange(end, dtype=torch.float32)
     angles = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(angles), angles)
@@ -150,27 +244,21 @@ class MetaTransformer(nn.Module):
 
     def __init__(self, params: dict[str, Any]) -> None:
         super().__init__()
-        p = self.params = dict(params)
-        if p.get("vocab_size", -1) <= 0:
+        a = self.args = ModelArgs.from_params(params)
+        if a.vocab_size <= 0:
             raise ValueError("MetaTransformer needs params['vocab_size'] > 0")
-        dim, n_heads = p["dim"], p["n_heads"]
-        n_kv_heads = p.get("n_kv_heads") or n_heads
-        hidden = ffn_dim(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
-        self.head_dim = dim // n_heads
-        self.tok_embeddings = nn.Embedding(p["vocab_size"], dim)
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_heads, n_kv_heads, hidden, p["norm_eps"])
-            for _ in range(p["n_layers"]))
-        self.norm = RMSNorm(dim, p["norm_eps"])
-        self.output = nn.Linear(dim, p["vocab_size"], bias=False)
+            TransformerBlock(a.dim, a.n_heads, a.n_kv_heads, a.hidden_dim, a.norm_eps)
+            for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] float32 (positions 0..T-1, causal)."""
         T = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        theta = float(self.params.get("rope_theta", 10000.0))
-        freqs_cis = precompute_freqs_cis(self.head_dim, T, theta,
-                                         rope_scaling(self.params)).to(h.device)
+        freqs_cis = self.args.freqs_cis(T).to(h.device)
         mask = causal_mask(T, h.device, h.dtype)
         for layer in self.layers:
             h = layer(h, freqs_cis, mask)
@@ -194,52 +282,111 @@ def embed(tokens: torch.Tensor, parts: list[torch.Tensor], dim: int) -> torch.Te
                      f"ParallelEmbedding nor VocabParallelEmbedding for dim {dim}")
 
 
+def read_params(src: Path) -> ModelArgs:
+    """ModelArgs from `src`/params.json (InputError naming the file and what is wrong)."""
+    path = src / "params.json"
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(params, dict):
+            raise ValueError("expected a JSON object")
+        return ModelArgs.from_params(params)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: {e}") from e
+
+
+def load_shards(src: Path) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+    """Every rank's state dict, in sorted file order (Meta's `sorted(glob("*.pth"))`),
+    memory-mapped: plain tensors only, nothing read yet."""
+    paths = sorted(src.glob("consolidated.*.pth"))
+    if not paths:
+        raise InputError(f"{src}: no consolidated.*.pth shards")
+    shards = []
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # weights_only refusal, truncation, not a zip: all bad input
+            raise InputError(f"{path}: cannot load with weights_only "
+                             f"({str(e).splitlines()[0][:200]})") from e
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        shards.append((path, state))
+    return shards
+
+
+_MADV_WILLNEED, _MADV_PAGEOUT = 3, 21
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _libc is not None:
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def madvise(t: torch.Tensor, advice: int) -> None:
+    """Advise the kernel on a memory-mapped tensor's pages: WILLNEED starts reading them (I/O
+    overlaps compute), PAGEOUT hands them back (clean file pages, re-read if touched), so
+    resident memory stays near one layer whatever the model's size. A no-op off Linux."""
+    if _libc is None or t.device.type != "cpu" or t.nbytes == 0:
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    _libc.madvise(start, t.data_ptr() + t.nbytes - start, advice)
+
+
+def check_layer(src: Path, i: int, ranks: list[dict[str, torch.Tensor]], a: ModelArgs) -> None:
+    """The ranks' wq/wk/w1 rows add up to what params.json implies (heads, kv heads, Meta's FFN
+    width), as loading them into Meta's modules would demand."""
+    for key, want, unit in (("attention.wq.weight", a.n_heads * a.head_dim, a.head_dim),
+                            ("attention.wk.weight", a.n_kv_heads * a.head_dim, a.head_dim),
+                            ("feed_forward.w1.weight", a.hidden_dim, 1)):
+        rows = [r[key].shape[0] for r in ranks]
+        if sum(rows) != want or any(n % unit for n in rows):
+            whole = f" in whole heads of {unit}" if unit > 1 else ""
+            raise InputError(f"{src}: layers.{i}.{key} has {rows} rows on the ranks; params.json "
+                             f"implies {want}{whole}")
+
+
 @torch.inference_mode()
 def meta_logits(src: Path, tokens: torch.Tensor, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits [B, T, V] (float32, on the CPU) of Meta's model on the original shards in `src`,
     one layer at a time: each layer's rank shards are materialised on `device`, used, dropped."""
-    ckpt = MetaCheckpoint(src)
-    p = ckpt.params
-    shards = [load_shard(path) for path in ckpt.shards]
-    dim, eps = p["dim"], p["norm_eps"]
-    head_dim = dim // p["n_heads"]
+    src = Path(src)
+    a = read_params(src)
+    shards = load_shards(src)
     T = tokens.shape[1]
 
     def take(name: str) -> list[torch.Tensor]:
-        missing = [str(path) for path, s in zip(ckpt.shards, shards) if name not in s]
+        missing = [str(path) for path, s in shards if name not in s]
         if missing:
             raise InputError(f"{missing[0]}: tensor {name} missing")
-        parts = [s[name] for s in shards]
+        parts = [s[name] for _, s in shards]
         out = [t.to(device, dtype) for t in parts]
         for t in parts:
-            release(t)
+            madvise(t, _MADV_PAGEOUT)
         return out
 
     tokens = tokens.to(device)
-    h = embed(tokens, take("tok_embeddings.weight"), dim)
-    freqs_cis = precompute_freqs_cis(head_dim, T, float(p.get("rope_theta", 10000.0)),
-                                     rope_scaling(p)).to(device)
+    h = embed(tokens, take("tok_embeddings.weight"), a.dim)
+    freqs_cis = a.freqs_cis(T).to(device)
     mask = causal_mask(T, device, dtype)
-    for i in tqdm(range(p["n_layers"]), desc="meta reference", unit="layer", leave=False):
-        for s in shards:  # the next layer's bytes start loading while this one computes
+    for i in tqdm(range(a.n_layers), desc="meta reference", unit="layer", leave=False):
+        for _, s in shards:  # the next layer's bytes start loading while this one computes
             for name in (f"layers.{i + 1}.{k}" for k in LAYER_KEYS):
                 if name in s:
-                    prefetch(s[name])
+                    madvise(s[name], _MADV_WILLNEED)
         ranks = [dict(zip(LAYER_KEYS, ws)) for ws in
                  zip(*(take(f"layers.{i}.{k}") for k in LAYER_KEYS))]
-        if any(r["attention.wq.weight"].shape[0] % head_dim or r["attention.wk.weight"].shape[0]
-               % head_dim for r in ranks):
-            raise InputError(f"{src}: layer {i}: wq/wk shards do not hold whole heads of "
-                             f"{head_dim}")
+        check_layer(src, i, ranks, a)
         # each rank attends with its own heads; wo is row-parallel: partial products summed
-        h = h + sum(attention(rms_norm(h, r["attention_norm.weight"], eps),
+        h = h + sum(attention(rms_norm(h, r["attention_norm.weight"], a.norm_eps),
                               r["attention.wq.weight"], r["attention.wk.weight"],
-                              r["attention.wv.weight"], r["attention.wo.weight"], head_dim,
+                              r["attention.wv.weight"], r["attention.wo.weight"], a.head_dim,
                               freqs_cis, mask) for r in ranks)
         # w1/w3 column-parallel, w2 row-parallel: the ranks' partial sums add up
-        h = h + sum(feed_forward(rms_norm(h, r["ffn_norm.weight"], eps),
+        h = h + sum(feed_forward(rms_norm(h, r["ffn_norm.weight"], a.norm_eps),
                                  r["feed_forward.w1.weight"], r["feed_forward.w2.weight"],
                                  r["feed_forward.w3.weight"]) for r in ranks)
-    h = rms_norm(h, take("norm.weight")[0], eps)
-    return torch.cat([F.linear(h, w) for w in take("output.weight")], dim=-1).float().cpu()
+    h = rms_norm(h, take("norm.weight")[0], a.norm_eps)
+    heads = take("output.weight")  # column-parallel: each rank holds a slice of the vocabulary
+    vocab = sum(w.shape[0] for w in heads)
+    if a.vocab_size > 0 and vocab != a.vocab_size:
+        raise InputError(f"{src}: output.weight has {vocab} rows over the ranks; params.json "
+                         f"says vocab_size {a.vocab_size}")
+    return torch.cat([F.linear(h, w) for w in heads], dim=-1).float().cpu()

@@ -1,7 +1,8 @@
 """The numbers verify judges by: perplexity under the standard protocol (GPTQ paper), logits
 parity between two forwards, KL divergence and top-1 agreement against a reference (as llama.cpp's
 `perplexity --kl-divergence` reports them), greedy-sample agreement and degenerate-generation
-detection. The thresholds they are judged against live in verify/thresholds.py."""
+detection. The thresholds they are judged against, and the comparisons, live in
+verify/thresholds.py."""
 
 from __future__ import annotations
 
@@ -40,11 +41,6 @@ def logits_parity(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     rel = (ours - ref).abs().amax(-1) / ref.abs().amax(-1).clamp_min(1e-30)
     top1 = (ours.argmax(-1) == ref.argmax(-1)).double().mean()
     return {"max_rel_err": float(rel.max()), "top1_agreement": float(top1)}
-
-
-def parity_passed(metrics: dict[str, float], thresholds: dict[str, float]) -> bool:
-    return (metrics["max_rel_err"] <= thresholds["max_rel_err"]
-            and metrics["top1_agreement"] >= thresholds["top1_agreement"])
 
 
 def kl_top1(ref: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,13 +133,20 @@ def shape_problems(report: dict[str, Any]) -> list[str]:
     return problems
 
 
+def failed_checks(report: dict[str, Any]) -> list[str]:
+    """Each failed check as `check:artifact` (`check:artifact@runtime` for a runtime check): how
+    verify's summary, the job, publish and the tests name them."""
+    return [f"{c['check']}:{c['artifact']}" + (f"@{c['runtime']}" if "runtime" in c else "")
+            for c in report["checks"] if not c["passed"]]
+
+
 def verdict_problems(report: dict[str, Any], names: list[str]) -> list[str]:
     """Why the report does not prove the artifacts `names` publishable, recomputed from its checks
     (never from its `passed`): each must be present with every REQUIRED_CHECKS entry of its kind,
     and every check must have passed."""
     checks = report["checks"]
     problems = [] if checks else ["its check list is empty"]
-    failed = [f"{c['check']} on {c['artifact']}" for c in checks if not c["passed"]]
+    failed = failed_checks(report)
     if failed:
         problems.append(f"check(s) failed: {', '.join(failed)}"
                         + (" although it says passed" if report["passed"] else ""))
@@ -283,40 +290,67 @@ def runtime_table(section: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 
 def perplexity_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """fp16 / GPTQ / RTN perplexity per artifact of a verify report, with ratios to fp16, and each
-    variant's mean KL and top-1 agreement against fp16."""
+    """One row per artifact with a perplexity, in the report's `perplexity` order: its kind and
+    grid, its perplexity and ratio to fp16's, its RTN baseline's (`NAME:rtn`, when measured), and
+    its KL mean / p99 and top-1 agreement against fp16. The one source of every perplexity table
+    (verify.txt, the job summary, the cards)."""
     ppl = report.get("perplexity", {})
     kl = check_metrics(report, "kl_divergence")
     base = ppl.get("fp16")
     rows = []
-    for name, art in report.get("artifacts", {}).items():
-        if name not in ppl:
-            continue
-        rtn = ppl.get(f"{name}:rtn")
-        rows.append({"artifact": name, "bits": art.get("bits", 16), "group_size": art.get("group_size"),
-                     "act_order": art.get("desc_act"), "ppl": ppl[name],
-                     "ratio": ppl[name] / base if base else None, "ppl_rtn": rtn,
-                     "ratio_rtn": rtn / base if rtn and base else None,
-                     "kl_mean": kl.get(name, {}).get("kl_mean"), "top1": kl.get(name, {}).get("top1")})
+    for name in (n for n in ppl if not n.endswith(":rtn")):
+        art = report.get("artifacts", {}).get(name, {})
+        rtn, m = ppl.get(f"{name}:rtn"), kl.get(name, {})
+        rows.append({"artifact": name, "kind": art.get("kind"),
+                     "bits": art.get("bits", 16 if name == "fp16" else None),
+                     "group_size": art.get("group_size"), "act_order": art.get("desc_act"),
+                     "ppl": ppl[name], "ratio": ppl[name] / base if base else None,
+                     "ppl_rtn": rtn, "ratio_rtn": rtn / base if rtn and base else None,
+                     "kl_mean": m.get("kl_mean"), "kl_p99": m.get("kl_p99"), "top1": m.get("top1")})
     return rows
 
 
-def render_perplexity(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: artifact, bits, group, act-order, GPTQ ppl (Δ), RTN ppl (Δ), KL, top-1."""
-    def delta(r: float | None) -> str:
-        return "" if r is None else f" ({(r - 1) * 100:+.1f}%)"
+NONE = "—"  # a cell with no value (fp16 against itself, a GPTQ grid field of a GGUF file)
 
-    out = ["| artifact | bits | group | act-order | perplexity | RTN perplexity | KL mean | top-1 |",
-           "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        group = "" if r["group_size"] is None else str(r["group_size"])
-        act = "" if r["act_order"] is None else str(r["act_order"])
-        gptq = f"{r['ppl']:.3f}" + ("" if r["artifact"] == "fp16" else delta(r["ratio"]))
-        rtn = "" if r["ppl_rtn"] is None else f"{r['ppl_rtn']:.3f}{delta(r['ratio_rtn'])}"
-        kl = "" if r["kl_mean"] is None else f"{r['kl_mean']:.4f}"
-        top1 = "" if r["top1"] is None else f"{r['top1']:.1%}"
-        out.append(f"| {r['artifact']} | {r['bits']} | {group} | {act} | {gptq} | {rtn} | {kl} | {top1} |")
-    return "\n".join(out)
+
+def perplexity_cells(row: dict[str, Any]) -> dict[str, str]:
+    """A perplexity row's cells as every table shows them: perplexity to 4 decimals, its change
+    against fp16 in percent, KL in nats to 3 significant digits (not fixed decimals: an 8-bit
+    variant's KL can be ~1e-6), top-1 as a percentage; NONE where there is no value."""
+    def num(v: Any, spec: str) -> str:
+        return NONE if v is None else format(v, spec)
+
+    def change(ratio: float | None) -> str:
+        return NONE if ratio is None else f"{(ratio - 1) * 100:+.2f}%"
+
+    return {"artifact": row["artifact"], "bits": num(row["bits"], ""),
+            "group": num(row["group_size"], ""), "act_order": num(row["act_order"], ""),
+            "ppl": f"{row['ppl']:.4f}",
+            "vs_fp16": NONE if row["artifact"] == "fp16" else change(row["ratio"]),
+            "ppl_rtn": num(row["ppl_rtn"], ".4f"), "rtn_vs_fp16": change(row["ratio_rtn"]),
+            "kl_mean": num(row["kl_mean"], ".3g"), "kl_p99": num(row["kl_p99"], ".3g"),
+            "top1": num(row["top1"], ".2%")}
+
+
+# The perplexity table of verify.txt and the job summary: (header, perplexity_cells key).
+PERPLEXITY_COLUMNS = (("artifact", "artifact"), ("bits", "bits"), ("group", "group"),
+                      ("act-order", "act_order"), ("perplexity", "ppl"), ("vs fp16", "vs_fp16"),
+                      ("RTN perplexity", "ppl_rtn"), ("RTN vs fp16", "rtn_vs_fp16"),
+                      ("KL mean", "kl_mean"), ("KL p99", "kl_p99"), ("top-1", "top1"))
+
+
+def perplexity_table(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The header, then each row's cells in PERPLEXITY_COLUMNS order."""
+    cells = [perplexity_cells(r) for r in rows]
+    return [tuple(h for h, _ in PERPLEXITY_COLUMNS)] + \
+        [tuple(c[k] for _, k in PERPLEXITY_COLUMNS) for c in cells]
+
+
+def render_perplexity(rows: list[dict[str, Any]]) -> str:
+    """perplexity_table as markdown (the job summary)."""
+    table = perplexity_table(rows)
+    lines = [table[0], ("---",) * len(table[0]), *table[1:]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -335,16 +369,8 @@ def render(report: dict[str, Any]) -> str:
     ev = report["eval"]
     lines += ["", f"perplexity ({ev['source']}: {len(ev['files'])} files, {ev['windows']} windows "
                   f"× {ev['seqlen']} tokens)"]
-    base = report["perplexity"].get("fp16")
-    for name, ppl in report["perplexity"].items():
-        delta = f"  ({(ppl / base - 1) * 100:+.2f}% vs fp16)" if base and name != "fp16" else ""
-        lines.append(f"  {name:<40} {ppl:10.4f}{delta}")
-    kl = check_metrics(report, "kl_divergence")
-    if kl:
-        lines += ["", "KL divergence and top-1 agreement against fp16 (every evaluation position)"]
-        lines += _columns([("artifact", "KL mean", "KL p99", "same top token")]
-                          + [(n, f"{m['kl_mean']:.5f}", f"{m['kl_p99']:.4f}", f"{m['top1']:.2%}")
-                             for n, m in kl.items()], "  ")
+    lines += ["  KL (nats) and top-1 (same top token) against fp16, at every evaluation position"]
+    lines += _columns(perplexity_table(perplexity_rows(report)), "  ")
     lines += runtime_table(report.get("runtimes", {}))
     modules = {c["artifact"]: c for c in report["checks"] if c["check"] == "module_integrity"}
     if modules:

@@ -1,10 +1,7 @@
 """GPTQ variants run in the runtimes users load them with, each through its own loader and kernels,
 scored on the same evaluation windows as our dequantised forward: loaded or not (with the error),
 perplexity, and KL / top-1 against fp16. A new runtime is one adapter and one row of RUNTIMES.
-
-Measured on CPU (2026-12, GPTQModel 7.6 / transformers 5.24 + optimum 2.3, the demo model's
-4/8/3-bit and act-order variants): each runtime, in fp16, matches our float32 dequantised
-perplexity within 4.2e-4, so PPL_MATCH 0.5% leaves 12x room for CPU and kernel rounding.
+Whether the perplexities match is verify/thresholds.py's PPL_MATCH (measured there).
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ import contextlib
 import gc
 import importlib.metadata
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -26,8 +22,8 @@ import torch
 
 from verify.llama import pick_device
 from verify.metrics import kl_summary, kl_top1, perplexity
+from verify.thresholds import runtime_matched
 
-PPL_MATCH = 0.005  # a variant passes a runtime when |ppl there / our dequantised ppl - 1| ≤ this
 DTYPE = torch.float16  # GPTQ kernels compute in fp16 (GPTQModel's torch kernel: fp16/bf16 only)
 ERROR_CHARS = 500  # an error message is cut to this many characters in the result
 
@@ -163,7 +159,7 @@ def run_runtime(name: str, variant: Path, windows: torch.Tensor, *, ppl_ours: fl
                 reference: Reference | None = None, device: str = "auto") -> dict[str, Any]:
     """Load the GPTQ directory `variant` in runtime `name` and score the token windows [N, T]
     (perplexity as verify/metrics.py: summed NLL per window). With ppl_ours (our dequantised
-    perplexity on the same windows) the result says whether it matches within PPL_MATCH; with
+    perplexity on the same windows) the result says whether it matches (thresholds.PPL_MATCH); with
     `reference` (fp16 logits per window) it has KL and top-1 against fp16. A runtime that cannot
     run here is reported "not checked" with the reason, never passed. Its output goes to stderr."""
     if name not in RUNTIMES:
@@ -199,7 +195,7 @@ def run_runtime(name: str, variant: Path, windows: torch.Tensor, *, ppl_ours: fl
     result["ppl"] = perplexity(nll, windows.shape[1])
     if ppl_ours is not None:
         result["ratio"] = result["ppl"] / ppl_ours - 1
-        result["passed"] = math.isfinite(result["ratio"]) and abs(result["ratio"]) <= PPL_MATCH
+        result["passed"] = runtime_matched(result["ratio"])
     if reference is not None:
         refs = [reference(b) for b in range(len(scored))]
         same = torch.cat([r.argmax(-1) == s.top for r, s in zip(refs, scored)])

@@ -1,6 +1,8 @@
-"""Every threshold verify judges by, in one place: conversion parity by compute dtype, and per bit
-width the perplexity tolerance, KL divergence and top-1 agreement against fp16, greedy-generation
-agreement and the module error factor. Recipes ([verify]) and the CLI override them per bit width.
+"""Every threshold verify judges by, and the comparison each check makes with it, in one place:
+conversion parity by compute dtype; per bit width the perplexity tolerance, KL divergence and top-1
+agreement against fp16, greedy-generation agreement and the module error factor; the runtimes'
+perplexity match; per GGUF type the same kinds and F16's parity. Recipes ([verify]) and the CLI
+override the per-bit-width and per-type ones. verify/metrics.py computes the numbers.
 
 Defaults are for real LLMs, from what llama.cpp's `perplexity --kl-divergence` reports for its
 quants (mean KLD ~0.01 at 6-8 bits, 0.03-0.08 at 4, 0.2+ at 3; same top token ~0.99 / 0.93-0.95 /
@@ -9,6 +11,8 @@ There are no 2-bit defaults (too model-dependent): a 2-bit variant needs every v
 """
 
 from __future__ import annotations
+
+import math
 
 # Conversion parity (logits against Meta's reference), by compute dtype: float32 on the CPU,
 # fp16 on CUDA (fp16 rounding of activations dominates there).
@@ -91,6 +95,9 @@ def for_bits(table: Table, bits: int) -> dict[str, float]:
 # 0.48-0.60: the bounds sit 4.5x above the first and far below the second.
 GGUF_PARITY = {"max_rel_err": 0.1, "top1_agreement": 0.98}
 GGUF_KINDS = ("tolerance", "kl_mean", "kl_p99", "top1")
+# gguf_metadata: a float key (rope θ, norm ε) is stored as float32, whose spacing is 6e-8 relative:
+# it matches config.json's value within GGUF_FLOAT_REL
+GGUF_FLOAT_REL = 1e-6
 GGUF: dict[str, dict[str, float]] = {
     "F16": {"tolerance": 0.002, "kl_mean": 0.001, "kl_p99": 0.01, "top1": 0.99},
     "Q8_0": {"tolerance": 0.01, "kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.97},
@@ -109,3 +116,44 @@ def gguf_thresholds(type_name: str, overrides: dict[str, float] | None = None) -
         raise ValueError(f"unknown GGUF threshold kind(s) {', '.join(unknown)} "
                          f"(known: {', '.join(GGUF_KINDS)})")
     return {**GGUF[type_name], **(overrides or {})}
+
+
+# A GPTQ variant passes a runtime (verify/runtimes.py) when |ppl there / our dequantised ppl - 1|
+# is at most PPL_MATCH. Measured on CPU (GPTQModel 7.6 / transformers 5.24 + optimum 2.3, the demo
+# model's 4/8/3-bit and act-order variants): each runtime, in fp16, matches our float32 dequantised
+# perplexity within 4.2e-4, so 0.5% leaves 12x room for CPU and kernel rounding.
+PPL_MATCH = 0.005
+
+
+# The comparisons: each check passes or fails through one of these, and NaN fails every one.
+
+def parity_passed(metrics: dict[str, float], limits: dict[str, float]) -> bool:
+    """Logits parity (PARITY, GGUF_PARITY): max_rel_err at most, top1_agreement at least."""
+    return (metrics["max_rel_err"] <= limits["max_rel_err"]
+            and metrics["top1_agreement"] >= limits["top1_agreement"])
+
+
+def perplexity_passed(ppl: float, ppl_fp16: float, tolerance: float) -> bool:
+    """ppl finite and at most ppl_fp16 · (1 + tolerance)."""
+    return math.isfinite(ppl) and ppl / ppl_fp16 <= 1 + tolerance
+
+
+def kl_passed(metrics: dict[str, float], limits: dict[str, float]) -> bool:
+    """kl_mean and kl_p99 at most, top1 at least, the limits of the same names."""
+    return (metrics["kl_mean"] <= limits["kl_mean"] and metrics["kl_p99"] <= limits["kl_p99"]
+            and metrics["top1"] >= limits["top1"])
+
+
+def agreement_passed(mean: float, agreement: float) -> bool:
+    """The mean greedy agreement with fp16 at least the threshold."""
+    return mean >= agreement
+
+
+def module_passed(error: float, rtn_error: float, module_error: float) -> bool:
+    """A linear's ||W - W_q|| / ||W|| at most module_error times RTN's on the same grid."""
+    return error <= module_error * rtn_error
+
+
+def runtime_matched(ratio: float) -> bool:
+    """A runtime's perplexity within PPL_MATCH of ours (ratio: theirs / ours - 1)."""
+    return math.isfinite(ratio) and abs(ratio) <= PPL_MATCH
