@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) bench/convert.py --layers 2 | tee bench/results/convert.txt
 	$(PY) bench/quantize.py | tee bench/results/quantize.txt
 	$(PY) bench/gguf.py --layers 2 | tee bench/results/gguf.txt
+	$(PY) bench/scaleout.py | tee bench/results/scaleout.txt
 
 clean:
 	rm -rf $(VENV) $(TF4) out work .pytest_cache

@@ -42,8 +42,8 @@ class Branch:
     group_size: int
     desc_act: bool
     damp_percent: float
-    dataset: str
-    seqlen: int
+    dataset: str  # "": no calibration (round-to-nearest)
+    seqlen: int | None
     size: int
     description: str
     partial_groups: tuple[str, ...] = ()  # linears with a partial last group (quant_log.json)
@@ -73,13 +73,14 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
         if qc.get(key) != want:
             raise InputError(f"{path / 'quantize_config.json'}: {key} = {qc.get(key)!r}, but the recipe's "
                              f"variant {variant.branch!r} has {want!r}; this directory is not that variant")
+    calibrated = variant.method != "rtn"  # round-to-nearest reads no calibration text
     try:
-        seqlen = int(log["calibration"]["seqlen"])
+        seqlen = int(log["calibration"]["seqlen"]) if calibrated else None
     except (KeyError, TypeError, ValueError):
         raise InputError(f"{path / 'quant_log.json'}: no calibration.seqlen") from None
     return Branch(name=variant.branch, artifact=path.name, bits=qc["bits"], group_size=qc["group_size"],
                   desc_act=qc["desc_act"], damp_percent=float(qc.get("damp_percent", variant.damp)),
-                  dataset=variant.calibration, seqlen=seqlen, size=size, description=variant.description,
+                  dataset=variant.calibration if calibrated else "", seqlen=seqlen, size=size, description=variant.description,
                   partial_groups=tuple((log.get("partial_groups") or {}).get("linears", ())))
 
 
@@ -90,7 +91,9 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
     pub, ppl = recipe.publish, report["perplexity"]
     rows = [[f"[{b.name}]({repo_url(hub_url, pub.gptq_repo)}/tree/{b.name})", str(b.bits),
              "None" if b.group_size == -1 else str(b.group_size), "Yes" if b.desc_act else "No",
-             f"{b.damp_percent:g}", dataset_label(recipe, b.dataset, hub_url), str(b.seqlen),
+             f"{b.damp_percent:g}",
+             dataset_label(recipe, b.dataset, hub_url) if b.dataset else "none (round-to-nearest)",
+             "—" if b.seqlen is None else str(b.seqlen),
              human_size(b.size), b.description] for b in branches]
     labels = {b.artifact: f"{b.name} ({b.bits}-bit, {group_label(b.group_size)})" for b in branches}
     measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
@@ -309,6 +312,7 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
         original_card = "\n" + part("original_card", creator=m.creator, model_name=m.name, card=text)
     common = {
         "model_name": m.name, "creator": m.creator, "original": original,
+        "repositories": repositories(recipe, hub_url, this=name, original=original),
         "description": m.description.strip(), "prompt_template": m.prompt_template,
         "prompt_template_py": json.dumps(m.prompt_template),
         "fp16_repo": pub.fp16_repo, "fp16_url": repo_url(hub_url, pub.fp16_repo),
@@ -320,6 +324,21 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
     }
     text = Template((TEMPLATES / f"{name}.md").read_text()).substitute(common | fields)
     return text.rstrip("\n") + "\n"
+
+
+def repositories(recipe: Recipe, hub_url: str, this: str, original: str) -> str:
+    """The "Repositories available" list every card shows: GPTQ, GGUF (when the recipe has
+    [[gguf]] files), fp16 and the original, with "(this repo)" on the card's own."""
+    pub, creator = recipe.publish, recipe.model.creator
+    repos = [("gptq", pub.gptq_repo, "GPTQ models for GPU inference, with several quantisation "
+                                     "parameter options"),
+             ("gguf", pub.gguf_repo if recipe.gguf else "", "GGUF models for CPU and GPU inference "
+                                                            "with llama.cpp, one file per quantisation type"),
+             ("fp16", pub.fp16_repo, f"Unquantised fp16 model in safetensors, converted from "
+                                     f"{creator}'s original checkpoint")]
+    lines = [f"- [{text}]({repo_url(hub_url, repo)})" + (" (this repo)" if kind == this else "")
+             for kind, repo, text in repos if repo]
+    return "\n".join(lines + [f"- {creator}'s original model: {original}"])
 
 
 def part(name: str, **fields: str) -> str:

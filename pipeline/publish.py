@@ -34,6 +34,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
 from pipeline import __version__, card
+from pipeline.convert import MANIFEST
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.job import Job
@@ -83,8 +84,6 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     """Publish the verified fp16 artifact, GPTQ variants (branch -> directory) and GGUF files
     (type -> file); returns a JSON-able summary. The token comes from `token`, HF_TOKEN or the
     stored login."""
-    from pipeline.convert import MANIFEST  # here: convert imports torch
-
     endpoint, url_credentials = resolve_endpoint(endpoint)
     if not dry_run:
         token = resolve_token(token)

@@ -283,3 +283,23 @@ def test_read_branch_refuses_a_directory_of_another_variant(recipe, tmp_path):
                                      (3_901_234_567, "3.90 GB"), (68_000_000_000_000, "68.00 TB")])
 def test_human_size(n, text):
     assert card.human_size(n) == text
+
+
+def test_a_round_to_nearest_variant_has_a_card_row_without_calibration(recipe, tmp_path):
+    """RTN reads no calibration text: quantize's real output for it gives a row saying so, where a
+    GPTQ row names its dataset and sequence length (it used to be refused for lacking a seqlen)."""
+    import dataclasses
+
+    from demo_model import demo_fp16
+    from pipeline.gptq import QuantSpec
+    from pipeline.quantize import quantize
+
+    out = tmp_path / "rtn"
+    quantize(demo_fp16(tmp_path / "fp16"), out, QuantSpec(4, 128, False, method="rtn"), device="cpu")
+    variant = dataclasses.replace(recipe.variant("main"), method="rtn", damp=0.1)
+    branch = card.read_branch(recipe, variant, out, 1)
+    assert (branch.dataset, branch.seqlen) == ("", None)
+    text = card.gptq_card(recipe, [branch], REPORT, "llama", "https://huggingface.co")
+    row = next(line for line in text.splitlines() if line.startswith("| [main]"))
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert cells[5:7] == ["none (round-to-nearest)", "—"]

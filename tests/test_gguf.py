@@ -537,3 +537,19 @@ def test_publish_refuses_a_report_that_misstates_a_files_type(job, tmp_path):
                                                     "report says Q8_0)")):
         publish(job["recipe"], fp16=w / "fp16", variants={"main": w / "gptq" / "main"},
                 ggufs=job["gguf"], report=tmp_path / "verify.json", dry_run=True)
+
+
+def test_every_card_of_a_recipe_with_gguf_files_links_the_gguf_repository(tmp_path):
+    """The fp16, GPTQ and GGUF cards list the same repositories, each marking its own."""
+    from pipeline import card
+
+    (tmp_path / "r.toml").write_text(CARD_RECIPE)
+    recipe = load_recipe(tmp_path / "r.toml")
+    url = f"https://huggingface.co/{recipe.publish.gguf_repo}"
+    for name in ("gptq", "fp16", "gguf"):
+        listed = card.repositories(recipe, "https://huggingface.co", this=name, original="x")
+        lines = listed.splitlines()
+        assert [line for line in lines if url in line] == [
+            f"- [GGUF models for CPU and GPU inference with llama.cpp, one file per quantisation type]"
+            f"({url})" + (" (this repo)" if name == "gguf" else "")]
+        assert sum("(this repo)" in line for line in lines) == 1
