@@ -18,6 +18,7 @@ from verify.errors import InputError
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
 NSAMPLES, SEQLEN, SEED = 128, 2048, 0  # GPTQ's calibration: 128 random 2048-token windows
+MIN_NSAMPLES, MIN_SEQLEN = 1, 2  # a window is BOS + at least one text token
 POOL_FACTOR = 4  # documents are read (in seeded order) until the pool holds 4× the tokens needed
 
 
@@ -106,8 +107,9 @@ def load_calibration(source: str, tokenizer: Any, nsamples: int, seqlen: int,
     """Token windows [nsamples, seqlen] (int64), each BOS + seqlen−1 tokens of the document stream
     (documents joined by EOS), chosen without overlap by a seeded permutation; plus the record
     for quant_log.json (source, files read, sha256 of the text read, tokens in the pool)."""
-    if nsamples < 1 or seqlen < 2:
-        raise InputError(f"--nsamples {nsamples} / --seqlen {seqlen}: need at least 1 and 2")
+    if nsamples < MIN_NSAMPLES or seqlen < MIN_SEQLEN:
+        raise InputError(f"--nsamples {nsamples} / --seqlen {seqlen}: need at least "
+                         f"{MIN_NSAMPLES} and {MIN_SEQLEN}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     span = seqlen - 1 if bos is not None else seqlen  # text tokens per window
     docs, info = documents(source, seed)

@@ -1,8 +1,9 @@
-"""Model cards (README.md) for the fp16 and GPTQ repositories.
+"""Model cards (README.md) for the fp16, GPTQ and GGUF repositories.
 
 The text lives in pipeline/templates (string.Template, `$name` fields); this module fills it from
-the recipe, the artifacts (quantisation parameters, sizes measured from the files) and the verify
-report (perplexities, KL and top-1 against fp16, parity, generation samples). Rendering is deterministic: the same inputs give the same bytes.
+the recipe, the artifacts (quantisation parameters or GGUF types, sizes measured from the files)
+and the verify report (perplexities, KL and top-1 against fp16, parity, generation samples, the
+runtimes each variant loaded in). Rendering is deterministic: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ from string import Template
 from pipeline.chat import chat_format
 from verify.errors import InputError
 from pipeline.recipe import Recipe, Variant
-from verify.gptq_format import RAGGED_REFUSED_BY
-from pipeline.judge import RUNTIME_WINDOWS
 from verify.thresholds import PPL_MATCH
+from verify.checkpoint import read_json
 from verify.llama import LlamaArgs
 from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
+from verify.runtimes import RAGGED_REFUSED_BY, RUNTIME_WINDOWS, RUNTIMES
 
 TEMPLATES = Path(__file__).parent / "templates"
 PART = re.compile(r"^<!-- part: (\w+) -->\n", re.M)
 FRONT_MATTER = re.compile(r"\A---\n.*?\n---\n", re.S)
 SIZE_UNITS = ("B", "KB", "MB", "GB", "TB")
 EXAMPLE_PROMPT = "Write a function that reverses a string."
-RUNTIME_LABELS = {"gptqmodel": "GPTQModel", "transformers": "Transformers", "vllm": "vLLM"}
 ERROR_SHOWN = 120  # characters of a runtime's refusal shown on the card (verify.json has more)
 
 
@@ -47,19 +47,6 @@ class Branch:
     size: int
     description: str
     partial_groups: tuple[str, ...] = ()  # linears with a partial last group (quant_log.json)
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from an artifact file; InputError naming the file otherwise."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing (expected in every GPTQ artifact)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return value
 
 
 def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Branch:
@@ -188,7 +175,7 @@ def compatibility(report: dict, branches: list[Branch]) -> str:
     with the reason; and for branches with partial last groups, which runtimes refuse them."""
     rows, unchecked = [], {}
     for rt, results in (report.get("runtimes") or {}).items():
-        label = RUNTIME_LABELS.get(rt, rt)
+        label = RUNTIMES[rt].label if rt in RUNTIMES else rt
         for b in (b for b in branches if b.artifact in results):
             r = results[b.artifact]
             if not r["checked"]:
@@ -344,7 +331,7 @@ def repositories(recipe: Recipe, hub_url: str, this: str, original: str) -> str:
 def part(name: str, **fields: str) -> str:
     """A conditional fragment from templates/parts.md, filled."""
     chunks = PART.split((TEMPLATES / "parts.md").read_text())
-    parts = dict(zip(chunks[1::2], chunks[2::2]))
+    parts = dict(zip(chunks[1::2], chunks[2::2], strict=True))
     return Template(parts[name].strip("\n")).substitute(fields)
 
 

@@ -17,7 +17,7 @@ COMMANDS = {
     "gguf": "pipeline.gguf",
     "verify": "pipeline.judge",
     "publish": "pipeline.publish",
-    "run": "pipeline.job",
+    "run": "pipeline.run",
     "demo": "pipeline.demo",
 }
 
@@ -35,7 +35,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pipeline")
 def cli() -> None:
-    """Meta Llama-family checkpoints to verified fp16 and GPTQ Hugging Face repositories."""
+    """Meta Llama-family checkpoints to verified fp16, GPTQ and GGUF Hugging Face repositories."""
 
 
 def main() -> None:

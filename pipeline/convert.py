@@ -24,12 +24,13 @@ from pipeline.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PAR
                            permute_rotary, prefetch, release, shard_dim, split_name,
                            verify_checksums)
 from pipeline.output import check_target, staged_dir
-from verify.safetensors_stream import ShardedWriter, TensorSpec, parse_size
+from verify.safetensors_stream import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, parse_size
 from pipeline.chat import FORMATS
 from pipeline.tokenizer import convert_tokenizer, load_source
 from verify.llama import LAYER_NORMS, LlamaArgs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_DTYPE = "float16"
 MANIFEST = "conversion.json"
 EMBEDDING_SPLIT = {0: "VocabParallelEmbedding (vocab split, dim 0)",
                    1: "ParallelEmbedding (width split, dim 1)"}
@@ -62,7 +63,7 @@ def check_consistent(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]]
     params.json announces; returns the weight names (rope.freqs left out)."""
     p, paths = ckpt.params, ckpt.shards
     names = set(shards[0]) - NOT_WEIGHTS
-    for path, s in zip(paths[1:], shards[1:]):
+    for path, s in zip(paths[1:], shards[1:], strict=True):
         if set(s) - NOT_WEIGHTS != names:
             diff = sorted(names ^ (set(s) - NOT_WEIGHTS))
             raise InputError(f"{path}: holds different tensors than {paths[0].name}: {diff[:6]}")
@@ -78,7 +79,7 @@ def check_consistent(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]]
                          f"unexpected {sorted(names - expected)[:4]}")
     for name in sorted(names):
         shape = shards[0][name].shape
-        for path, s in zip(paths[1:], shards[1:]):
+        for path, s in zip(paths[1:], shards[1:], strict=True):
             if s[name].shape != shape:
                 raise InputError(f"{path}: tensor {name} has shape {tuple(s[name].shape)}, "
                                  f"{paths[0].name} has {tuple(shape)}")
@@ -156,7 +157,7 @@ def check_values(name: str, out: torch.Tensor, parts: list[torch.Tensor],
     lo, hi = (float(v) for v in torch.aminmax(out))
     if math.isfinite(lo) and math.isfinite(hi):
         return
-    for path, t in zip(paths, parts):
+    for path, t in zip(paths, parts, strict=True):
         lo, hi = (float(v) for v in torch.aminmax(t))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InputError(f"{path}: tensor {name} contains NaN or Inf")
@@ -173,7 +174,7 @@ def merge(out: torch.Tensor, name: str, parts: list[torch.Tensor], paths: list[P
     checked equal on every rank; cast on the way."""
     d = shard_dim(name, layout.embedding_dim)
     if d is None:
-        for path, t in zip(paths[1:], parts[1:]):
+        for path, t in zip(paths[1:], parts[1:], strict=True):
             if not torch.equal(t, parts[0]):
                 raise InputError(f"{path}: replicated tensor {name} differs from {paths[0].name}")
         out.copy_(parts[0])
@@ -243,7 +244,7 @@ def write_tensors(tmp: Path, shards: list[dict[str, torch.Tensor]], paths: list[
             tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
                  desc="convert") as bar:
         pending: Future | None = None
-        for k, (name, spec) in enumerate(zip(names, specs)):
+        for k, (name, spec) in enumerate(zip(names, specs, strict=True)):
             parts = [s[name] for s in shards]
             for t in (s[names[k + 1]] for s in shards) if k + 1 < len(names) else ():
                 prefetch(t)
@@ -262,7 +263,8 @@ def write_tensors(tmp: Path, shards: list[dict[str, torch.Tensor]], paths: list[
         return writer.close()
 
 
-def convert(src: Path, out: Path, *, dtype: str = "float16", max_shard_size: str = "5GB",
+def convert(src: Path, out: Path, *, dtype: str = DEFAULT_DTYPE,
+            max_shard_size: str = DEFAULT_SHARD_SIZE,
             skip_checksums: bool = False, force: bool = False, family: str | None = None,
             chat_format: str = "none") -> dict:
     """Convert the Meta checkpoint in `src` to a Hugging Face directory `out` (its tokenizer with
@@ -321,9 +323,9 @@ def convert(src: Path, out: Path, *, dtype: str = "float16", max_shard_size: str
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=DEFAULT_DTYPE, show_default=True,
               help="Tensor dtype written (bf16 sources outside fp16's range are refused).")
-@click.option("--max-shard-size", default="5GB", show_default=True,
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Largest safetensors file (e.g. 5GB, 500MB).")
 @click.option("--skip-checksums", is_flag=True, help="Do not verify checklist.chk's md5 sums.")
 @click.option("--chat-format", type=click.Choice(FORMATS), default="none", show_default=True,

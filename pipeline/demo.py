@@ -302,7 +302,7 @@ def run_demo(*, workdir: Path | None = None, retrain: bool = False,
 def command(workdir: Path | None, retrain: bool, steps: int | None, device: str, force: bool,
             as_json: bool) -> None:
     """Run recipes/demo.toml end to end on the shipped tiny CodeLlama (or retrain it first)."""
-    from pipeline.job import render_summary
+    from pipeline.run import render_summary
 
     if steps is not None and not retrain:
         raise InputError("--steps applies only with --retrain")

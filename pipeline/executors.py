@@ -1,6 +1,7 @@
-"""Where the job's tasks run: `local` (this process, one after another), `ray` (one Ray task per
-table entry's item, on a cluster or a local one) or `slurm` (one Slurm job each, through
-submitit). Engines are imported only here, and only when chosen.
+"""Where the job's tasks run, by `--executor` name (EXECUTORS): `local` (this process, one after
+another; pipeline/job.py), `ray` (one Ray task per table entry's item, on a cluster or a local
+one) or `slurm` (one Slurm job each, through submitit). Engines are imported only here, and only
+when chosen.
 
 A worker gets a TaskSpec (plain data: paths, the task's key, options, the upstream outputs'
 fingerprints; never the Hub token or the driver's environment), loads the recipe itself and runs
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.credentials import SECRET_ENV
-from pipeline.job import EXECUTORS, Job, TaskResult, execute, task_stage
-from pipeline.recipe import Recipe, TaskResources, load_recipe
+from pipeline.job import Executor, Job, LocalExecutor, TaskResult, execute, task_stage
+from pipeline.recipe import TaskResources, load_recipe
 from verify.errors import InputError, PipelineError
 
 INSTALL = "pip install -e '.[scale]'"
+SLURM_CLUSTERS = ("slurm", "local")  # submitit's: Slurm itself, or processes on this machine
 ENGINE_ENV = ("RAY_", "SLURM_", "SUBMITIT_")  # the engines' own settings
 log = logging.getLogger("pipeline.job")
 
@@ -128,37 +130,17 @@ def without_secrets() -> Iterator[None]:
         os.environ.update(saved)
 
 
-# ---------------------------------------------------------------- local
-
-
-class LocalExecutor:
-    """This process, one task after another, stopping at the first failure (the default)."""
-
-    name = "local"
-
-    def close(self) -> None:
-        pass
-
-    def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]:
-        results: list[TaskResult] = []
-        for key in keys:
-            stage, item = task_stage(key)
-            results.append(execute(job, stage, item, upstream))
-            if results[-1].error:
-                break
-        return results
-
-
 # ---------------------------------------------------------------- resources
 
 
-def resources(recipe: Recipe, key: str, device: str) -> TaskResources:
-    """The task's requests: [resources] <stage>; quantize and verify ask for one GPU by default
-    when the job runs on CUDA (--device cuda[:N], or auto with a GPU here)."""
-    stage = key.partition("/")[0]
-    res: TaskResources = getattr(recipe.resources, stage)
+def resources(job: Job, key: str) -> TaskResources:
+    """The task's requests: [resources] <stage>; a stage that computes on the device (Stage.gpu)
+    asks for one GPU by default when the job runs on CUDA (--device cuda[:N], or auto with a GPU
+    here)."""
+    stage, _ = task_stage(key)
+    res = job.recipe.resources.task(stage.name)
     if res.gpus is None:
-        return TaskResources(res.cpus, int(stage in ("quantize", "verify") and on_cuda(device)))
+        return TaskResources(res.cpus, int(stage.gpu and on_cuda(job.device)))
     return res
 
 
@@ -216,7 +198,7 @@ class RayExecutor:
         remote = ray.remote(run_task)
         refs = {}
         for key in keys:
-            res = resources(job.recipe, key, job.device)
+            res = resources(job, key)
             check_fits(key, res, ray.cluster_resources(), job)
             refs[key] = remote.options(num_cpus=res.cpus, num_gpus=res.gpus,
                                        max_retries=job.recipe.resources.retries,
@@ -275,17 +257,20 @@ def first_line(e: BaseException) -> str:
 
 @dataclass
 class SlurmExecutor:
-    """One Slurm job per item through submitit (partition, time, memory, account from [slurm] or
-    the CLI; CPUs and GPUs from [resources]); a job that died without a result (killed,
-    preempted, node failure) is resubmitted up to `retries` times. cluster "local" runs the
-    jobs as processes on this machine (submitit's LocalExecutor), for testing."""
+    """One Slurm job per item through submitit (partition, account, time, memory: these options,
+    else [slurm]; CPUs and GPUs from [resources]; job files and logs in WORKDIR/slurm); a job that
+    died without a result (killed, preempted, node failure) is resubmitted up to `retries` times.
+    cluster "local" runs the jobs as processes on this machine (submitit's LocalExecutor), for
+    testing."""
 
-    folder: Path
-    cluster: str | None = None  # None: Slurm; "local": processes here
+    cluster: str = "slurm"  # SLURM_CLUSTERS
     partition: str | None = None
+    account: str | None = None
     time_min: int | None = None
+    mem_gb: int | None = None  # 0: the partition's default
     name: str = "slurm"
     poll_s: float = 1.0
+    engines: dict[Path, Any] = field(default_factory=dict, init=False)  # submitit's, by folder
 
     def __post_init__(self) -> None:
         try:
@@ -293,30 +278,41 @@ class SlurmExecutor:
         except ImportError:
             raise PipelineError(f"--executor slurm needs submitit: {INSTALL}") from None
         self.submitit = submitit
-        try:
-            self.executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster or "slurm")
-        except (RuntimeError, ValueError) as e:
-            raise PipelineError(f"--executor slurm: {e}") from None
 
     def close(self) -> None:
         pass
 
+    def engine(self, folder: Path) -> Any:
+        """submitit's executor writing its job files and logs to `folder` (the job's WORKDIR/slurm),
+        made on first use."""
+        if folder not in self.engines:
+            try:
+                self.engines[folder] = self.submitit.AutoExecutor(folder=folder, cluster=self.cluster)
+            except (RuntimeError, ValueError) as e:
+                raise PipelineError(f"--executor slurm: {e}") from None
+        return self.engines[folder]
+
+    def parameters(self, job: Job, key: str) -> dict[str, Any]:
+        """submitit's parameters for the task `key`: these options over [slurm]; CPUs and GPUs
+        from [resources]; none for what neither sets (the partition's default)."""
+        s, res = job.recipe.slurm, resources(job, key)
+        mem_gb = s.mem_gb if self.mem_gb is None else self.mem_gb
+        params = {"name": key.replace("/", "-"), "cpus_per_task": res.cpus,
+                  "gpus_per_node": res.gpus, "timeout_min": self.time_min or s.time_min,
+                  "slurm_partition": self.partition or s.partition or None,
+                  "slurm_account": self.account or s.account or None, "mem_gb": mem_gb or None}
+        return {k: v for k, v in params.items() if v is not None}
+
     def submit(self, job: Job, key: str, upstream: dict[str, Any]) -> Any:
-        s, res = job.recipe.slurm, resources(job.recipe, key, job.device)
-        params: dict[str, Any] = {"name": key.replace("/", "-"), "cpus_per_task": res.cpus,
-                                  "gpus_per_node": res.gpus,
-                                  "timeout_min": self.time_min or s.time_min,
-                                  "slurm_partition": self.partition or s.partition or None,
-                                  "slurm_account": s.account or None}
-        if s.mem_gb:
-            params["mem_gb"] = s.mem_gb
-        self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        params, engine = self.parameters(job, key), self.engine(job.dirs.slurm)
+        engine.update_parameters(**params)
         with without_secrets():
-            return self.executor.submit(run_task, task_spec(job, key, upstream, res.cpus))
+            return engine.submit(run_task, task_spec(job, key, upstream, params["cpus_per_task"]))
 
     def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]:
         utils = self.submitit.core.utils
         retries = job.recipe.resources.retries
+        logs = job.dirs.slurm
         pending = {key: (self.submit(job, key, upstream), 0) for key in keys}
         results: dict[str, TaskResult] = {}
         while pending:
@@ -329,7 +325,7 @@ class SlurmExecutor:
                 except utils.FailedJobError as e:  # an exception in the task (a bug): no retry
                     results[key] = TaskResult(key, None, exit_code=1, error=(
                         f"task {key} raised in Slurm job {sjob.job_id}: {first_line(e)}; "
-                        f"logs in {self.folder}"))
+                        f"logs in {logs}"))
                 except utils.UncompletedJobError as e:  # died without a result (its superclass)
                     if tries < retries:
                         log.info("task %s: Slurm job %s died (%s); resubmitting (retry %d of %d)",
@@ -338,21 +334,19 @@ class SlurmExecutor:
                         continue
                     results[key] = TaskResult(key, None, exit_code=1, error=(
                         f"task {key}: Slurm job {sjob.job_id} died {retries + 1} times "
-                        f"({first_line(e)}); logs in {self.folder}"))
+                        f"({first_line(e)}); logs in {logs}"))
                 report(results[key])
             if pending:
                 time.sleep(self.poll_s)
         return [results[k] for k in keys]
 
 
-def make_executor(name: str, workdir: Path, *, ray_address: str | None = None,
-                  slurm_cluster: str | None = None, slurm_partition: str | None = None,
-                  slurm_time: int | None = None) -> Any:
-    """The executor `--executor NAME` asks for."""
-    if name == "local":
-        return LocalExecutor()
-    if name == "ray":
-        return RayExecutor(ray_address)
-    if name == "slurm":
-        return SlurmExecutor(Path(workdir) / "slurm", slurm_cluster, slurm_partition, slurm_time)
-    raise InputError(f"--executor {name!r}: choose one of {', '.join(EXECUTORS)}")
+EXECUTORS: dict[str, type] = {"local": LocalExecutor, "ray": RayExecutor, "slurm": SlurmExecutor}
+
+
+def make_executor(name: str, **settings: Any) -> Executor:
+    """The executor `--executor NAME` asks for, with the settings its options gave (RayExecutor
+    `address`; SlurmExecutor `cluster`, `partition`, `account`, `time_min`, `mem_gb`)."""
+    if name not in EXECUTORS:
+        raise InputError(f"--executor {name!r}: choose one of {', '.join(EXECUTORS)}")
+    return EXECUTORS[name](**settings)

@@ -311,7 +311,7 @@ def write_f16(ckpt: HFCheckpoint, path: Path, name: str) -> dict[str, Any]:
         writer.write_ti_data_to_file()
         with tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc="gguf F16",
                   file=sys.stderr) as bar:
-            for t, data in zip(plan, tensors(ckpt, plan)):
+            for t, data in zip(plan, tensors(ckpt, plan), strict=True):
                 writer.write_tensor_data(data)
                 bar.update(t.nbytes)
     finally:

@@ -1,19 +1,18 @@
-"""`python -m pipeline run RECIPE`: the stages of the table STAGES (convert → quantize, one task
-per variant, and gguf, one per [[gguf]] type → verify → publish) in one work directory, re-running
-a task only when its inputs changed (like make, but by fingerprint). `--executor ray|slurm` runs
-the tasks of each level on a cluster (pipeline/executors.py); publish always runs here.
+"""The job: the stages of the table STAGES (convert → quantize, one task per variant, and gguf,
+one per [[gguf]] type → verify → publish) in one work directory (pipeline/workdir.py), re-running
+a task only when its inputs changed (like make, but by fingerprint). The tasks of each level run
+on an executor: here one after another (LocalExecutor), or on a cluster (pipeline/executors.py);
+publish always runs here. The `run` command is pipeline/run.py.
 
-Work directory (work/<recipe name>/): fp16/, gptq/<branch>/, gguf/<name>.<TYPE>.gguf,
-verify/verify.json, publish-plan/,
-job.json (per task: input fingerprints, output fingerprint, status, where it ran) and job.log. A
-task's inputs are its options, the files it reads (size + mtime) and the fingerprints of the
-upstream outputs it uses, so changing one variant's options re-runs that variant and verify only.
-Tasks take a lock each, so `--variant` jobs and a cluster's workers may run side by side.
+The work directory also holds job.json (per task: input fingerprints, output fingerprint, status,
+where it ran) and job.log. A task's inputs are its options, the files it reads (size + mtime) and
+the fingerprints of the upstream outputs it uses, so changing one variant's options re-runs that
+variant and verify only. Tasks take a lock each, so `--variant` jobs and a cluster's workers may
+run side by side.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -21,7 +20,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,16 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import click
-
 from pipeline import __version__
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import overlap, partial_path
-from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
-from verify.report import failed_checks, perplexity_rows, read_report, render_perplexity
+from pipeline.recipe import Recipe
+from pipeline.workdir import WorkDir
+from verify.report import failed_checks, perplexity_rows, read_report
 
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
-EXECUTORS = ("local", "ray", "slurm")  # pipeline/executors.py
 SCHEMA = 1
 ALWAYS = "always runs (uploads only what changed)"
 log = logging.getLogger("pipeline.job")
@@ -164,30 +160,9 @@ class Job:
     source: Path | None = None  # the checkpoint directory, resolved once (check_inputs) on the driver
 
     @property
-    def fp16(self) -> Path:
-        return self.workdir / "fp16"
-
-    def gptq(self, branch: str) -> Path:
-        return self.workdir / "gptq" / branch
-
-    def gguf(self, type_name: str) -> Path:
-        from pipeline.gguf import file_name
-
-        return self.workdir / "gguf" / file_name(self.recipe.model.name, type_name)
-
-    @property
-    def verify_dir(self) -> Path:
-        return self.workdir / "verify"
-
-    @property
-    def plan_dir(self) -> Path:
-        return self.workdir / "publish-plan"
-
-    def artifacts(self) -> dict[str, Any]:
-        """What publish takes from the work directory (publish's keyword arguments)."""
-        return {"fp16": self.fp16, "variants": {b: self.gptq(b) for b in self.branches},
-                "ggufs": {g.type: self.gguf(g.type) for g in self.recipe.gguf},
-                "report": self.verify_dir / "verify.json"}
+    def dirs(self) -> WorkDir:
+        """Where the stages' outputs lie in the work directory."""
+        return WorkDir(self.workdir, self.recipe.model.name)
 
     def wants(self, stage: str) -> bool:
         return STAGE_NAMES.index(stage) <= STAGE_NAMES.index(self.last_stage)
@@ -244,12 +219,6 @@ class Job:
 # every finished task, by key); run(job, item, resume) -> the stage's summary.
 
 
-def quant_spec(job: Job, branch: str) -> Any:
-    from pipeline.gptq import QuantSpec
-
-    return QuantSpec(**job.recipe.variant(branch).quant_options())
-
-
 def convert_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
     r = job.recipe
     return {"source": tree_fingerprint(job.source), "tool": __version__,
@@ -261,7 +230,7 @@ def run_convert(job: Job, item: str, resume: bool) -> dict[str, Any]:
     from pipeline.convert import convert
 
     c = job.recipe.convert
-    return convert(job.source, job.fp16, dtype=c.dtype, max_shard_size=c.max_shard_size,
+    return convert(job.source, job.dirs.fp16, dtype=c.dtype, max_shard_size=c.max_shard_size,
                    skip_checksums=c.skip_checksums, chat_format=job.recipe.model.chat_format,
                    force=True)
 
@@ -269,7 +238,7 @@ def run_convert(job: Job, item: str, resume: bool) -> dict[str, Any]:
 def quantize_inputs(job: Job, branch: str, upstream: dict[str, Any]) -> dict[str, Any]:
     v = job.recipe.variant(branch)
     return {"fp16": upstream["convert"],
-            "spec": options_fingerprint(quant_spec(job, branch).as_dict()),
+            "spec": options_fingerprint(v.as_dict()),
             "calibration": text_fingerprint(v.calibration),
             "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
                                              "seed": v.seed}), "tool": __version__}
@@ -279,7 +248,7 @@ def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
     from pipeline.quantize import quantize
 
     v = job.recipe.variant(branch)
-    return quantize(job.fp16, job.gptq(branch), quant_spec(job, branch), calibration=v.calibration,
+    return quantize(job.dirs.fp16, job.dirs.gptq(branch), v, calibration=v.calibration,
                     nsamples=v.nsamples, seqlen=v.seqlen, seed=v.seed, device=job.device,
                     resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size)
 
@@ -292,7 +261,7 @@ def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str,
 def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
     from pipeline.gguf import write_gguf
 
-    return write_gguf(job.fp16, job.gguf(type_name), type_name=type_name,
+    return write_gguf(job.dirs.fp16, job.dirs.gguf(type_name), type_name=type_name,
                       name=job.recipe.model.name, force=True)
 
 
@@ -310,18 +279,18 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
     """The verify stage; CheckFailed (after verify.json is written) when a check failed."""
     from pipeline.judge import judge
 
-    r, vo = job.recipe, job.recipe.verify
-    report = judge(fp16=job.fp16, quants=[job.gptq(b) for b in job.branches], meta=job.source,
-                   eval_text=vo.eval, out=job.verify_dir, seqlen=vo.seqlen,
+    r, vo, d = job.recipe, job.recipe.verify, job.dirs
+    report = judge(fp16=d.fp16, quants=[d.gptq(b) for b in job.branches], meta=job.source,
+                   eval_text=vo.eval, out=d.verify, seqlen=vo.seqlen,
                    max_windows=vo.max_windows, thresholds=vo.thresholds(),
                    baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
                    chat_prompts=vo.chat_prompts,
                    device=job.device, force=True,
-                   ggufs=[job.gguf(g.type) for g in r.gguf],
+                   ggufs=[d.gguf(g.type) for g in r.gguf],
                    gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
                    runtimes=vo.runtimes)
     if not report["passed"]:
-        raise CheckFailed(f"{job.verify_dir / 'verify.txt'}: verify failed: "
+        raise CheckFailed(f"{d.table}: verify failed: "
                           f"{', '.join(failed_checks(report))}; nothing is published")
     return {"passed": True}
 
@@ -333,7 +302,8 @@ def publish_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, A
 def run_publish(job: Job, item: str, resume: bool, token: str | None = None) -> dict[str, Any]:
     from pipeline.publish import publish
 
-    return publish(job.recipe, **job.artifacts(), dry_run=job.dry_run, plan_dir=job.plan_dir,
+    return publish(job.recipe, **job.dirs.artifacts(job.recipe, job.branches),
+                   dry_run=job.dry_run, plan_dir=job.dirs.plan,
                    endpoint=job.endpoint, token=token)
 
 
@@ -353,6 +323,7 @@ class Stage:
     run: Callable[..., dict[str, Any]]
     always: bool = False  # no reuse: runs every time (publish uploads only what changed)
     on_driver: bool = False  # never sent to a worker: runs where the job runs, with the Hub token
+    gpu: bool = False  # computes on --device: a cluster task asks for a GPU by default on CUDA
 
     def key(self, item: str) -> str:
         """The task's name in job.json, the summary and --json: `quantize/main`, `verify`."""
@@ -364,12 +335,13 @@ def once(job: Job) -> Sequence[str]:
 
 
 STAGES = (
-    Stage("convert", 0, once, lambda job, _: job.fp16, convert_inputs, run_convert),
-    Stage("quantize", 1, lambda job: job.branches, Job.gptq, quantize_inputs, run_quantize),
-    Stage("gguf", 1, lambda job: [g.type for g in job.recipe.gguf], Job.gguf, gguf_inputs,
-          run_gguf),
-    Stage("verify", 2, once, lambda job, _: job.verify_dir, verify_inputs, run_verify),
-    Stage("publish", 3, once, lambda job, _: job.plan_dir, publish_inputs, run_publish,
+    Stage("convert", 0, once, lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
+    Stage("quantize", 1, lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
+          quantize_inputs, run_quantize, gpu=True),
+    Stage("gguf", 1, lambda job: [g.type for g in job.recipe.gguf],
+          lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf),
+    Stage("verify", 2, once, lambda job, _: job.dirs.verify, verify_inputs, run_verify, gpu=True),
+    Stage("publish", 3, once, lambda job, _: job.dirs.plan, publish_inputs, run_publish,
           always=True, on_driver=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -380,6 +352,16 @@ def task_stage(key: str) -> tuple[Stage, str]:
     """(stage, item) of a task key such as `quantize/main`."""
     name, _, item = key.partition("/")
     return BY_NAME[name], item
+
+
+def check_resources(recipe: Recipe) -> None:
+    """[resources] names only stages whose tasks go to workers (the table's names, not those
+    that run on the driver)."""
+    known = [s.name for s in STAGES if not s.on_driver]
+    unknown = sorted(set(recipe.resources.tasks) - set(known))
+    if unknown:
+        raise InputError(f"{recipe.path}: [resources]: unknown key(s) {', '.join(unknown)} "
+                         f"(stages whose tasks take requests: {', '.join(known)})")
 
 
 # ---------------------------------------------------------------- running one task
@@ -460,13 +442,31 @@ def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
 
 
 class Executor(Protocol):
-    """Runs the tasks of one level (pipeline/executors.py: local, ray, slurm)."""
+    """Runs the tasks of one level: LocalExecutor, or a cluster's (pipeline/executors.py)."""
 
     name: str
 
     def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]: ...
 
     def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """This process, one task after another, stopping at the first failure (the default)."""
+
+    name = "local"
+
+    def close(self) -> None:
+        pass
+
+    def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]:
+        results: list[TaskResult] = []
+        for key in keys:
+            stage, item = task_stage(key)
+            results.append(execute(job, stage, item, upstream))
+            if results[-1].error:
+                break
+        return results
 
 
 @dataclass
@@ -488,7 +488,7 @@ class Run:
             self.outputs[res.key] = res.record.get("output")
         if res.summary is not None:
             self.summaries[res.key] = res.summary
-        report = self.job.verify_dir / "verify.json"
+        report = self.job.dirs.report
         if res.key == "verify" and res.exit_code in (0, CheckFailed.exit_code) and report.is_file():
             self.report = read_report(report)  # a failed verify's report too: its perplexities
 
@@ -500,6 +500,7 @@ class Run:
                 "ok": error is None, "exit_code": 0 if error is None else error.exit_code,
                 "error": None if error is None else str(error), "stages": self.rows,
                 "perplexity": perplexity_rows(self.report) if self.report else None,
+                "verify_report": str(self.job.dirs.table) if self.report else None,
                 "publish": self.summaries.get("publish")}
 
 
@@ -528,14 +529,13 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     """Run the recipe's stages up to `stage` for the chosen variants (all by default) on the
     executor (default: this process); returns the summary, or raises JobFailed (carrying it)
     when a task fails."""
-    from pipeline.executors import LocalExecutor
-
     if stage not in STAGE_NAMES:
         raise InputError(f"--stage {stage!r}: choose one of {', '.join(STAGE_NAMES)}")
     branches = list(dict.fromkeys(variants)) if variants else [v.branch for v in recipe.variants]
     for b in branches:
         recipe.variant(b)
-    workdir = Path(workdir) if workdir is not None else default_workdir(recipe)
+    check_resources(recipe)
+    workdir = WorkDir.of(recipe, workdir).path
     workdir.mkdir(parents=True, exist_ok=True)
     executor = executor or LocalExecutor()
     run = Run(Job(recipe, workdir, stage, tuple(branches), dry_run, endpoint, force, device),
@@ -565,103 +565,3 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
         log.removeHandler(console)
         handler.close()
     return run.result()
-
-
-def default_workdir(recipe: Recipe) -> Path:
-    return Path("work") / recipe.name
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def render_summary(result: dict[str, Any]) -> str:
-    """The final table: one row per task (with where it ran, for a cluster's executor), then the
-    perplexities and where the plan went."""
-    w = max([len(r["stage"]) for r in result["stages"]] + [5])
-    remote = result.get("executor", "local") != "local"
-    places = [f"{r.get('host')} pid {r.get('pid')}" if remote else "" for r in result["stages"]]
-    pw = max([len(p) for p in places] + [5]) if remote else 0
-    lines = [f"job {result['name']} ({result['workdir']}): "
-             + ("ok" if result["ok"] else f"FAILED (exit {result['exit_code']}): {result['error']}"),
-             f"{'stage':<{w}}  {'status':<8} {'seconds':>8}  "
-             + (f"{'where':<{pw}}  " if remote else "") + "output / reason"]
-    for r, place in zip(result["stages"], places):
-        lines.append(f"{r['stage']:<{w}}  {r['status']:<8} {r['seconds']:>8.1f}  "
-                     + (f"{place:<{pw}}  " if remote else "") + f"{r['output']}  ({r['reason']})")
-    if result.get("perplexity"):
-        lines += ["", render_perplexity(result["perplexity"]),
-                  f"(verify report: {Path(result['workdir']) / 'verify' / 'verify.txt'})"]
-    pub = result.get("publish")
-    if pub:
-        what = "dry run: nothing uploaded" if pub["dry_run"] else \
-            f"{pub['uploaded_files']} files uploaded to {pub['endpoint']}, {pub['commits']} commits"
-        lines += ["", f"publish: {len(pub['branches'])} branches, {pub['files']} files; {what}; "
-                      f"plan and model cards in {pub['plan_dir']}"]
-    return "\n".join(lines)
-
-
-@click.command("run")
-@click.argument("recipe")
-@click.option("--stage", type=click.Choice(STAGE_NAMES), default="publish", show_default=True,
-              help="Run the stages up to and including this one.")
-@click.option("--variant", "variants", multiple=True, metavar="BRANCH",
-              help="Only this variant (repeatable); verify and publish cover the chosen ones.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Work directory [default: work/<recipe name>].")
-@click.option("--dry-run", is_flag=True, help="Publish writes the plan and cards, uploads nothing.")
-@click.option("--endpoint", default=None, help="Hub URL [default: $HF_ENDPOINT or huggingface.co].")
-@click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
-              help="Where the tasks run: this process, a Ray cluster, or Slurm jobs (submitit); "
-                   "publish always runs here.")
-@click.option("--ray-address", default=None,
-              help="Ray cluster to join [default: $RAY_ADDRESS, else a new local one].")
-@click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), default="slurm",
-              show_default=True, help="local: submitit runs the jobs as processes on this "
-                                      "machine (for testing on one machine).")
-@click.option("--slurm-partition", default=None, help="Slurm partition [default: [slurm] partition].")
-@click.option("--slurm-time", type=click.IntRange(min=1), default=None, metavar="MINUTES",
-              help="Time limit of each Slurm job [default: [slurm] time_min].")
-@allow_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def command(recipe: str, stage: str, variants: tuple[str, ...], workdir: Path | None,
-            dry_run: bool, endpoint: str | None, force: bool, device: str, executor: str,
-            ray_address: str | None, slurm_cluster: str, slurm_partition: str | None,
-            slurm_time: int | None, allow_dirs: tuple[Path, ...], as_json: bool) -> None:
-    """Run RECIPE (a path, or a name in recipes/) end to end, reusing unchanged stage outputs."""
-    from pipeline.executors import make_executor
-
-    given = {"ray": [("--ray-address", ray_address)],
-             "slurm": [("--slurm-partition", slurm_partition), ("--slurm-time", slurm_time),
-                       ("--slurm-cluster", None if slurm_cluster == "slurm" else slurm_cluster)]}
-    for name, options in given.items():
-        stray = [option for option, value in options if value is not None and executor != name]
-        if stray:
-            raise InputError(f"{', '.join(stray)}: only with --executor {name}")
-    r = load_recipe(find_recipe(recipe), allow_dirs)
-    workdir = workdir if workdir is not None else default_workdir(r)
-    failure = None
-    # with --json, stdout holds the JSON only: an engine prints news of its workers there (Ray)
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        engine = make_executor(executor, workdir, ray_address=ray_address,
-                               slurm_cluster=slurm_cluster, slurm_partition=slurm_partition,
-                               slurm_time=slurm_time)
-        try:
-            result = run_job(r, workdir=workdir, stage=stage, variants=list(variants),
-                             dry_run=dry_run, endpoint=endpoint, force=force, device=device,
-                             executor=engine)
-        except JobFailed as e:
-            result, failure = e.result, e
-        finally:
-            engine.close()
-    emit(result, as_json)
-    if failure is not None:
-        raise failure
-
-
-def emit(result: dict[str, Any], as_json: bool) -> None:
-    """The summary table (stderr when --json) and, with --json, the JSON object on stdout."""
-    click.echo(render_summary(result), err=as_json)
-    if as_json:
-        click.echo(json.dumps(result))

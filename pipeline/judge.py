@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,15 @@ from pipeline.chat import chat_prompt
 from verify.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
 from verify.grid import rtn
-from verify.gptq_format import RAGGED_REFUSED_BY, ragged
+from verify.gptq_format import ragged
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import module_errors, rtn_grid
 from verify.llama import compute_dtype, pick_device
 from verify.meta_reference import meta_logits
-from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
-                            perplexity, windows)
-from verify.runtimes import RUNTIMES, Reference, run_runtime
+from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_summary,
+                            logits_parity, perplexity, windows)
+from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, Reference, run_runtime
 from verify.report import (REPORT_NAME, SCHEMA, artifact_entry, failed_checks, run_inputs,
                            write_report)
 
@@ -47,7 +48,6 @@ PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of 
 MAX_NEW_TOKENS = 32
 SHOWN_PROBLEMS = 5  # modules named in a module_integrity failure's reason (all are in per_module)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-RUNTIME_WINDOWS = 4  # evaluation windows each --runtime scores (the first ones): a bounded cost
 
 
 def eval_documents(source: str) -> tuple[list[Path], list[str]]:
@@ -147,7 +147,7 @@ def greedy_samples(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
     outs = model.greedy([tokenizer(p)["input_ids"] for p in prompts], MAX_NEW_TOKENS,
                         tokenizer.eos_token_id)
     samples = []
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         text = tokenizer.decode(out, skip_special_tokens=True)
         samples.append({"prompt": prompt, "text": text, "tokens": out,
                         "degenerate": degenerate(out, text)})
@@ -165,7 +165,7 @@ def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = N
                 "metrics": {"degenerate": sum(bool(s["degenerate"]) for s in samples)},
                 "samples": samples}
     rows, problems = [], []
-    for s, ref in zip(samples, fp16):
+    for s, ref in zip(samples, fp16, strict=True):
         agree, compared = agreement(ref["tokens"], s["tokens"])
         rows.append({**s, "text_fp16": ref["text"], "degenerate_fp16": ref["degenerate"],
                      "agree": agree, "compared": compared, "agreement": agree / compared})
@@ -288,18 +288,18 @@ def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict
     and scored on the first RUNTIME_WINDOWS evaluation windows against our dequantised perplexity
     on them (from `nll`, per window) and fp16's logits (`reference`). Returns the runtime ->
     variant -> result section and a "runtime" check per result that ran: one not checkable here
-    is only in the section (with its reason); one refusing a ragged variant that
-    RAGGED_REFUSED_BY lists is an expected refusal, not a failure."""
+    is only in the section (with its reason); a runtime that `refuses_ragged` refusing a ragged
+    variant is an expected refusal, not a failure."""
     sub = win[:RUNTIME_WINDOWS]
     section: dict[str, dict] = {}
     checks: list[dict] = []
-    refusers = {r.lower() for r in RAGGED_REFUSED_BY}
     for rt in names:
         section[rt] = {}
         for name, path in paths.items():
             ours = perplexity(nll[name][:len(sub)], sub.shape[1])
             r = run_runtime(rt, path, sub, ppl_ours=ours, reference=reference, device=str(device))
-            r["expected_refusal"] = bool(ragged_groups[name] and rt in refusers and r["error"])
+            r["expected_refusal"] = bool(ragged_groups[name] and RUNTIMES[rt].refuses_ragged
+                                         and r["error"])
             section[rt][name] = r
             tqdm.write(f"runtime {rt}: {name}: " + (r["reason"] or r["error"] or
                        f"ppl {r['ppl']:.6g} (ours {ours:.6g}, {r['ratio']:+.2e})"), file=sys.stderr)
@@ -318,13 +318,13 @@ def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict
     return section, checks
 
 
-def judge(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval_text: str,
+def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, eval_text: str,
            out: Path, seqlen: int = 2048, max_windows: int | None = None,
            thresholds: th.Table | None = None, baseline_rtn: bool = False,
            prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
-           device: str = "auto", force: bool = False, ggufs: list[Path] = [],
+           device: str = "auto", force: bool = False, ggufs: Sequence[Path] = (),
            gguf_thresholds: dict[str, dict[str, float]] | None = None,
-           runtimes: list[str] = []) -> dict:
+           runtimes: Sequence[str] = ()) -> dict:
     """Run every check; write out/verify.json and out/verify.txt; return the report (the CLI
     exits 3 when report["passed"] is false). `thresholds` (kind -> bits -> value, kinds of
     verify/thresholds.py) override the defaults bit width by bit width; `gguf_thresholds`
@@ -334,8 +334,8 @@ def judge(*, fp16: Path, quants: list[Path] = [], meta: Path | None = None, eval
     ggufs = [Path(g) for g in ggufs]
     models = [fp16, *quants, *ggufs, *([Path(meta)] if meta is not None else [])]
     check_target(out, force, manifest=REPORT_NAME, inputs=models)
-    if seqlen < 2:
-        raise InputError(f"--seqlen {seqlen}: must be at least 2")
+    if seqlen < MIN_SEQLEN:
+        raise InputError(f"--seqlen {seqlen}: must be at least {MIN_SEQLEN}")
     if max_windows is not None and max_windows < 1:
         raise InputError(f"--max-windows {max_windows}: must be at least 1 (omit it to use every "
                          "window of the evaluation text)")

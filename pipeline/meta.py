@@ -340,7 +340,7 @@ def md5_files(paths: list[Path], desc: str = "md5") -> dict[str, str]:
             return h.hexdigest()
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            return dict(zip([p.name for p in paths], pool.map(one, paths)))
+            return dict(zip([p.name for p in paths], pool.map(one, paths), strict=True))
 
 
 def verify_checksums(src: Path) -> dict[str, str]:

@@ -64,16 +64,24 @@ def writable_location(target: Path) -> None:
                          "(read-only file system or permissions)")
 
 
-def check_target(target: Path, force: bool, *, manifest: str, inputs: Iterable[Path] = ()) -> None:
-    """Refuse, before any expensive work, an output that is a link, collides with an input, cannot
-    be written, or exists (without --force; with --force, unless it is an output of ours)."""
+def check_target(target: Path, force: bool, *, manifest: str | None = None,
+                 magic: bytes | None = None, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any expensive work, an output that is a link, collides with an input (as
+    itself or as its partial path), cannot be written, or exists (without --force; with --force,
+    unless it is an output of ours). A directory output (staged_dir) is ours when it holds
+    `manifest`; a single-file output (staged_file) when it is a regular file starting with `magic`."""
+    if (manifest is None) == (magic is None):
+        raise TypeError("check_target: give exactly one of manifest (a directory output) or magic "
+                        "(a single-file output)")
     target = Path(target)
     partial = partial_path(target)
     if target.is_symlink():
         raise InputError(f"{target}: is a symbolic link (to {os.readlink(target)}); links are "
                          "never followed or replaced: give the real output path")
-    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
-        what = "a symbolic link" if partial.is_symlink() else "not a directory"
+    partial_kind_ok = partial.is_file() if magic is not None else partial.is_dir()
+    if partial.is_symlink() or (partial.exists() and not partial_kind_ok):
+        what = ("a symbolic link" if partial.is_symlink() else
+                "not a regular file" if magic is not None else "not a directory")
         raise InputError(f"{partial}: the temporary name of {target} is taken by {what}, not a "
                          "partial output of this tool; remove it or choose another output")
     for source in inputs:
@@ -85,10 +93,14 @@ def check_target(target: Path, force: bool, *, manifest: str, inputs: Iterable[P
     if target.exists():
         if not force:
             raise OutputExistsError(f"{target} already exists; pass --force to replace it")
-        if not is_ours(target, manifest):
-            raise OutputExistsError(f"{target}: exists and is not an output of this tool (no "
-                                    f"{manifest}); not replaced even with --force: move it away "
-                                    "or choose another output")
+        if magic is not None:
+            ours, mark = target.is_file() and starts_with(target, magic), f"not a {magic!r} file"
+        else:
+            ours, mark = is_ours(target, manifest), f"no {manifest}"
+        if not ours:
+            raise OutputExistsError(f"{target}: exists and is not an output of this tool ({mark}); "
+                                    "not replaced even with --force: move it away or choose "
+                                    "another output")
     writable_location(target)
 
 
@@ -141,31 +153,11 @@ def replace_dir(tmp: Path, target: Path, force: bool, manifest: str) -> None:
 def staged_file(target: Path, force: bool = False, *, magic: bytes,
                 inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """A single-file output (a .gguf): yield a temporary path beside `target`, renamed onto it on
-    success, removed on error. Refused like check_target: a link, an input's path (or one inside
-    an input), an existing target without --force, and with --force anything but a regular file
-    starting with `magic` (this tool's format)."""
+    success, removed on error. Refused as check_target refuses (with --force, anything but a
+    regular file starting with `magic`, this tool's format, is kept)."""
     target = Path(target)
+    check_target(target, force, magic=magic, inputs=list(inputs))
     tmp = partial_path(target)
-    for path in (target, tmp):
-        if path.is_symlink():
-            raise InputError(f"{path}: is a symbolic link (to {os.readlink(path)}); links are "
-                             "never followed or replaced: give the real output path")
-    if tmp.exists() and not tmp.is_file():
-        raise InputError(f"{tmp}: the temporary name of {target} is taken by a directory; remove "
-                         "it or choose another output")
-    for source in inputs:
-        how = overlap(target, source)
-        if how:
-            raise InputError(f"{target}: the output {how} the input {source}; writing it would "
-                             "destroy or change the input: choose an output outside it")
-    if target.exists():
-        if not force:
-            raise OutputExistsError(f"{target} already exists; pass --force to replace it")
-        if not (target.is_file() and starts_with(target, magic)):
-            raise OutputExistsError(f"{target}: exists and is not an output of this tool (not a "
-                                    f"{magic!r} file); not replaced even with --force: move it "
-                                    "away or choose another output")
-    writable_location(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)

@@ -36,10 +36,11 @@ from huggingface_hub.utils.sha import git_hash
 from pipeline import __version__, card
 from pipeline.convert import MANIFEST
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
+from verify.checkpoint import read_json
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
-from pipeline.job import Job
 from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
+from pipeline.workdir import WorkDir
 from verify.report import (check_inputs, check_integrity, check_verdict, failed_checks,
                            read_report)
 
@@ -104,7 +105,7 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     except CheckFailed as e:  # the artifacts are not what the report says: name the report too
         raise CheckFailed(f"{report}: {e}") from None
     conversion = Path(fp16) / MANIFEST  # verified bytes by now (make_plan checked every hash)
-    check_inputs(rep, report, card.read_json(conversion) if conversion.is_file() else None)
+    check_inputs(rep, report, read_json(conversion) if conversion.is_file() else None)
     plan_text = plan_document(plans, recipe, endpoint, report)
     files = {PLAN_NAME: plan_text.encode()}
     files |= {f"{p.repo}@{p.branch}: {f.path}": f.source for p in plans for f in p.files}
@@ -183,8 +184,8 @@ def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path
         path = variants[v.branch]
         files = artifact_files(path, verified_files(report, path.name, path, "gptq"))
         gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files))
-    model_type = card.read_json(fp16 / "config.json").get("model_type", "llama")
-    infill = card.read_json(fp16 / "conversion.json").get("tokenizer", {}).get("infill")
+    model_type = read_json(fp16 / "config.json").get("model_type", "llama")
+    infill = read_json(fp16 / "conversion.json").get("tokenizer", {}).get("infill")
     fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type, hub_url,
                                infill)
     gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, infill)
@@ -217,7 +218,7 @@ def gguf_plan(recipe: Recipe, report: dict, fp16: Path, ggufs: dict[str, Path],
         files += artifact_files(path.parent, hashes)
         rows.append(card.GGUFRow(path.name, g.type, TYPES[g.type].bits, files[-1].size,
                                  g.description or TYPES[g.type].use_case))
-    text = card.gguf_card(recipe, rows, report, card.read_json(fp16 / "config.json"), hub_url)
+    text = card.gguf_card(recipe, rows, report, read_json(fp16 / "config.json"), hub_url)
     return BranchPlan(recipe.publish.gguf_repo, "main", "gguf", (*files, card_file(text)))
 
 
@@ -421,13 +422,14 @@ def add_operation(f: PlannedFile) -> CommitOperationAdd:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(recipe: str, workdir: Path | None, dry_run: bool, plan_dir: Path | None,
             endpoint: str | None, private: bool, allow_dirs: tuple[Path, ...], as_json: bool) -> None:
-    """Publish RECIPE's verified fp16 model and GPTQ branches to the Hub (token: HF_TOKEN or `hf auth login`)."""
+    """Publish RECIPE's verified fp16 model, GPTQ branches and GGUF files to the Hub (token:
+    HF_TOKEN or `hf auth login`)."""
     r = load_recipe(find_recipe(recipe), allow_dirs)
     if private:
         r = dataclasses.replace(r, publish=dataclasses.replace(r.publish, private=True))
-    job = Job(r, workdir or Path("work") / r.name, branches=tuple(v.branch for v in r.variants))
-    result = publish(r, **job.artifacts(), dry_run=dry_run, plan_dir=plan_dir or job.plan_dir,
-                     endpoint=endpoint)
+    work = WorkDir.of(r, workdir)
+    result = publish(r, **work.artifacts(r, tuple(v.branch for v in r.variants)), dry_run=dry_run,
+                     plan_dir=plan_dir or work.plan, endpoint=endpoint)
     if dry_run:
         line = (f"dry run: {len(result['branches'])} branches, {result['files']} files "
                 f"({card.human_size(result['bytes'])}); plan and cards in {result['plan_dir']}")

@@ -28,11 +28,12 @@ from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local
 from verify.errors import InputError
 from pipeline.gptq import METHODS, QuantSpec, gptq
 from verify.grid import QuantResult, rtn
-from verify.gptq_format import (BITS, RAGGED_REFUSED_BY, SUFFIXES, dequantize, n_groups, pack,
+from verify.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack, packable,
                                 packed_shapes, ragged, write_configs)
 from pipeline.output import check_target, partial_path, staged_dir
-from verify.safetensors_stream import TensorSpec, ShardedWriter, parse_size
+from verify.safetensors_stream import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, parse_size
 from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
+from verify.runtimes import RAGGED_REFUSED_BY
 from verify.llama import (LAYER_NORMS, LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs,
                           compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
 
@@ -54,9 +55,9 @@ def check_model(ck: HFCheckpoint, spec: QuantSpec) -> list[str]:
                          "quantise the fp16 model instead")
     shapes = ck.args.linear_shapes()
     for name, (n_out, n_in) in shapes.items():
-        if n_in % 32 or n_out % 32:
+        if not (packable(n_in) and packable(n_out)):
             raise InputError(f"{cfg}: {name} is [{n_out}, {n_in}]; GPTQ packing needs both "
-                             "dimensions to be multiples of 32")
+                             f"dimensions to be multiples of {PACK_RUN}")
     return [name for name, (_, n_in) in shapes.items()
             if ragged(n_in, spec.group_size)]
 
@@ -264,7 +265,8 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
 
 def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None = None,
              nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = "auto",
-             resume: bool = False, force: bool = False, max_shard_size: str = "5GB") -> dict:
+             resume: bool = False, force: bool = False,
+             max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
     """Quantise the HF Llama directory `model` into the GPTQ directory `out`; returns the summary.
     `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN."""
     t_start = time.perf_counter()
@@ -399,7 +401,7 @@ def model_tokenizer(model: Path) -> Any:
 @click.option("--seqlen", type=int, default=SEQLEN, show_default=True)
 @click.option("--seed", type=int, default=SEED, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]")
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True)
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished layer")
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")

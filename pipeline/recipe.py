@@ -38,15 +38,15 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from pipeline import chat
-from pipeline.calibration import NSAMPLES, SEED, SEQLEN
-from pipeline.convert import DTYPES
+from pipeline.calibration import MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN
+from pipeline.convert import DEFAULT_DTYPE, DTYPES
 from pipeline.gptq import QuantSpec, SpecError
 from verify.errors import InputError
-from verify import thresholds
+from verify import metrics, thresholds
 from verify.gptq_format import BITS
 from verify.runtimes import RUNTIMES
+from verify.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 
-SHARD_SIZE = re.compile(r"^\d+(\.\d+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 BRANCH = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -98,8 +98,8 @@ class Source:
 class ConvertOptions:
     """Options of the convert stage."""
 
-    dtype: str = "float16"
-    max_shard_size: str = "5GB"
+    dtype: str = DEFAULT_DTYPE
+    max_shard_size: str = DEFAULT_SHARD_SIZE
     skip_checksums: bool = False
 
 
@@ -125,10 +125,6 @@ class Variant(QuantSpec):
     nsamples: int = NSAMPLES
     seqlen: int = SEQLEN
     seed: int = SEED
-
-    def quant_options(self) -> dict[str, Any]:
-        """Keyword arguments of pipeline.gptq.QuantSpec: the spec without the other fields."""
-        return self.as_dict()
 
 
 def default_branch(bits: int, group_size: int, act_order: bool) -> str:
@@ -196,19 +192,21 @@ class TaskResources:
     count (floating-point sums depend on it: same hardware and threads, same bytes)."""
 
     cpus: int = 1
-    gpus: int | None = None  # default: 1 for quantize and verify when the job runs on CUDA, else 0
+    gpus: int | None = None  # default: 1 for a stage on the device (Stage.gpu) on CUDA, else 0
 
 
 @dataclass(frozen=True)
 class Resources:
-    """[resources]: each stage's task requests on a cluster (publish runs on the driver), and how
-    often the engine runs again a task whose worker died."""
+    """[resources]: the task requests of a stage on a cluster, by stage name (`quantize = { cpus
+    = 4 }`; the names are checked against the job's table, pipeline/job.py check_resources), and
+    how often the engine runs again a task whose worker died."""
 
-    convert: TaskResources = TaskResources()
-    quantize: TaskResources = TaskResources()
-    gguf: TaskResources = TaskResources()
-    verify: TaskResources = TaskResources()
+    tasks: dict[str, TaskResources] = field(default_factory=dict, metadata={"internal": True})
     retries: int = 2
+
+    def task(self, stage: str) -> TaskResources:
+        """The requests of one task of `stage` (the defaults when the recipe names none)."""
+        return self.tasks.get(stage, TaskResources())
 
 
 @dataclass(frozen=True)
@@ -458,7 +456,7 @@ def build_recipe(path: Path, raw: dict[str, Any]) -> Recipe:
         ggufs.append(build(GGUFFile, table, path, f"[[gguf]] #{i + 1}"))
 
     recipe = Recipe(path, model, source, convert, calibration, variants, verify, publish, ggufs,
-                    resources=build(Resources, sections["resources"], path, "[resources]"),
+                    resources=build_resources(sections["resources"], path),
                     slurm=build(SlurmOptions, sections["slurm"], path, "[slurm]"))
     for check in CHECKS:
         check(recipe)
@@ -483,6 +481,15 @@ def build(cls: type, table: dict[str, Any], path: Path, where: str,
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise InputError(f"{path}: {where}: missing required key {f.name!r}")
     return cls(**values)
+
+
+def build_resources(table: dict[str, Any], path: Path) -> Resources:
+    """[resources]: its own keys (retries), and every other one a stage's task requests."""
+    own = {f.name for f in dataclasses.fields(Resources)}
+    res = build(Resources, {k: v for k, v in table.items() if k in own}, path, "[resources]")
+    return dataclasses.replace(res, tasks={
+        k: coerce(v, TaskResources, path, f"[resources] {k}") for k, v in table.items()
+        if k not in own})
 
 
 def coerce(value: Any, hint: Any, path: Path, key: str) -> Any:
@@ -576,9 +583,10 @@ def check_convert(r: Recipe) -> None:
     if c.dtype not in DTYPES:
         raise InputError(f"{r.path}: [convert] dtype = {c.dtype!r}: must be one of "
                          f"{', '.join(DTYPES)}")
-    if not SHARD_SIZE.match(c.max_shard_size):
-        raise InputError(f"{r.path}: [convert] max_shard_size = {c.max_shard_size!r}: expected a "
-                         "size such as \"5GB\" or \"500MB\"")
+    try:
+        parse_size(c.max_shard_size)
+    except ValueError as e:  # the CLI's rule (--max-shard-size), worded with the recipe's key
+        raise InputError(f"{r.path}: [convert] max_shard_size: {e}") from None
 
 
 def check_text_source(r: Recipe, where: str, source: str) -> None:
@@ -598,8 +606,8 @@ def check_variants(r: Recipe) -> None:
     for i, v in enumerate(r.variants, 1):
         where = f"[[variants]] #{i} ({v.branch})"
         problems = [
-            (v.nsamples < 1, f"nsamples = {v.nsamples}: must be at least 1"),
-            (v.seqlen < 1, f"seqlen = {v.seqlen}: must be at least 1"),
+            (v.nsamples < MIN_NSAMPLES, f"nsamples = {v.nsamples}: must be at least {MIN_NSAMPLES}"),
+            (v.seqlen < MIN_SEQLEN, f"seqlen = {v.seqlen}: must be at least {MIN_SEQLEN}"),
             (v.seed < 0, f"seed = {v.seed}: must not be negative"),
             (not BRANCH.match(v.branch), f"branch = {v.branch!r}: use letters, digits, '.', '_', '-'"),
             (v.branch in seen, f"branch {v.branch!r} is also used by [[variants]] #{seen.get(v.branch)}"),
@@ -621,8 +629,9 @@ def check_verify(r: Recipe) -> None:
     if unknown:
         raise InputError(f"{r.path}: [verify] runtimes: {', '.join(map(repr, unknown))} unknown "
                          f"(known: {', '.join(RUNTIMES)})")
-    if v.seqlen < 1:
-        raise InputError(f"{r.path}: [verify] seqlen = {v.seqlen}: must be at least 1")
+    if v.seqlen < metrics.MIN_SEQLEN:
+        raise InputError(f"{r.path}: [verify] seqlen = {v.seqlen}: must be at least "
+                         f"{metrics.MIN_SEQLEN}")
     if v.max_windows is not None and v.max_windows < 1:
         raise InputError(f"{r.path}: [verify] max_windows = {v.max_windows}: must be at least 1")
     for kind, table in v.thresholds().items():
@@ -676,8 +685,7 @@ def check_gguf(r: Recipe) -> None:
 
 def check_scale(r: Recipe) -> None:
     res, s = r.resources, r.slurm
-    tasks = [(f"[resources] {f.name}", getattr(res, f.name)) for f in dataclasses.fields(res)
-             if isinstance(getattr(res, f.name), TaskResources)]
+    tasks = [(f"[resources] {name}", t) for name, t in res.tasks.items()]
     for where, t in tasks:
         if t.cpus < 1:
             raise InputError(f"{r.path}: {where} cpus = {t.cpus}: must be at least 1")

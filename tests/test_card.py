@@ -169,7 +169,7 @@ def compatibility_section(text: str) -> str:
 def test_card_compatibility_is_what_verify_measured(recipe, branches):
     """Only runtimes the report measured appear: no report section, no runtime named; a ragged
     branch gets RAGGED_REFUSED_BY and its measured refusal, a runtime that was not run its reason."""
-    from verify.gptq_format import RAGGED_REFUSED_BY
+    from verify.runtimes import RAGGED_REFUSED_BY
 
     bare = {k: v for k, v in REPORT.items() if k != "runtimes"}
     section = compatibility_section(card.gptq_card(recipe, branches, bare, "llama", "https://huggingface.co"))
@@ -187,6 +187,20 @@ def test_card_compatibility_is_what_verify_measured(recipe, branches):
     assert f"| Transformers 5.24.0 | `main` | refused, as expected: `scoring: {refusal}` | — | — | — |" in section
     assert "| GPTQModel 7.6.0 | `main` | yes | 6.3004 | +0.005% | 95.0% |" in section
     assert "vLLM: not checked (needs CUDA)." in section
+
+
+def test_a_runtime_is_named_on_cards_by_its_runtimes_entry(recipe, branches, monkeypatch):
+    """verify/runtimes.py RUNTIMES is the one list of runtimes: the card's name for each is its
+    entry's label, and RAGGED_REFUSED_BY is the labels of those that refuse ragged groups plus
+    the kernels that are no runtime here (the measured list)."""
+    from verify import runtimes
+
+    assert set(runtimes.RAGGED_REFUSED_BY) == {"Transformers", "vLLM", "Marlin", "ExLlama"}
+    new = runtimes.Runtime("Text Generation Inference", ("text_generation",), True, None)
+    monkeypatch.setitem(runtimes.RUNTIMES, "tgi", new)
+    report = {**REPORT, "runtimes": {"tgi": {"main": runtime_result("3.0.0", 6.3002, 6.3001)}}}
+    section = compatibility_section(card.gptq_card(recipe, branches, report, "llama", "https://huggingface.co"))
+    assert "| Text Generation Inference 3.0.0 | `main` | yes | 6.3002 |" in section
 
 
 def test_fp16_card_matches_golden(recipe):

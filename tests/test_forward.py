@@ -186,6 +186,24 @@ def test_missing_gptq_part_is_named(fp16_dir, tmp_path):
         LayerwiseModel(q, progress=False).hidden([tokens(1, 8)])
 
 
+@pytest.mark.parametrize("data,message", [
+    (None, r"config\.json: missing$"), (b"[1, 2]", r"config\.json: expected a JSON object, got list"),
+    (b"{", r"config\.json: invalid JSON"), (b"\xff{}", r"config\.json: not UTF-8 text")])
+def test_json_files_are_read_by_one_reader_naming_the_file(tmp_path, data, message):
+    """verify/checkpoint.py read_json reads every small JSON file (configs, the index, the stages'
+    records for the cards): its errors fit any of them (no "GPTQ artifact" for an fp16 file)."""
+    from verify.checkpoint import read_json
+
+    path = tmp_path / "config.json"
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(InputError, match=message):
+        read_json(path)
+    if data is not None:  # HFCheckpoint reads its config.json through it
+        with pytest.raises(InputError, match=message):
+            HFCheckpoint(tmp_path)
+
+
 def test_token_outside_vocabulary(fp16_dir):
     with pytest.raises(InputError, match="token id 96 outside"):
         LayerwiseModel(fp16_dir, progress=False).hidden([torch.tensor([[1, 96]])])

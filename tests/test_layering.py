@@ -1,6 +1,7 @@
 """The package layering (DESIGN.md "Layers"): verify/ is the lower layer and never imports
 pipeline/; verify/meta_reference.py, the independent Meta forward, imports none of our modules but
-verify.errors. Every import is read with `ast`, function-level and importlib ones included."""
+verify.errors; and no import cycle among our modules. Every import is read with `ast`,
+function-level and importlib ones included."""
 
 from __future__ import annotations
 
@@ -80,3 +81,64 @@ def test_checker_finds_bad_imports():
         assert len(found) == 1 and found[0].startswith("verify/meta_reference.py:1:"), source
     assert violations("from verify.llama import rms_norm\n", "pipeline.convert",
                       "pipeline/convert.py") == []
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the modules of `sources` it imports (a name resolved to its longest prefix that
+    is one of them, so `from pipeline.job import Job` is pipeline.job); a package's __init__ is
+    the package."""
+    names = {m.removesuffix(".__init__") for m in sources}
+    graph: dict[str, set[str]] = {}
+    for module, source in sources.items():
+        node = module.removesuffix(".__init__")
+        graph[node] = set()
+        for _, name in imported(ast.parse(source, module), module):
+            parts = name.split(".")
+            target = next((".".join(parts[:i]) for i in range(len(parts), 0, -1)
+                           if ".".join(parts[:i]) in names), None)
+            if target is not None and target != node:
+                graph[node].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Each import cycle a depth-first walk meets, as `a -> b -> a`."""
+    found, state, path = [], {}, []
+
+    def walk(node: str) -> None:
+        state[node] = "open"
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                found.append(" -> ".join(path[path.index(dep):] + [dep]))
+            elif dep not in state:
+                walk(dep)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node)
+    return found
+
+
+def test_no_import_cycles():
+    """Our modules import each other without a cycle (function-level imports included): a
+    module's dependencies are below it, so each can be read, tested and replaced on its own."""
+    found = cycles(import_graph({module: path.read_text() for module, path in modules()}))
+    assert not found, "import cycles:\n" + "\n".join(found)
+
+
+def test_cycle_check_finds_cycles():
+    """The cycle check itself can fail: a function-level import back is a cycle, a package's
+    __init__ importing nothing is not."""
+    sources = {"pipeline.__init__": "",
+               "pipeline.a": "from pipeline import b\n",
+               "pipeline.b": "def f():\n    from pipeline.a import g\n",
+               "pipeline.c": "import pipeline.d\nfrom pipeline import __version__\n",
+               "pipeline.d": "from pipeline.e import x\n",
+               "pipeline.e": "from pipeline.c import y\n"}
+    assert cycles(import_graph(sources)) == ["pipeline.a -> pipeline.b -> pipeline.a",
+                                             "pipeline.c -> pipeline.d -> pipeline.e -> pipeline.c"]
+    del sources["pipeline.b"], sources["pipeline.e"]
+    assert cycles(import_graph(sources)) == []

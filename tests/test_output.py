@@ -7,7 +7,7 @@ import os
 import pytest
 
 from verify.errors import InputError, OutputExistsError
-from pipeline.output import check_target, partial_path, staged_dir
+from pipeline.output import check_target, partial_path, staged_dir, staged_file
 
 MANIFEST = "made.json"  # what the stage under test always writes
 
@@ -150,3 +150,40 @@ def test_unwritable_locations_are_clear_errors(tmp_path):
                                          r"not writable"):
         check_target("/proc/self/new/out", True, manifest=MANIFEST)
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+@pytest.mark.parametrize("layout, how", [("same", "is"), ("output_inside_input", "lies inside"),
+                                         ("partial_is_input", "is")])
+def test_staged_file_never_overlaps_an_input(tmp_path, layout, how):
+    """staged_file refuses what staged_dir refuses (one check_target): the target and its partial
+    path alike; a partial path that is an input would otherwise be deleted before the write."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.gguf").write_bytes(b"GGUF old")
+    target = {"same": src / "model.gguf", "output_inside_input": src / "new.gguf",
+              "partial_is_input": tmp_path / "x.gguf"}[layout]
+    source = src / "model.gguf" if layout == "same" else src
+    if layout == "partial_is_input":
+        source = partial_path(target)
+        source.write_bytes(b"an input")
+    before = tree(tmp_path)
+    with pytest.raises(InputError, match=f"the output {how} the input {source}"):
+        with staged_file(target, force=True, magic=b"GGUF", inputs=[source]) as tmp:
+            tmp.write_bytes(b"GGUF new")
+    assert tree(tmp_path) == before
+
+
+def test_staged_file_replaces_only_its_own_format(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with staged_file(target, magic=b"GGUF"):
+            pass
+    with pytest.raises(OutputExistsError, match=r"not an output of this tool \(not a b'GGUF' file\)"):
+        with staged_file(target, force=True, magic=b"GGUF"):
+            pass
+    target.write_bytes(b"GGUF old")
+    with staged_file(target, force=True, magic=b"GGUF") as tmp:
+        assert tmp == partial_path(target)
+        tmp.write_bytes(b"GGUF new")
+    assert tree(tmp_path) == {"m.gguf": b"GGUF new"}

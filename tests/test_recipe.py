@@ -61,10 +61,10 @@ def test_minimal_recipe_defaults_and_paths(tmp_path):
     assert (v.branch, v.bits, v.group_size, v.act_order, v.damp, v.sym) == ("main", 4, 128, False, 0.01, True)
     # variants inherit the calibration defaults
     assert (v.calibration, v.nsamples, v.seqlen, v.seed) == (str(tmp_path / "calib/*.py"), 128, 2048, 0)
-    assert v.quant_options() == {"bits": 4, "group_size": 128, "act_order": False, "sym": True,
-                                 "damp": 0.01, "static_groups": False, "true_sequential": True,
-                                 "mse": False, "blocksize": 128, "method": "gptq"}
-    assert QuantSpec(**v.quant_options()) == QuantSpec(4)  # the spec alone, QuantSpec's defaults
+    assert v.as_dict() == {"bits": 4, "group_size": 128, "act_order": False, "sym": True,
+                           "damp": 0.01, "static_groups": False, "true_sequential": True,
+                           "mse": False, "blocksize": 128, "method": "gptq"}
+    assert QuantSpec(**v.as_dict()) == QuantSpec(4)  # the spec alone, QuantSpec's defaults
     assert r.verify.tolerance == {} and r.verify.prompts == [] and r.verify.max_windows is None
 
 
@@ -141,7 +141,8 @@ def test_tolerance_and_lists_parse(tmp_path):
     ('name = "Tiny"', 'name = "Tiny"\nprompt_template = "Q:"', r"prompt_template must contain \{prompt\}"),
     ('name = "Tiny"', 'name = "Tiny"\noriginal_card = "card.md"', r"original_card = .*card.md.*file not found"),
     ("[calibration]", "[convert]\ndtype = \"int8\"\n[calibration]", r"dtype = 'int8'"),
-    ("[calibration]", "[convert]\nmax_shard_size = \"lots\"\n[calibration]", r"max_shard_size = 'lots'"),
+    ("[calibration]", "[convert]\nmax_shard_size = \"lots\"\n[calibration]",
+     r"max_shard_size: cannot parse size 'lots'"),
     ('source = "calib/*.py"', 'source = "hf:wikitext"', r"expected hf:DATASET\[:CONFIG\]:SPLIT:FIELD"),
     ('eval = "eval"', 'eval = "eval"\ntolerance = { "5" = 0.1 }', r"keys must be bit widths"),
     ('eval = "eval"', 'eval = "eval"\ntolerance = { "8" = 0.1 }', r"no entry for the 4-bit variant"),
@@ -181,6 +182,76 @@ def test_group_size_rule_is_the_same_in_recipe_and_cli(tmp_path, monkeypatch, ca
     else:
         assert err.startswith(f"error: --group-size {group_size}: "), err
         assert re.search(rule, err), err
+
+
+def stops_at(call, prefix: str) -> bool:
+    """Whether a stage call is refused by its own check (its message starts with `prefix`); an
+    accepted value goes on to fail on the missing input instead."""
+    with pytest.raises(InputError) as e:
+        call()
+    return str(e.value).startswith(prefix)
+
+
+# a calibration window is BOS + at least one text token, and at least one window is drawn: the
+# recipe accepts exactly what the quantize stage's load_calibration accepts, so a recipe that
+# loads never fails there after convert
+@pytest.mark.parametrize("nsamples,seqlen,accepted", [(1, 0, False), (1, 1, False), (0, 2, False),
+                                                      (1, 2, True), (2, 3, True)])
+def test_calibration_window_rule_is_the_stages(tmp_path, nsamples, seqlen, accepted):
+    from types import SimpleNamespace
+
+    from pipeline.calibration import load_calibration
+
+    path = write(tmp_path, edited('source = "calib/*.py"',
+                                  f'source = "calib/*.py"\nnsamples = {nsamples}\nseqlen = {seqlen}'))
+    if accepted:
+        assert load_recipe(path).variant("main").seqlen == seqlen
+    else:
+        with pytest.raises(InputError, match=r"\[\[variants\]\] #1 \(main\): (nsamples|seqlen) = "):
+            load_recipe(path)
+    tokenizer = SimpleNamespace(bos_token_id=1, eos_token_id=2)
+    assert stops_at(lambda: load_calibration(str(tmp_path / "no-text"), tokenizer, nsamples, seqlen),
+                    "--nsamples") is not accepted
+
+
+# an evaluation window scores seqlen - 1 predicted tokens, at least one: the recipe's [verify]
+# seqlen is refused exactly when the verify stage refuses it
+@pytest.mark.parametrize("seqlen,accepted", [(0, False), (1, False), (2, True), (3, True)])
+def test_verify_seqlen_rule_is_the_stages(tmp_path, seqlen, accepted):
+    from pipeline.judge import judge
+
+    path = write(tmp_path, edited('eval = "eval"', f'eval = "eval"\nseqlen = {seqlen}'))
+    if accepted:
+        assert load_recipe(path).verify.seqlen == seqlen
+    else:
+        with pytest.raises(InputError, match=rf"\[verify\] seqlen = {seqlen}: must be at least 2"):
+            load_recipe(path)
+    assert stops_at(lambda: judge(fp16=tmp_path / "no-fp16", eval_text=str(tmp_path / "no-eval"),
+                                  out=tmp_path / "v", seqlen=seqlen, device="cpu"),
+                    "--seqlen") is not accepted
+
+
+# the recipe's [convert] max_shard_size is parsed by the CLI's parse_size: the same values pass
+@pytest.mark.parametrize("size,accepted", [
+    ("5GB", True), ("5gb", True), ("500MB", True), ("2GiB", True), ("1024", True), ("1.5GB", True),
+    ("5 GB", True), ("0GB", False), ("0", False), ("-5GB", False), ("lots", False), ("5XB", False),
+    ("inf", False)])
+def test_shard_size_rule_is_the_same_in_recipe_and_cli(tmp_path, monkeypatch, capsys, size,
+                                                       accepted):
+    path = write(tmp_path, edited("[calibration]", f'[convert]\nmax_shard_size = "{size}"\n[calibration]'))
+    if accepted:
+        assert load_recipe(path).convert.max_shard_size == size
+    else:
+        with pytest.raises(InputError, match=rf"{re.escape(str(path))}: \[convert\] max_shard_size: "):
+            load_recipe(path)
+    missing = tmp_path / "no-meta"
+    code, _, err = run_cli(["convert", missing, tmp_path / "out", "--max-shard-size", size],
+                           monkeypatch, capsys)
+    assert code == 2
+    if accepted:
+        assert str(missing) in err and "--max-shard-size" not in err, err
+    else:
+        assert err.startswith("error: --max-shard-size: "), err
 
 
 def test_duplicate_branches(tmp_path):

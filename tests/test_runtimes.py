@@ -22,12 +22,11 @@ from transformers import AutoTokenizer
 
 from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 from pipeline.gptq import QuantSpec
-from verify.gptq_format import RAGGED_REFUSED_BY
 from pipeline.quantize import quantize
 from verify import runtimes
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, perplexity, windows
-from verify.runtimes import RUNTIMES, Runtime, run_runtime
+from verify.runtimes import RAGGED_REFUSED_BY, RUNTIMES, Runtime, run_runtime
 from verify.thresholds import PPL_MATCH
 
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}  # as tests/test_quantize.py
@@ -102,7 +101,8 @@ def test_missing_package_and_unknown_runtime(variants, eval_windows, monkeypatch
     def never(path, device):
         raise AssertionError("a runtime that is not installed must not be loaded")
 
-    monkeypatch.setitem(RUNTIMES, "absent", Runtime(("no_such_runtime_package",), False, never))
+    absent = Runtime("Absent", ("no_such_runtime_package",), False, never)
+    monkeypatch.setitem(RUNTIMES, "absent", absent)
     r = run_runtime("absent", variants["4bit-128g"][0], eval_windows[1], device="cpu")
     assert r["reason"].startswith("not checked: no_such_runtime_package not installed")
     assert r["passed"] is None and not r["checked"]
@@ -140,9 +140,9 @@ def test_ragged_groups_quantise_and_load_in_gptqmodel(act_order, eval_windows, t
     assert tensors["model.layers.0.mlp.down_proj.g_idx"].max() == 5
     ppl_ours = ours(out, W)
     assert_matches(run_runtime("gptqmodel", out, W, ppl_ours=ppl_ours, device="cpu"), ppl_ours)
-    if not act_order:  # transformers' CPU kernels refuse the layer, as RAGGED_REFUSED_BY says
+    if not act_order:  # transformers' CPU kernels refuse the layer, as its RUNTIMES entry says
         r = run_runtime("transformers", out, W, ppl_ours=ppl_ours, device="cpu")
-        assert "transformers" in RAGGED_REFUSED_BY
+        assert RUNTIMES["transformers"].refuses_ragged
         assert r["checked"] and r["passed"] is False and "divisible" in r["error"]
 
 

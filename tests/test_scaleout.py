@@ -139,6 +139,9 @@ def cli(args: list, monkeypatch, capsys) -> tuple[int, dict | None, str]:
     ("[resources]\nquantize = { cpus = 2, gpu = 1 }",
      "[resources] quantize: unknown key(s) gpu (known: cpus, gpus)"),
     ("[resources]\npublish = { cpus = 1 }", "[resources]: unknown key(s) publish"),
+    ("[resources]\nquantise = { cpus = 1 }", "[resources]: unknown key(s) quantise (stages whose "
+     "tasks take requests: convert, quantize, gguf, verify)"),
+    ("[resources]\ntasks = {}", "[resources]: unknown key(s) tasks (known: retries)"),
     ("[resources]\ngguf = 4", "[resources] gguf must be a table such as { cpus = 2 }, got int 4"),
     ("[resources]\nverify = { cpus = 0 }", "[resources] verify cpus = 0: must be at least 1"),
     ("[resources]\nquantize = { gpus = -1 }", "[resources] quantize gpus = -1: must not be negative"),
@@ -154,9 +157,37 @@ def test_scale_out_tables_are_validated(project, table, message, monkeypatch, ca
 
 
 def test_engine_options_need_their_engine(project, monkeypatch, capsys):
-    for option in (["--ray-address", "h:1"], ["--slurm-time", "5"], ["--slurm-cluster", "local"]):
+    for option in (["--ray-address", "h:1"], ["--slurm-time", "5"], ["--slurm-cluster", "local"],
+                   ["--slurm-partition", "gpu"], ["--slurm-account", "lab"],
+                   ["--slurm-mem-gb", "4"]):
         code, result, err = cli([project / "demo2.toml", *option], monkeypatch, capsys)
         assert code == 2 and f"error: {option[0]}: only with --executor" in err
+
+
+def test_task_requests_by_stage_name_and_slurm_options_over_the_recipe(project):
+    """[resources] by stage name, the defaults for a stage it leaves out, one GPU by default for
+    the stages that compute on the device (quantize, verify) when the job runs on CUDA; the
+    --slurm-* options over [slurm]."""
+    from pipeline.executors import SlurmExecutor, resources
+    from pipeline.job import Job
+
+    (project / "requests.toml").write_text(
+        'extends = "demo2.toml"\n\n[resources]\nquantize = { cpus = 2 }\ngguf = { cpus = 3 }\n'
+        '\n[slurm]\npartition = "gpu"\naccount = "lab"\ntime_min = 120\nmem_gb = 16\n')
+    recipe = load_recipe(project / "requests.toml", [RECIPES_DIR])
+    keys = ["convert", "quantize/main", "gguf/Q8_0", "verify"]
+    for device, gpus in (("cpu", [0, 0, 0, 0]), ("cuda", [0, 1, 0, 1]), ("cuda:1", [0, 1, 0, 1])):
+        job = Job(recipe, project / "requests", device=device)
+        assert [(resources(job, k).cpus, resources(job, k).gpus) for k in keys] == \
+            list(zip([1, 2, 3, 1], gpus)), device
+    job = Job(recipe, project / "requests", device="cpu")
+    assert SlurmExecutor().parameters(job, "quantize/main") == {
+        "name": "quantize-main", "cpus_per_task": 2, "gpus_per_node": 0, "timeout_min": 120,
+        "slurm_partition": "gpu", "slurm_account": "lab", "mem_gb": 16}
+    options = SlurmExecutor(partition="big", account="other", time_min=5, mem_gb=0)
+    assert options.parameters(job, "verify") == {  # mem_gb 0: the partition's default
+        "name": "verify", "cpus_per_task": 1, "gpus_per_node": 0, "timeout_min": 5,
+        "slurm_partition": "big", "slurm_account": "other"}
 
 
 def test_slurm_through_submitit_gives_the_bytes_of_a_local_run(project, local, monkeypatch,

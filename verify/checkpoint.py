@@ -29,18 +29,24 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; not we
 MAX_JSON_BYTES = 64 << 20  # config.json / index: a few KB to a few MB in practice
 
 
-def read_json(path: Path) -> Any:
-    """A small JSON file (config.json, the index): bounded, UTF-8, valid, else InputError."""
+def read_json(path: Path) -> dict[str, Any]:
+    """A small JSON object file (config.json, an index, a tokenizer's or a stage's record):
+    bounded, UTF-8, valid, an object; else InputError naming the file."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise InputError(f"{path}: {path.stat().st_size} bytes, too large for this file")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class HFCheckpoint:
@@ -51,9 +57,7 @@ class HFCheckpoint:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise InputError(f"{cfg_file}: missing (not a Hugging Face model directory)")
-        self.config: dict[str, Any] = read_json(cfg_file)
-        if not isinstance(self.config, dict):
-            raise InputError(f"{cfg_file}: expected a JSON object")
+        self.config = read_json(cfg_file)
         arch = self.config.get("architectures", ["LlamaForCausalLM"])
         if self.config.get("model_type") != "llama" or not (
                 isinstance(arch, list) and "LlamaForCausalLM" in arch):
@@ -87,7 +91,7 @@ class HFCheckpoint:
             self.headers[SINGLE_NAME] = read_header(self.path / SINGLE_NAME)
             return {k: SINGLE_NAME for k in self.headers[SINGLE_NAME]}
         data = read_json(index)
-        wm = data.get("weight_map") if isinstance(data, dict) else None
+        wm = data.get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise InputError(f"{index}: not a safetensors index (no weight_map of names to files)")
         for file in sorted(set(wm.values())):

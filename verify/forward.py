@@ -188,7 +188,7 @@ class LayerwiseModel:
                     done[p] = t == eos_id
             if all(done):
                 break
-        return [s[len(p):] for s, p in zip(seqs, prompts)]
+        return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
 
 
 def packed_linears(state: dict[str, torch.Tensor], bits: int | None, device: torch.device,

@@ -15,18 +15,14 @@ from verify.errors import InputError
 BITS = (2, 3, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # tensors of one quantised linear
 MASK32 = 0xFFFFFFFF
-# Runtimes whose GPTQ kernels refuse a linear whose input width is not a multiple of the group
-# size. The format (ceil(in/group) groups, g_idx) and GPTQModel's torch kernel accept it;
-# transformers (optimum) picks GPTQModel's int4/AVX-512 CPU kernels, which refuse it (measured).
-RAGGED_REFUSED_BY = ("vLLM", "Marlin", "ExLlama", "transformers")
-
-
+PACK_RUN = 32  # values packed together into `bits` int32 words: packed dimensions are multiples
 GROUP_SIZE_RULE = "must be -1 (one group per row) or a positive number of columns"
 
 
 def valid_group_size(group_size: int) -> bool:
     """-1 or any positive width: the format holds ceil(in/group) groups (the last one partial
-    when the group does not divide the width), as GPTQModel does; RAGGED_REFUSED_BY do not."""
+    when the group does not divide the width), as GPTQModel does; some kernels do not
+    (verify/runtimes.py RAGGED_REFUSED_BY)."""
     return group_size == -1 or group_size > 0
 
 
@@ -59,9 +55,15 @@ def _layout(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_packable(n: int, bits: int, what: str) -> None:
     if bits not in BITS:
         raise InputError(f"{what}: {bits}-bit packing is not supported (choose from {BITS})")
-    if n % 32:
-        raise InputError(f"{what}: {n} values along the packed dimension; GPTQ packs 32 values "
-                         f"into {bits} int32 words, so it must be a multiple of 32")
+    if not packable(n):
+        raise InputError(f"{what}: {n} values along the packed dimension; GPTQ packs {PACK_RUN} "
+                         f"values into {bits} int32 words, so it must be a multiple of {PACK_RUN}")
+
+
+def packable(n: int) -> bool:
+    """Whether a dimension of n values packs into whole runs of PACK_RUN (qweight packs a
+    linear's inputs, qzeros its outputs: both must be)."""
+    return n % PACK_RUN == 0
 
 
 def _fields(bits: int, k: int) -> tuple[int, int]:

@@ -44,11 +44,11 @@ class LlamaArgs:
         return self.n_kv_heads * self.head_dim
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of each linear of a decoder layer, in LINEARS order."""
-        return {"self_attn.q_proj": (self.q_dim, self.dim), "self_attn.k_proj": (self.kv_dim, self.dim),
-                "self_attn.v_proj": (self.kv_dim, self.dim), "self_attn.o_proj": (self.dim, self.q_dim),
-                "mlp.gate_proj": (self.ffn_dim, self.dim), "mlp.up_proj": (self.ffn_dim, self.dim),
-                "mlp.down_proj": (self.dim, self.ffn_dim)}
+        """(out, in) of each linear of a decoder layer, keyed and ordered as LINEARS: q, k, v, o,
+        gate, up, down."""
+        d, q, kv, f = self.dim, self.q_dim, self.kv_dim, self.ffn_dim
+        return dict(zip(LINEARS, ((q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)),
+                        strict=True))
 
     def layer_numel(self) -> int:
         """Weights of one decoder layer: its linears and its norms."""

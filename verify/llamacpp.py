@@ -6,7 +6,7 @@ compared with what the fp16 directory says.
 Usage:
     model = GGUFModel(Path("m.Q4_K_M.gguf"), n_ctx=2048)   # threads=2
     scores = score(model, windows, fp16_logits)          # fp16_logits(b) -> [T, V] float32
-    problems = metadata_problems(Path("m.Q4_K_M.gguf"), Path("fp16"), tokenizer)
+    problems = metadata_problems(Path("m.Q4_K_M.gguf"), Path("fp16"), tokenizer, model, sample)
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def metadata_problems(path: Path, fp16: Path, tokenizer: Any, model: GGUFModel,
                         f"has rope_scaling {a.rope_scaling!r}")
     ids, ref = model.tokenize(sample), tokenizer(sample)["input_ids"]
     if ids != ref:
-        at = next((i for i, (x, y) in enumerate(zip(ids, ref)) if x != y), min(len(ids), len(ref)))
+        at = next((i for i, (x, y) in enumerate(zip(ids, ref, strict=False)) if x != y),
+                  min(len(ids), len(ref)))
         problems.append(f"llama.cpp tokenises the evaluation text differently from the fp16 "
                         f"tokenizer from token {at} on ({ids[at:at + 5]} vs {ref[at:at + 5]})")
     return problems

@@ -371,8 +371,8 @@ def meta_logits(src: Path, tokens: torch.Tensor, device: str | torch.device = "c
             for name in (f"layers.{i + 1}.{k}" for k in LAYER_KEYS):
                 if name in s:
                     madvise(s[name], _MADV_WILLNEED)
-        ranks = [dict(zip(LAYER_KEYS, ws)) for ws in
-                 zip(*(take(f"layers.{i}.{k}") for k in LAYER_KEYS))]
+        ranks = [dict(zip(LAYER_KEYS, ws, strict=True)) for ws in
+                 zip(*(take(f"layers.{i}.{k}") for k in LAYER_KEYS), strict=True)]
         check_layer(src, i, ranks, a)
         # each rank attends with its own heads; wo is row-parallel: partial products summed
         h = h + sum(attention(rms_norm(h, r["attention_norm.weight"], a.norm_eps),

@@ -10,6 +10,8 @@ import torch
 
 from verify.errors import InputError
 
+MIN_SEQLEN = 2  # an evaluation window scores seqlen − 1 predicted tokens: at least one
+
 
 def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:
     """The standard protocol's token stream [N]: texts joined with "\\n\\n", tokenised once."""
@@ -65,7 +67,8 @@ def kl_summary(kl: torch.Tensor, top1: torch.Tensor) -> dict[str, float]:
 def agreement(ref: list[int], tokens: list[int]) -> tuple[int, int]:
     """(number of tokens equal to ref's before the first difference, length compared: the longer
     of the two continuations)."""
-    n = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), min(len(ref), len(tokens)))
+    n = next((i for i, (a, b) in enumerate(zip(ref, tokens, strict=False)) if a != b),
+             min(len(ref), len(tokens)))
     return n, max(len(ref), len(tokens))
 
 

@@ -173,8 +173,9 @@ def check_verdict(report: dict[str, Any], names: list[str], path: Path) -> None:
                           " nothing is published: run verify again on these artifacts")
 
 
-def files_fingerprint(files: dict[str, str]) -> str:
-    """One sha256 for an artifact's file hashes (stable: sorted by path)."""
+def hashes_digest(files: dict[str, str]) -> str:
+    """One sha256 of an artifact's file sha256s (path -> hash, sorted by path): the identity of
+    its contents, as recorded in verify.json's inputs."""
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
 
 
@@ -192,7 +193,7 @@ def source_identity(meta: Path | None) -> dict[str, Any] | None:
 
 def run_inputs(artifacts: dict[str, Any], meta: Path | None, eval_sha256: str) -> dict[str, Any]:
     """What verify ran on, by hash: the fp16 files' fingerprint, the Meta source, the eval text."""
-    return {"fp16": files_fingerprint(artifacts["fp16"]["files"]), "meta": source_identity(meta),
+    return {"fp16": hashes_digest(artifacts["fp16"]["files"]), "meta": source_identity(meta),
             "eval_sha256": eval_sha256}
 
 
@@ -204,7 +205,7 @@ def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any])
     if not isinstance(inputs, dict):
         raise CheckFailed(f"{path}: records no inputs (made by an older verify, or edited); "
                           "run verify again")
-    if inputs.get("fp16") != files_fingerprint(report["artifacts"]["fp16"]["files"]):
+    if inputs.get("fp16") != hashes_digest(report["artifacts"]["fp16"]["files"]):
         raise CheckFailed(f"{path}: inputs.fp16 does not match the report's own fp16 file hashes "
                           "(edited?); run verify again")
     meta = inputs.get("meta")
@@ -264,7 +265,8 @@ def check_metrics(report: dict[str, Any], check: str) -> dict[str, dict[str, Any
 
 def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return [indent + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
 
 
 def runtime_table(section: dict[str, dict[str, dict[str, Any]]]) -> list[str]:

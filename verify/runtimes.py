@@ -52,11 +52,14 @@ class Loaded(Protocol):
 
 @dataclass(frozen=True)
 class Runtime:
-    """How to load a GPTQ directory in one runtime, and what it needs to be checked at all."""
+    """How to load a GPTQ directory in one runtime, what it needs to be checked at all, and what
+    cards say of it."""
 
+    label: str  # its name on model cards
     packages: tuple[str, ...]  # distributions that must be installed (first: the reported version)
     needs_cuda: bool
     load: Callable[[Path, torch.device], Loaded]
+    refuses_ragged: bool = False  # its kernels refuse a partial last group (RAGGED_REFUSED_BY)
 
 
 class TransformersModel:
@@ -111,16 +114,24 @@ class VLLMModel:
         ids = window.tolist()
         (out,) = self.llm.generate([{"prompt_token_ids": ids}], self.params, use_tqdm=False)
         steps = out.prompt_logprobs[1:]  # the first position has no prediction
-        lp = [step[t].logprob for step, t in zip(steps, ids[1:])]
+        lp = [step[t].logprob for step, t in zip(steps, ids[1:], strict=True)]
         top = [next(k for k, v in step.items() if v.rank == 1) for step in steps]
         return Scored(torch.tensor(lp, dtype=torch.float64), torch.tensor(top), None)
 
 
+# transformers (optimum) picks GPTQModel's int4/AVX-512 CPU kernels, which refuse a partial last
+# group (measured); GPTQModel's own torch kernel accepts it, as the format does
 RUNTIMES: dict[str, Runtime] = {
-    "gptqmodel": Runtime(("gptqmodel",), False, load_gptqmodel),
-    "transformers": Runtime(("transformers", "optimum", "gptqmodel"), False, load_transformers),
-    "vllm": Runtime(("vllm",), True, VLLMModel),
+    "gptqmodel": Runtime("GPTQModel", ("gptqmodel",), False, load_gptqmodel),
+    "transformers": Runtime("Transformers", ("transformers", "optimum", "gptqmodel"), False,
+                            load_transformers, refuses_ragged=True),
+    "vllm": Runtime("vLLM", ("vllm",), True, VLLMModel, refuses_ragged=True),
 }
+# Runtimes and kernels that refuse a linear whose input width is not a multiple of the group size
+# (verify/gptq_format.py ragged): those of RUNTIMES that do, then kernels that are no runtime here.
+RAGGED_REFUSED_BY = (*(rt.label for rt in RUNTIMES.values() if rt.refuses_ragged),
+                     "Marlin", "ExLlama")
+RUNTIME_WINDOWS = 4  # evaluation windows each runtime check scores (the first ones): a bounded cost
 
 
 def _error(e: BaseException) -> str:
@@ -198,10 +209,10 @@ def run_runtime(name: str, variant: Path, windows: torch.Tensor, *, ppl_ours: fl
         result["passed"] = runtime_matched(result["ratio"])
     if reference is not None:
         refs = [reference(b) for b in range(len(scored))]
-        same = torch.cat([r.argmax(-1) == s.top for r, s in zip(refs, scored)])
+        same = torch.cat([r.argmax(-1) == s.top for r, s in zip(refs, scored, strict=True)])
         result["top1"] = float(same.double().mean())
         if all(s.logits is not None for s in scored):
-            kl = torch.cat([kl_top1(r, s.logits)[0] for r, s in zip(refs, scored)])
+            kl = torch.cat([kl_top1(r, s.logits)[0] for r, s in zip(refs, scored, strict=True)])
             summary = kl_summary(kl, same)
             result.update(kl_mean=summary["kl_mean"], kl_p99=summary["kl_p99"])
     return result

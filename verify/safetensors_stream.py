@@ -32,6 +32,7 @@ DTYPE_BYTES = {name: torch.tensor([], dtype=dt).element_size() for dt, name in D
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+DEFAULT_SHARD_SIZE = "5GB"  # the stages' default largest safetensors file (parse_size)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""The job's work directory (default work/<recipe name>/): where each stage's output lies, one
+source for the job, which writes them, and publish, which reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.recipe import Recipe
+from verify.report import REPORT_NAME, TABLE_NAME
+
+ROOT = Path("work")  # the default work directories' folder, relative to where the job runs
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """fp16/, gptq/<branch>/, gguf/<model name>.<TYPE>.gguf, verify/ (verify.json, verify.txt),
+    publish-plan/ and, with --executor slurm, slurm/ under `path`."""
+
+    path: Path
+    model: str  # [model] name: names the GGUF files
+
+    @classmethod
+    def of(cls, recipe: Recipe, path: Path | None = None) -> WorkDir:
+        """The recipe's work directory: `path`, or work/<recipe name> when None."""
+        return cls(Path(path) if path is not None else ROOT / recipe.name, recipe.model.name)
+
+    @property
+    def fp16(self) -> Path:
+        return self.path / "fp16"
+
+    def gptq(self, branch: str) -> Path:
+        return self.path / "gptq" / branch
+
+    def gguf(self, type_name: str) -> Path:
+        from pipeline.gguf import file_name  # the gguf library is slow to import
+
+        return self.path / "gguf" / file_name(self.model, type_name)
+
+    @property
+    def verify(self) -> Path:
+        return self.path / "verify"
+
+    @property
+    def report(self) -> Path:
+        return self.verify / REPORT_NAME
+
+    @property
+    def table(self) -> Path:
+        return self.verify / TABLE_NAME
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "publish-plan"
+
+    @property
+    def slurm(self) -> Path:
+        """submitit's job files and logs."""
+        return self.path / "slurm"
+
+    def artifacts(self, recipe: Recipe, branches: tuple[str, ...]) -> dict[str, Any]:
+        """What publish takes from the work directory (publish's keyword arguments)."""
+        return {"fp16": self.fp16, "variants": {b: self.gptq(b) for b in branches},
+                "ggufs": {g.type: self.gguf(g.type) for g in recipe.gguf},
+                "report": self.report}
