@@ -36,7 +36,7 @@ from verify.errors import InputError, PipelineError
 from pipeline.output import staged_file
 from pipeline.tokenizer import INFILL, tokenizer_kind
 from verify.checkpoint import HFCheckpoint, read_json
-from verify.llama import LlamaArgs, inv_freq
+from verify.llama import ROTARY_HEADS, LlamaArgs, inv_freq
 
 MAGIC = b"GGUF"
 ARCH = gguf.MODEL_ARCH.LLAMA
@@ -261,7 +261,7 @@ def plan_tensors(ckpt: HFCheckpoint) -> list[Planned]:
     then reuses token_embd)."""
     a = ckpt.args
     names = gguf.get_tensor_name_map(ARCH, a.n_layers)
-    heads = {"self_attn.q_proj.weight": a.n_heads, "self_attn.k_proj.weight": a.n_kv_heads}
+    heads = {name: getattr(a, field) for name, field in ROTARY_HEADS.items()}
     plan = []
     if rope_factors(a) is not None:
         plan.append(Planned(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", None,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from verify.errors import InputError
 from pipeline.tokenizer import tokenizer_kind
+from verify import llama
 from verify.llama import LlamaArgs, check_heads, config_float, config_int
 
 PARAMS = "params.json"
@@ -102,7 +103,8 @@ HF_LAYER_NAMES = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 # q and k rows go from interleaved RoPE pairs to HF's rotate-half halves, per head.
-ROTARY_HEADS = {"attention.wq.weight": "n_heads", "attention.wk.weight": "n_kv_heads"}
+ROTARY_HEADS = {meta: llama.ROTARY_HEADS[hf] for meta, hf in HF_LAYER_NAMES.items()
+                if hf in llama.ROTARY_HEADS}
 
 # Llama 3.2 1B/3B were trained with RoPE factor 32 (not 8); their params.json does not say so.
 ROPE_FACTOR_BY_SHAPE = {(2048, 16): 32.0, (3072, 28): 32.0}

@@ -271,6 +271,8 @@ LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 LINEARS = tuple(name for group in LINEAR_GROUPS for name in group)
 LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")  # [dim] each
+# The projections RoPE rotates, and the LlamaArgs field counting their heads (rows: heads × head_dim)
+ROTARY_HEADS = {"self_attn.q_proj.weight": "n_heads", "self_attn.k_proj.weight": "n_kv_heads"}
 
 
 def load_layer(args: LlamaArgs, state: dict[str, torch.Tensor]) -> DecoderLayer:
