@@ -319,7 +319,7 @@ def write_f16(ckpt: HFCheckpoint, path: Path, name: str) -> dict[str, Any]:
     return {"tensors": len(plan), "tokenizer": vocab.model, "infill": vocab.infill}
 
 
-def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int | None) -> None:
+def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
     """llama.cpp's quantiser from the F16 file `src` to `dst`; its per-tensor log drives the
     progress bar, and its last lines explain a failure."""
     from verify.llamacpp import bindings, llama_log
@@ -327,7 +327,7 @@ def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int | None) -> Non
     lib = bindings()
     params = lib.llama_model_quantize_default_params()
     params.ftype = getattr(lib, f"LLAMA_FTYPE_{t.ftype.name}")
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads
     lines: list[str] = []
     with tqdm(unit="tensor", desc=f"gguf {t.name}", file=sys.stderr) as bar:
         def on_log(text: str) -> None:
@@ -355,6 +355,7 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
     if ckpt.quantization is not None:
         raise InputError(f"{fp16}: a quantised (GPTQ) model; convert the fp16 model instead")
     name = name or fp16.name
+    threads = None if t.name == "F16" else threads or os.cpu_count() or 1  # F16: no quantiser
     with staged_file(out, force, magic=MAGIC, inputs=[fp16]) as tmp:
         try:
             if t.name == "F16":
@@ -377,7 +378,7 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
             "parameters": sum(int(np.prod(s.shape)) for f in ckpt.headers.values()
                               for s in f.values()),
             "rope_theta": a.rope_theta, "context_length": a.max_seq_len, **info,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "threads": threads, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @click.command("gguf")

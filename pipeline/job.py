@@ -259,10 +259,14 @@ def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str,
 
 
 def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
+    """llama.cpp's quantiser on torch's thread count: a cluster task's CPU request (run_task sets
+    it), all cores locally; the bytes do not depend on it."""
+    import torch
+
     from pipeline.gguf import write_gguf
 
     return write_gguf(job.dirs.fp16, job.dirs.gguf(type_name), type_name=type_name,
-                      name=job.recipe.model.name, force=True)
+                      name=job.recipe.model.name, force=True, threads=torch.get_num_threads())
 
 
 def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:

@@ -237,6 +237,8 @@ def test_ray_gives_the_bytes_of_a_local_run(project, local, ray_cluster, monkeyp
     for key, row in stages.items():  # each task ran in a Ray worker, on one thread, and says so
         assert row["status"] == "ran" and row["pid"] != os.getpid() and row["threads"] == 1
         assert f"task {key} done on {row['host']} pid {row['pid']}" in err
+    # llama.cpp's quantiser too stays within the task's one CPU (by default it takes every core)
+    assert read_records(work)["gguf/Q8_0"]["summary"]["threads"] == 1
     header = err.splitlines()[err.splitlines().index(f"job demo2 ({work}): ok") + 1]
     assert header.split() == ["stage", "status", "seconds", "where", "output", "/", "reason"]
     files = outputs(work)
