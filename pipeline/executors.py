@@ -185,8 +185,7 @@ class RayExecutor:
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"at {address}" if address else "here"
             raise PipelineError(f"--executor ray: cannot start or reach a Ray cluster {where} "
-                                f"({' '.join(str(e).split())[:300]}); check --ray-address or "
-                                "$RAY_ADDRESS") from None
+                                f"({first_line(e)}); check --ray-address or $RAY_ADDRESS") from None
         self.started = True
 
     def close(self) -> None:
@@ -227,7 +226,7 @@ def check_fits(key: str, res: TaskResources, cluster: dict[str, float], job: Job
     for kind, want in (("CPU", res.cpus), ("GPU", res.gpus or 0)):
         have = cluster.get(kind, 0)
         if want > have:
-            stage = key.partition("/")[0]
+            stage = task_stage(key)[0].name
             hint = " or --device cpu" if kind == "GPU" else ""
             raise InputError(f"{job.recipe.path}: task {key} asks for {want} {kind}(s), the Ray "
                              f"cluster has {have:g}; set [resources] {stage} = {{ cpus = ..., "
