@@ -4,16 +4,16 @@ or "hf:DATASET[:CONFIG]:SPLIT:FIELD" through the `datasets` library when it is i
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from verify.bounded import MAX_LINE_BYTES, checked_path, loads_json
 from verify.errors import InputError
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
@@ -22,17 +22,38 @@ MIN_NSAMPLES, MIN_SEQLEN = 1, 2  # a window is BOS + at least one text token
 POOL_FACTOR = 4  # documents are read (in seeded order) until the pool holds 4× the tokens needed
 
 
+GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def glob_root(pattern: str) -> tuple[Path, tuple[str, ...]]:
+    """A glob's fixed leading folder and the pattern's parts below it."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if GLOB_CHARS.search(part)), len(parts))
+    return (Path(*parts[:fixed]) if fixed else Path(".")), parts[fixed:]
+
+
+def glob_paths(pattern: str) -> list[Path]:
+    """What a glob (`**`: any depth) matches, as glob.glob would, hidden names skipped, but never
+    through a symbolic link to a directory, so a link loop cannot multiply the matches."""
+    top, rest = glob_root(pattern)
+    if not rest:
+        return [top] if top.exists() else []
+    found = top.glob(str(Path(*rest))) if top.is_dir() else []
+    return sorted(p for p in found
+                  if not any(x.startswith(".") for x in p.relative_to(top).parts))
+
+
 def local_files(source: str) -> list[Path]:
     """The files a glob (`**` recursive), a directory (recursively, hidden entries skipped) or a
     single file names, sorted; an empty match is an error."""
-    path = Path(source)
+    path = checked_path(source, "text source")
     if path.is_dir():
         files = [p for p in path.rglob("*")
                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     elif path.is_file():
         files = [path]
     else:
-        files = [Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file()]
+        files = [p for p in glob_paths(source) if p.is_file()]
     if not files:
         raise InputError(f"calibration source {source!r}: no files found (give a glob such as "
                          "'data/**/*.py', a directory, a file, or hf:DATASET:SPLIT:FIELD)")
@@ -51,10 +72,10 @@ def file_documents(path: Path) -> Iterator[str]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: invalid JSON ({e})") from e
+        if len(line) > MAX_LINE_BYTES:
+            raise InputError(f"{path}:{lineno}: a record of {len(line)} characters (the limit "
+                             f"is {MAX_LINE_BYTES})")
+        record = loads_json(line, f"{path}:{lineno}")
         field = next((f for f in JSONL_FIELDS if isinstance(record, dict) and f in record), None)
         if field is None:
             raise InputError(f"{path}:{lineno}: a JSONL record needs one of the fields {JSONL_FIELDS}")

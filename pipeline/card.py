@@ -19,7 +19,7 @@ from pipeline.chat import chat_format
 from verify.errors import InputError
 from pipeline.recipe import Recipe, Variant
 from verify.thresholds import PPL_MATCH
-from verify.checkpoint import read_json
+from verify.bounded import read_json
 from verify.llama import LlamaArgs
 from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
 from verify.runtimes import RAGGED_REFUSED_BY, RUNTIME_WINDOWS, RUNTIMES

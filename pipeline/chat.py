@@ -120,8 +120,12 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
                          "prompts cannot be built (convert with --chat-format, or [model] "
                          "chat_format in the recipe)")
     dialog = [{"role": "user", "content": text}]
-    rendered = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
-    want = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, return_dict=False)
+    try:
+        rendered = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
+        want = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, return_dict=False)
+    except Exception as e:  # the template is the model's code: any error it raises is its own
+        raise InputError(f"{tokenizer.name_or_path}: its chat template fails on one user message "
+                         f"({type(e).__name__}: {e})") from None
     prompt = rendered.removeprefix(tokenizer.bos_token or "")
     if tokenizer(prompt)["input_ids"] != list(want):
         raise PipelineError(f"{tokenizer.name_or_path}: the chat template's text, tokenised, "

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import click
 
 from pipeline import __version__
-from verify.errors import PipelineError
+from pipeline.credentials import RedactingStream, redact, secret_labels
+from pipeline.output import FAILURE_NOTES
+from verify.errors import InputError, PipelineError, SystemFailure, os_failure
 
 # command name -> module defining `command`; imported only when invoked (torch is slow to import).
 COMMANDS = {
@@ -39,20 +45,78 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Run the CLI; PipelineError becomes a one-line message and its exit code."""
+    """Run the CLI. Every failure ends as one line and an exit code, never a traceback: a
+    PipelineError as its message; an OSError by its errno (the path, the reason, what was left);
+    anything else as `internal error`, its traceback in a crash report. No secret in use (the
+    Hub token, a secret-named environment variable's value) reaches stdout or stderr."""
+    labels = secret_labels()
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(out, labels), RedactingStream(err, labels)
+    FAILURE_NOTES.clear()
+    try:
+        sys.exit(invoke())
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def invoke() -> int:
+    """The command's exit code, its failure (if any) said in one line on stderr."""
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        return fail(e)
+    except OSError as e:
+        return fail(os_failure(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("pipeline", "verify"):
+            return internal_error(e)
+        return fail(InputError(f"the package {e.name!r}, which this command needs, is not "
+                               "installed; install the project with its extras: make install"))
+    except RecursionError:
+        return fail(InputError("an input is nested too deeply to read"))
+    except MemoryError:
+        return fail(PipelineError("out of memory"))
+    except Exception as e:  # a bug: one line here, the traceback in a file
+        return internal_error(e)
+    return 0
+
+
+def internal_error(e: BaseException) -> int:
+    """A bug: one line naming the exception and the crash report holding its traceback."""
+    try:
+        where = f"the traceback is in {crash_report(e)}"
+    except OSError as why:
+        where = f"no crash report could be written: {why.strerror or why}"
+    click.echo(f"internal error: {type(e).__name__}: {first_line(e)} (a bug; {where})", err=True)
+    return 1
+
+
+def fail(e: PipelineError) -> int:
+    """Say e in one line, with what a failed build left behind; its exit code."""
+    left = "; ".join(FAILURE_NOTES)
+    kept = f"; {left}; inputs are untouched" if left and isinstance(e, SystemFailure) else ""
+    click.echo(f"error: {e}{kept}", err=True)
+    return e.exit_code
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def crash_report(e: BaseException) -> Path:
+    """The traceback, secrets removed, in a file under the system's temporary folder."""
+    text = "".join(traceback.format_exception(e))
+    text = redact(f"pipeline {__version__}: {' '.join(map(repr, sys.argv))}\n{text}", secret_labels())
+    fd, name = tempfile.mkstemp(prefix="pipeline-crash-", suffix=".txt")
+    with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+    return Path(name)

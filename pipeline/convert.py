@@ -17,6 +17,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from pipeline.paths import PATH
 from pipeline import __version__
 from verify.errors import InputError, PipelineError
 from pipeline.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS,
@@ -321,8 +322,8 @@ def convert(src: Path, out: Path, *, dtype: str = DEFAULT_DTYPE,
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("src", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=DEFAULT_DTYPE, show_default=True,
               help="Tensor dtype written (bf16 sources outside fp16's range are refused).")
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,

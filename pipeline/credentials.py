@@ -4,14 +4,17 @@ a credential was found and what kind it is, never its value."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import struct
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
+from verify.bounded import gguf_reader
 from verify.errors import InputError
+from verify.safetensors_stream import header_bytes
 
 # environment variables whose values are secrets, by name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, …)
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|APIKEY|(^|_)KEY$", re.I)
@@ -28,7 +31,6 @@ PATTERNS = {
                    r"=(?=\S*[A-Za-z])[^\s'\"]{8,}"),
 }
 BINARY_SNIFF = 8192  # a NUL in the first bytes marks a binary file (weights, tokenizer.model)
-MAX_HEADER = 100 << 20  # a safetensors JSON header larger than this is not read (corrupt)
 USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")  # RFC 3986
 
 
@@ -54,6 +56,48 @@ def secrets_in_use(*given: str | None) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
+def secret_labels(*given: str | None) -> dict[str, str]:
+    """Each secret in use (the values secrets_in_use finds, and huggingface_hub's stored login)
+    mapped to what a message shows instead: `$NAME` for an environment variable's, else `***`."""
+    from huggingface_hub import get_token
+
+    names = {v: f"${k}" for k, v in sorted(os.environ.items()) if SECRET_ENV.search(k)}
+    return {v: names.get(v, "***") for v in secrets_in_use(*given, get_token())}
+
+
+def redact(text: str, labels: dict[str, str]) -> str:
+    """`text` with every secret of `labels` (secret_labels) replaced by its label."""
+    for value, label in labels.items():
+        text = text.replace(value, label)
+    return text
+
+
+class RedactingStream:
+    """A text stream (stdout, stderr) through which no secret of `labels` passes."""
+
+    def __init__(self, stream: Any, labels: dict[str, str]) -> None:
+        self.stream, self.labels = stream, labels
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact(text, self.labels))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that replaces every secret of `labels` in a record's message."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), self.labels), ()
+        return True
+
+
 def find_credentials(text: str, secrets: Iterable[str]) -> list[str]:
     """What credentials `text` holds, as "KIND (line N)", without their values."""
     found = [(text.index(s), "a secret in use here (a token or an environment variable's value)")
@@ -73,22 +117,17 @@ def scanned_text(source: Path | bytes) -> str:
             return (head + f.read()).decode("utf-8", errors="replace")
         if source.suffix == ".gguf":
             return gguf_text(source)
-        if source.suffix != ".safetensors" or len(head) < 8:
+        if source.suffix != ".safetensors":
             return ""
-        (n,) = struct.unpack("<Q", head[:8])
-        f.seek(8)
-        return f.read(min(n, MAX_HEADER)).decode("utf-8", errors="replace")
+    return header_bytes(source)[0].decode("utf-8", errors="replace")
 
 
 def gguf_text(path: Path) -> str:
     """A GGUF file's string metadata (name, chat template, ...), one value per line; the token
     list and merges are vocabulary, not free text."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    try:
-        fields = GGUFReader(path).fields.values()
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable GGUF file ({e})") from None
+    fields = gguf_reader(path).fields.values()
     strings = []
     for f in fields:
         if f.name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.paths import PATH
 from pipeline import __version__
 from verify.errors import InputError
 from pipeline.output import staged_dir
@@ -290,7 +291,7 @@ def run_demo(*, workdir: Path | None = None, retrain: bool = False,
 
 
 @click.command("demo")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+@click.option("--workdir", type=PATH, default=None,
               help="Job work directory [default: work/demo].")
 @click.option("--retrain", is_flag=True,
               help="Train the demo model again (minutes) and replace the shipped recipes/demo/.")

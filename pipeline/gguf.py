@@ -31,14 +31,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.paths import PATH
 from pipeline import __version__
 from verify.errors import InputError, PipelineError
 from pipeline.output import staged_file
 from pipeline.tokenizer import INFILL, tokenizer_kind
-from verify.checkpoint import HFCheckpoint, read_json
+from verify.bounded import read_bytes, read_json
+from verify.checkpoint import HFCheckpoint
 from verify.llama import ROTARY_HEADS, LlamaArgs, inv_freq
 
 MAGIC = b"GGUF"
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template: a few KB in practice
 ARCH = gguf.MODEL_ARCH.LLAMA
 
 
@@ -183,7 +186,10 @@ def chat_template(fp16: Path) -> str | None:
     """The chat template the fp16 tokenizer carries (chat_template.jinja, else tokenizer_config)."""
     jinja = fp16 / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return read_bytes(jinja, MAX_TEMPLATE_BYTES, "chat template").decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{jinja}: not UTF-8 text") from None
     config = fp16 / "tokenizer_config.json"
     return read_json(config).get("chat_template") if config.is_file() else None
 
@@ -382,8 +388,8 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
 
 
 @click.command("gguf")
-@click.argument("fp16", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("fp16", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--type", "type_name", type=click.Choice(list(TYPES)), default="F16",
               show_default=True, help="GGUF file type; quantised types by llama.cpp's quantiser.")
 @click.option("--name", default=None, help="general.name [default: the fp16 directory's name].")

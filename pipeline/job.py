@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pipeline import __version__
-from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from pipeline.credentials import RedactingFilter, secret_labels
+from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError, os_failure
 from pipeline.output import overlap, partial_path
 from pipeline.recipe import Recipe
 from pipeline.workdir import WorkDir
-from verify.report import failed_checks, perplexity_rows, read_report
+from verify.bounded import checked_path, read_json, typed
+from verify.report import SCHEMA as REPORT_SCHEMA, failed_checks, perplexity_rows, read_report
 
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
 SCHEMA = 1
@@ -113,14 +115,28 @@ def locked(workdir: Path, name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def existing_or_new_dir(path: Path, what: str) -> Path:
+    """`path` as a directory: created when missing; InputError when a file (or a bad path) is there."""
+    path = checked_path(path, what)
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise InputError(f"{what} {path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def read_records(workdir: Path) -> dict[str, Any]:
+    """job.json's task records (key -> record object); {} when there is none yet."""
     path = workdir / JOB_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return {}
     try:
-        return json.loads(path.read_text()).get("stages", {})
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e}); delete it to recompute every stage") from e
+        stages = typed(read_json(path), "stages", dict, str(path))
+        for key, record in stages.items():
+            if not isinstance(record, dict) or not isinstance(record.get("inputs", {}), dict):
+                raise InputError(f"{path}: stages.{key} must be an object with object inputs")
+    except InputError as e:
+        raise InputError(f"{e}; delete it to recompute every stage") from None
+    return stages
 
 
 def write_record(workdir: Path, key: str, record: dict[str, Any]) -> None:
@@ -275,6 +291,7 @@ def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, An
             "variants": {b: upstream[f"quantize/{b}"] for b in job.branches},
             "meta": tree_fingerprint(job.source), "eval": text_fingerprint(r.verify.eval),
             "tool": __version__, "options": options_fingerprint(dataclasses.asdict(r.verify)),
+            "schema": REPORT_SCHEMA,  # a report of another schema is made again
             "gguf": {g.type: upstream[f"gguf/{g.type}"] for g in r.gguf},
             "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
 
@@ -438,7 +455,8 @@ def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
             log.info("%s: done in %.1f s (%s)", key, seconds, output)
             status = "dry run" if summary.get("dry_run") is True else "ran"  # publish --dry-run
             return TaskResult(key, {**row, "status": status, "seconds": seconds}, record, summary)
-    except PipelineError as e:
+    except (PipelineError, OSError) as e:
+        e = os_failure(e) if isinstance(e, OSError) else e
         return TaskResult(key, row if row["reason"] else None, error=str(e), exit_code=e.exit_code)
 
 
@@ -539,8 +557,7 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     for b in branches:
         recipe.variant(b)
     check_resources(recipe)
-    workdir = WorkDir.of(recipe, workdir).path
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = existing_or_new_dir(WorkDir.of(recipe, workdir).path, "--workdir")
     executor = executor or LocalExecutor()
     run = Run(Job(recipe, workdir, stage, tuple(branches), dry_run, endpoint, force, device),
               executor.name)
@@ -548,6 +565,9 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("[job] %(message)s"))
+    redacting = RedactingFilter(secret_labels(token))  # job.log and the console: no secret
+    handler.addFilter(redacting)
+    console.addFilter(redacting)
     loggers = [logging.getLogger("pipeline"), logging.getLogger("verify")]
     for lg in loggers:
         lg.addHandler(handler)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pipeline.paths import PATH
 from pipeline import __version__
 from pipeline.calibration import file_documents, hf_documents, local_files
 from pipeline.chat import chat_prompt
@@ -41,6 +42,7 @@ from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_s
                             logits_parity, perplexity, windows)
 from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, Reference, run_runtime
 from verify.report import (REPORT_NAME, SCHEMA, artifact_entry, failed_checks, run_inputs,
+                           with_relpaths,
                            write_report)
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
@@ -444,6 +446,7 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
         "tokens_per_second": win.numel() * n_artifacts / max(seconds, 1e-9),
     }
     report["inputs"] = run_inputs(artifacts, meta, report["eval"]["sha256"])  # what publish matches
+    report["artifacts"] = with_relpaths(artifacts, out)
     with staged_dir(out, force, manifest=REPORT_NAME, inputs=[*models, *files]) as tmp:
         write_report(report, tmp)
     return report
@@ -503,15 +506,15 @@ def threshold_options(f):
 
 
 @click.command("verify")
-@click.option("--meta", type=click.Path(path_type=Path), default=None,
+@click.option("--meta", type=PATH, default=None,
               help="Meta checkpoint directory (consolidated.*.pth): enables conversion parity.")
-@click.option("--fp16", type=click.Path(path_type=Path), required=True,
+@click.option("--fp16", type=PATH, required=True,
               help="Converted HF directory.")
-@click.option("--quant", "quants", type=click.Path(path_type=Path), multiple=True,
+@click.option("--quant", "quants", type=PATH, multiple=True,
               help="GPTQ variant directory (repeatable).")
 @click.option("--eval", "eval_text", required=True,
               help="Evaluation text: glob, directory or file.")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=PATH, required=True,
               help="Report directory (verify.json, verify.txt).")
 @click.option("--seqlen", default=2048, show_default=True, help="Perplexity window length.")
 @click.option("--max-windows", type=int, default=None, help="Use at most this many windows.")
@@ -523,7 +526,7 @@ def threshold_options(f):
               help="Generation-check user message, sent through the tokenizer's chat template "
                    "(repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--gguf", "ggufs", type=click.Path(path_type=Path), multiple=True,
+@click.option("--gguf", "ggufs", type=PATH, multiple=True,
               help="GGUF file, scored inside llama.cpp (repeatable; needs the gguf extra).")
 @click.option("--gguf-threshold", "gguf_thresholds", multiple=True, metavar="TYPE.KIND=VALUE",
               callback=parse_gguf_thresholds,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from verify.bounded import read_bytes, read_json
 from verify.errors import InputError
 from pipeline.tokenizer import tokenizer_kind
 from verify import llama
@@ -48,6 +49,7 @@ REQUIRED_KEYS = ("dim", "n_layers", "n_heads", "norm_eps")
 NULLABLE_KEYS = frozenset({"n_kv_heads", "ffn_dim_multiplier", "rope_scaling_factor",
                            "rope_high_freq_factor"})  # Optional in Meta's ModelArgs
 MAX_PARAMS_BYTES = 1 << 20
+MAX_CHECKLIST_BYTES = 1 << 20  # one md5 line per file: a few hundred bytes in practice
 
 
 @dataclass(frozen=True)
@@ -222,18 +224,9 @@ def read_params(path: Path) -> dict[str, Any]:
     every value checked (check_params)."""
     if not path.is_file():
         raise InputError(f"{path}: missing (every Meta checkpoint has params.json)")
-    if path.stat().st_size > MAX_PARAMS_BYTES:
-        raise InputError(f"{path}: {path.stat().st_size} bytes; not a params.json")
-    try:
-        params = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text, so not JSON ({e})") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from e
-    if isinstance(params, dict) and isinstance(params.get("model"), dict):
+    params = read_json(path, MAX_PARAMS_BYTES)
+    if isinstance(params.get("model"), dict):
         params = params["model"]
-    if not isinstance(params, dict):
-        raise InputError(f"{path}: expected a JSON object")
     unknown = sorted(set(params) - PARAMS_KEYS)
     if unknown:
         raise InputError(f"{path}: unknown key(s) {unknown}: not a Llama text model this tool "
@@ -310,7 +303,7 @@ def read_checklist(path: Path) -> dict[str, str]:
     """checklist.chk (`md5  filename` per line, md5sum's format) -> {filename: md5}. It names
     files of its own directory: plain file names only, never a path."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_bytes(path, MAX_CHECKLIST_BYTES, "checklist").decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text (a binary file?); expected `md5  filename` "
                          "lines") from None

@@ -11,20 +11,74 @@ manifest, the file its stage always writes (conversion.json, quant_log.json, ver
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from verify.errors import InputError, OutputExistsError, PipelineError
 
 
+FAILURE_NOTES: list[str] = []  # what failed builds did with their partial outputs (the CLI says it)
+
+
 def partial_path(target: Path) -> Path:
     """The temporary directory used while `target` is being built (stable, so resume finds it)."""
     target = Path(target)
     return target.parent / f".{target.name}.partial"
+
+
+def lock_path(target: Path) -> Path:
+    """The lock every writer of `target` holds while it builds it."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold `target`'s lock (lock_path) or fail at once: two writers of one output (two
+    `quantize` runs, a job's task and a standalone stage) never build it side by side. The lock
+    file is removed on exit; a lock taken on a file unlinked meanwhile is taken again."""
+    path = lock_path(target)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise InputError(f"{target}: cannot take its lock {path} ({e.strerror or e})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{target}: another process is writing it (it holds {path}); wait "
+                             "for it to finish or stop it") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def note_failure(tmp: Path, keep: bool) -> None:
+    """Record what a failed build left, for the one-line message at the CLI."""
+    if not (tmp.exists() or tmp.is_symlink()):
+        FAILURE_NOTES.append(f"removed the partial output {tmp}")
+    elif keep:
+        FAILURE_NOTES.append(f"kept the partial output {tmp} for --resume")
+    else:
+        FAILURE_NOTES.append(f"could not remove the partial output {tmp}")
 
 
 def is_ours(directory: Path, manifest: str) -> bool:
@@ -106,29 +160,36 @@ def check_target(target: Path, force: bool, *, manifest: str | None = None,
 
 @contextmanager
 def staged_dir(target: Path, force: bool = False, keep_on_error: bool = False, *, manifest: str,
-               inputs: Iterable[Path] = ()) -> Iterator[Path]:
+               inputs: Iterable[Path] = (),
+               reuse: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; on success it replaces `target`.
     The block must write `manifest` into it (that is how a later --force recognises it).
 
-    keep_on_error leaves the partial directory for a later resume (quantize --resume).
+    keep_on_error leaves the partial directory for a later resume (quantize --resume) and
+    continues one found there, unless `reuse`, asked under the output's lock, says no.
     """
     target = Path(target)
     check_target(target, force, manifest=manifest, inputs=list(inputs))
     tmp = partial_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists() and not keep_on_error:
-            shutil.rmtree(tmp)
-        tmp.mkdir(exist_ok=True)
     except OSError as e:
         raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
-    try:
-        yield tmp
-        replace_dir(tmp, target, force, manifest)
-    except BaseException:
-        if not keep_on_error:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with exclusive(target):
+        try:
+            if tmp.exists() and not (reuse(tmp) if reuse is not None else keep_on_error):
+                shutil.rmtree(tmp)
+            tmp.mkdir(exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+        try:
+            yield tmp
+            replace_dir(tmp, target, force, manifest)
+        except BaseException:
+            if not keep_on_error:
+                shutil.rmtree(tmp, ignore_errors=True)
+            note_failure(tmp, keep_on_error)
+            raise
 
 
 def replace_dir(tmp: Path, target: Path, force: bool, manifest: str) -> None:
@@ -160,15 +221,20 @@ def staged_file(target: Path, force: bool = False, *, magic: bytes,
     tmp = partial_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)
     except OSError as e:
         raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with exclusive(target):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            note_failure(tmp, False)
+            raise
 
 
 def starts_with(path: Path, magic: bytes) -> bool:

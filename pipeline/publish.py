@@ -33,16 +33,17 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Revisio
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
+from pipeline.paths import PATH
 from pipeline import __version__, card
 from pipeline.convert import MANIFEST
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
-from verify.checkpoint import read_json
+from verify.bounded import read_json
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
 from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
 from verify.report import (check_inputs, check_integrity, check_verdict, failed_checks,
-                           read_report)
+                           read_report, relocated)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -91,7 +92,7 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     if plan_dir is not None:
         check_plan_dir(Path(plan_dir))
     report = Path(report)
-    rep = read_report(report)
+    rep = relocated(read_report(report), report)
     if rep["passed"] is not True:
         raise CheckFailed(f"{report}: verify did not pass; nothing is published "
                           f"(failed: {', '.join(failed_checks(rep)) or 'see verify.txt'})")
@@ -409,11 +410,11 @@ def add_operation(f: PlannedFile) -> CommitOperationAdd:
 
 @click.command("publish")
 @click.argument("recipe")
-@click.option("--workdir", type=click.Path(path_type=Path),
+@click.option("--workdir", type=PATH,
               help="Job work directory holding fp16/, gptq/<branch>/ and verify/verify.json "
                    "[default: work/<recipe name>].")
 @click.option("--dry-run", is_flag=True, help="Write the plan and the cards; touch no network.")
-@click.option("--plan-dir", type=click.Path(path_type=Path),
+@click.option("--plan-dir", type=PATH,
               help="Where the plan and the cards go [default: WORKDIR/publish-plan].")
 @click.option("--endpoint", help="Hub URL for private hubs and mirrors [default: $HF_ENDPOINT or "
                                  "https://huggingface.co].")

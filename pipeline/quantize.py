@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Any
 import click
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pipeline.paths import PATH
 from pipeline import __version__
 from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from verify.errors import InputError
@@ -30,8 +30,10 @@ from pipeline.gptq import METHODS, QuantSpec, gptq
 from verify.grid import QuantResult, rtn
 from verify.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack, packable,
                                 packed_shapes, ragged, write_configs)
-from pipeline.output import check_target, partial_path, staged_dir
-from verify.safetensors_stream import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, parse_size
+from pipeline.output import check_target, staged_dir
+from verify.bounded import loads_json, read_json
+from verify.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, header_bytes,
+                                       parse_size, read_header)
 from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
 from verify.runtimes import RAGGED_REFUSED_BY
 from verify.llama import (LAYER_NORMS, LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs,
@@ -197,9 +199,19 @@ def write_model(ck: HFCheckpoint, tmp: Path, spec: QuantSpec, max_shard_bytes: i
 
 
 def finished_layers(layers: Path, n_layers: int) -> int:
-    """How many layers, from 0, have their result file (each written atomically)."""
+    """How many layers, from 0, have a whole result file. Each is written atomically, but a
+    machine crash or a damaged disk can still leave one short: the first that does not read
+    back (header against its size, its log) is removed, and that layer is done again."""
     done = 0
-    while done < n_layers and (layers / f"{done:05d}.safetensors").is_file():
+    while done < n_layers and (file := layers / f"{done:05d}.safetensors").is_file():
+        try:
+            read_header(file)
+            with safe_open(file, framework="pt") as f:
+                loads_json(f.metadata()["log"], f"{file}: log")
+        except (InputError, SafetensorError, KeyError, TypeError):
+            tqdm.write(f"resume: {file} is damaged; layer {done} is quantised again", file=sys.stderr)
+            file.unlink()
+            break
         done += 1
     return done
 
@@ -288,16 +300,16 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
     run = {"model": str(model.resolve()), "input": model_identity(ck), "spec": spec.as_dict(),
            "calibration": cal_info, "device": dev.type, "threads": torch.get_num_threads(),
            "tool_version": __version__}  # float sums follow the thread count: part of the identity
-    partial = partial_path(out)
-    if partial.exists():  # check_target made sure it is a real directory, not a link
-        why = resume_mismatch(partial / RUN_FILE, run) if resume else "no --resume"
-        if why:
-            if resume:
-                tqdm.write(f"resume: {partial} was made by another run ({why}); starting over",
-                           file=sys.stderr)
-            shutil.rmtree(partial)
 
-    with staged_dir(out, force, True, manifest=LOG_NAME, inputs=inputs) as tmp:
+    def reuse(partial: Path) -> bool:
+        """Continue `partial` only with --resume and when the same run made it."""
+        why = resume_mismatch(partial / RUN_FILE, run) if resume else "no --resume"
+        if why and resume:
+            tqdm.write(f"resume: {partial} was made by another run ({why}); starting over",
+                       file=sys.stderr)
+        return why is None
+
+    with staged_dir(out, force, True, manifest=LOG_NAME, inputs=inputs, reuse=reuse) as tmp:
         (tmp / LAYERS_DIR).mkdir(exist_ok=True)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         modules, done, store = quantize_layers(ck, spec, tokens, tmp / LAYERS_DIR, dev)
@@ -346,8 +358,7 @@ def model_identity(ck: HFCheckpoint) -> dict[str, Any]:
     for name in sorted(ck.headers):
         path = ck.path / name
         st = path.stat()
-        with open(path, "rb") as f:
-            header = f.read(struct.unpack("<Q", f.read(8))[0])
+        header, _ = header_bytes(path)
         ident[name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
                        "inode": st.st_ino, "header_sha256": hashlib.sha256(header).hexdigest()}
     return ident
@@ -357,8 +368,8 @@ def resume_mismatch(run_file: Path, run: dict) -> str | None:
     """None when the partial output was made by this same run (model files, spec, calibration,
     device, tool version), else what differs."""
     try:
-        old = json.loads(run_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = read_json(run_file)
+    except InputError:
         return f"no readable {RUN_FILE}"
     new = json.loads(json.dumps(run))
     changed = [k for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
@@ -375,8 +386,8 @@ def model_tokenizer(model: Path) -> Any:
 
 
 @click.command("quantize")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
+@click.argument("out", type=PATH)
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default=str(DEFAULT.bits),
               show_default=True)
 @click.option("--group-size", type=int, default=DEFAULT.group_size, show_default=True,

@@ -17,13 +17,10 @@ text file of at most MAX_CARD_BYTES; its text is read once, here.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import re
-import stat
-import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,28 +28,29 @@ from collections.abc import Sequence
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import click
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
+from pipeline.paths import PATH
 from pipeline import chat
-from pipeline.calibration import MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN
+from pipeline.calibration import (MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN, glob_paths,
+                                  glob_root)
 from pipeline.convert import DEFAULT_DTYPE, DTYPES
 from pipeline.gptq import QuantSpec, SpecError
+from verify.bounded import (checked_path, existing_dir, path_problem, read_bytes, read_toml,
+                            shown)
 from verify.errors import InputError
 from verify import metrics, thresholds
 from verify.gptq_format import BITS
 from verify.runtimes import RUNTIMES
 from verify.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-BRANCH = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a branch (git's ref rules, narrowed to what the Hub and file names take) and a model name (a
+# plain file name: it names GGUF files and repositories); re.ASCII: \w is [A-Za-z0-9_]
+BRANCH = re.compile(r"[A-Za-z0-9][\w.-]{0,99}", re.ASCII)
+MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}", re.ASCII)
 ALLOW_ENV = "PIPELINE_ALLOW_DIRS"  # folders (os.pathsep-separated) recipes may name besides their own
 MAX_CARD_BYTES = 256 * 1024  # [model] original_card: a model card, not a data file
-GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -85,13 +83,13 @@ class Source:
             if not value:
                 raise InputError(f"{self.recipe}: [source] env = {self.env!r}, but ${self.env} "
                                  f"is not set; export {self.env}=/path/to/the/Meta/checkpoint")
-            path, what = Path(value).expanduser(), f"${self.env}"
-        else:
-            path, what = self.path, "[source] path"
-        if not path.is_dir():
-            raise InputError(f"{self.recipe}: {what} = {str(path)!r} is not a directory "
-                             "(expected params.json and consolidated.*.pth)")
-        return path
+            path = Path(value).expanduser()
+            if path_problem(path) or not path.is_dir():  # its value is never shown: it may be a secret
+                raise InputError(f"{self.recipe}: [source] env = {self.env!r}: ${self.env} does not "
+                                 "name a directory (expected one holding params.json and "
+                                 "consolidated.*.pth; its value is not shown)")
+            return path
+        return existing_dir(self.path, f"{self.recipe}: [source] path")
 
 
 @dataclass(frozen=True)
@@ -272,7 +270,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 def find_recipe(name: str | Path) -> Path:
     """A recipe path, or a name in recipes/ (`codellama-34b` → recipes/codellama-34b.toml), looked
     up in ./recipes and then beside the package."""
-    candidates = [Path(name)] if Path(name).suffix == ".toml" or Path(name).is_file() else []
+    name = checked_path(name, "recipe")
+    candidates = [name] if name.suffix == ".toml" or name.is_file() else []
     candidates += [d / f"{name}.toml" for d in (Path("recipes"), RECIPES_DIR)]
     for path in candidates:
         if path.is_file():
@@ -285,7 +284,7 @@ def find_recipe(name: str | Path) -> Path:
 def load_recipe(path: Path | str, allow_dirs: Sequence[Path | str] = ()) -> Recipe:
     """Read, merge (`extends`) and validate a recipe; InputError names the file and the key.
     Paths it names must lie in its own folder, one of `allow_dirs` or one in $PIPELINE_ALLOW_DIRS."""
-    path = Path(path).resolve()
+    path = checked_path(path, "recipe").resolve()
     allowed = allowed_dirs(allow_dirs)
     raw = read_merged(path, (), allowed)
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
@@ -293,14 +292,15 @@ def load_recipe(path: Path | str, allow_dirs: Sequence[Path | str] = ()) -> Reci
 
 
 allow_dir_option = click.option(
-    "--allow-dir", "allow_dirs", multiple=True, type=click.Path(path_type=Path),
+    "--allow-dir", "allow_dirs", multiple=True, type=PATH,
     help=f"A folder the recipe may name files in besides its own (repeatable; also ${ALLOW_ENV}).")
 
 
 def allowed_dirs(given: Sequence[Path | str]) -> tuple[Path, ...]:
     """The folders the user allows recipes to name: `given` plus $PIPELINE_ALLOW_DIRS, resolved."""
     env = [d for d in os.environ.get(ALLOW_ENV, "").split(os.pathsep) if d]
-    dirs = [Path(d).expanduser().resolve() for d in (*given, *env)]
+    dirs = [checked_path(Path(d).expanduser(), f"--allow-dir / ${ALLOW_ENV}").resolve()
+            for d in (*given, *env)]
     for d in dirs:
         if not d.is_dir():
             raise InputError(f"--allow-dir / ${ALLOW_ENV}: {d} is not a directory")
@@ -315,17 +315,14 @@ def read_merged(path: Path, stack: tuple[Path, ...], allowed: tuple[Path, ...]) 
     if not path.is_file():
         where = f" (extended by {stack[-1]})" if stack else ""
         raise InputError(f"{path}: recipe file not found{where}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: invalid TOML: {e}") from e
+    raw = read_toml(path)
     resolve_paths(raw, path, allowed)
     base_name = raw.pop("extends", None)
     if base_name is None:
         return raw
     if not isinstance(base_name, str):
         raise InputError(f"{path}: extends must be a string (a recipe file name)")
-    base_path = (path.parent / base_name).resolve()
+    base_path = checked_path(path.parent / base_name, f"{path}: extends").resolve()
     check_confined(base_path, path, "extends", base_name, allowed)
     base = read_merged(base_path, (*stack, path), allowed)
     for key, value in raw.items():
@@ -347,25 +344,24 @@ def resolve_paths(raw: dict[str, Any], path: Path, allowed: tuple[Path, ...]) ->
                 continue
             value = t[key]
             if not (is_text and value.startswith("hf:")):
-                t[key] = os.path.normpath(path.parent / Path(value).expanduser())
                 where = f"[{section}] {key}" if section != "variants" else f"[[variants]] {key}"
+                checked_path(value, f"{path}: {where} =")
+                t[key] = os.path.normpath(path.parent / Path(value).expanduser())
                 check_path_key(t[key], path, where, value, allowed)
 
 
 def check_path_key(value: str, recipe: Path, key: str, given: str, allowed: tuple[Path, ...]) -> None:
     """Confine what an absolute path key reaches: the path itself (a glob: its fixed leading
     folder), then every file it holds or matches now (a superset of what the stages read)."""
-    parts = Path(value).parts
-    fixed = next((i for i, part in enumerate(parts) if GLOB_CHARS.search(part)), len(parts))
-    top = Path(*parts[:fixed])
+    top, rest = glob_root(value)
     check_confined(top, recipe, key, given, allowed)
-    if fixed < len(parts):
-        found = glob.glob(value, recursive=True)
+    if rest:
+        found = glob_paths(value)
     else:
-        found = [str(p) for p in top.rglob("*")] if os.path.isdir(top) else []
+        found = list(top.rglob("*")) if os.path.isdir(top) else []
     for p in found:
-        if os.path.isfile(p):
-            check_confined(Path(p), recipe, key, given, allowed)
+        if p.is_file():
+            check_confined(p, recipe, key, given, allowed)
 
 
 def check_confined(target: Path, recipe: Path, key: str, value: str, allowed: tuple[Path, ...]) -> None:
@@ -381,25 +377,13 @@ def check_confined(target: Path, recipe: Path, key: str, value: str, allowed: tu
 
 
 def read_card(recipe: Path, card: Path) -> str:
-    """The original card's text: a regular UTF-8 text file of at most MAX_CARD_BYTES (opened
-    without blocking, so a FIFO is refused rather than waited on)."""
+    """The original card's text: a regular UTF-8 text file of at most MAX_CARD_BYTES (a FIFO is
+    refused rather than waited on)."""
     where = f"{recipe}: [model] original_card = {str(card)!r}"
     try:
-        fd = os.open(card, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise InputError(f"{where}: file not found") from None
-    except OSError as e:
-        raise InputError(f"{where}: cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InputError(f"{where}: not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_CARD_BYTES + 1)
-    if len(data) > MAX_CARD_BYTES:
-        raise InputError(f"{where}: larger than {MAX_CARD_BYTES // 1024} KiB; a model card is "
-                         "a short Markdown file")
-    try:
-        text = data.decode("utf-8")
+        text = read_bytes(card, MAX_CARD_BYTES, "model card (a short Markdown file)").decode("utf-8")
+    except InputError as e:
+        raise InputError(f"{where}: {str(e).removeprefix(f'{shown(card)}: ')}") from None
     except UnicodeDecodeError:
         text = None
     if text is None or "\0" in text:
@@ -560,8 +544,11 @@ def with_prompt_template(model: ModelInfo, path: Path) -> ModelInfo:
 
 
 def check_model(r: Recipe) -> None:
-    if not r.model.name.strip():
-        raise InputError(f"{r.path}: [model] name must not be empty")
+    name = r.model.name
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise InputError(f"{r.path}: [model] name = {name!r}: use up to 96 letters, digits, '.', "
+                         "'_', '-', starting with a letter or digit, no '..' (it names the GGUF "
+                         "files and the repositories, so it must be a plain file name)")
     if "{prompt}" not in r.model.prompt_template:
         raise InputError(f"{r.path}: [model] prompt_template must contain {{prompt}}")
     if r.verify.chat_prompts and r.model.chat_format == "none":
@@ -574,7 +561,7 @@ def check_source(r: Recipe) -> None:
     if (s.path is None) == (s.env is None):
         raise InputError(f"{r.path}: [source] needs exactly one of `path` or `env` "
                          f"(got {'both' if s.path is not None else 'neither'})")
-    if s.env is not None and not ENV_NAME.match(s.env):
+    if s.env is not None and not ENV_NAME.fullmatch(s.env):
         raise InputError(f"{r.path}: [source] env = {s.env!r} is not an environment variable name")
 
 
@@ -609,7 +596,9 @@ def check_variants(r: Recipe) -> None:
             (v.nsamples < MIN_NSAMPLES, f"nsamples = {v.nsamples}: must be at least {MIN_NSAMPLES}"),
             (v.seqlen < MIN_SEQLEN, f"seqlen = {v.seqlen}: must be at least {MIN_SEQLEN}"),
             (v.seed < 0, f"seed = {v.seed}: must not be negative"),
-            (not BRANCH.match(v.branch), f"branch = {v.branch!r}: use letters, digits, '.', '_', '-'"),
+            (not valid_branch(v.branch),
+             f"branch = {v.branch!r}: use up to 100 letters, digits, '.', '_', '-' (starting with "
+             "a letter or digit, no '..', not ending in '.' or '.lock')"),
             (v.branch in seen, f"branch {v.branch!r} is also used by [[variants]] #{seen.get(v.branch)}"),
         ]
         for bad, message in problems:
@@ -648,21 +637,35 @@ def check_verify(r: Recipe) -> None:
                              f"{', '.join(map(str, missing))}-bit variant(s)")
 
 
+def valid_branch(name: str) -> bool:
+    """A branch the Hub and git take and that is a plain file name (git check-ref-format rules)."""
+    return bool(BRANCH.fullmatch(name)) and ".." not in name and not name.endswith((".", ".lock"))
+
+
+def repo_problem(repo: str) -> str | None:
+    """Why `repo` is not a Hub repository id OWNER/NAME (huggingface_hub's own rules), or None."""
+    if repo.count("/") != 1:
+        return "expected a repository id OWNER/NAME"
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        return str(e).split(":")[0].rstrip(".")
+    return None
+
+
 def check_publish(r: Recipe) -> None:
     p = r.publish
-    for key in ("fp16_repo", "gptq_repo"):
-        if not REPO_ID.match(getattr(p, key)):
-            raise InputError(f"{r.path}: [publish] {key} = {getattr(p, key)!r}: expected a "
-                             "repository id OWNER/NAME")
+    repos = [("fp16_repo", p.fp16_repo), ("gptq_repo", p.gptq_repo)]
+    for key, repo in repos + ([("gguf_repo", p.gguf_repo)] if p.gguf_repo else []):
+        problem = repo_problem(repo)
+        if problem:
+            raise InputError(f"{r.path}: [publish] {key} = {repo!r}: {problem}")
     if p.fp16_repo == p.gptq_repo:
         raise InputError(f"{r.path}: [publish] fp16_repo and gptq_repo must differ "
                          "(GPTQ branches would overwrite the fp16 model)")
     if r.gguf and not p.gguf_repo:
         raise InputError(f"{r.path}: [[gguf]] files need [publish] gguf_repo (e.g. "
                          f"\"{p.fp16_repo.split('/')[0]}/{r.model.name}-GGUF\")")
-    if p.gguf_repo and not REPO_ID.match(p.gguf_repo):
-        raise InputError(f"{r.path}: [publish] gguf_repo = {p.gguf_repo!r}: expected a "
-                         "repository id OWNER/NAME")
     if p.gguf_repo in (p.fp16_repo, p.gptq_repo):
         raise InputError(f"{r.path}: [publish] gguf_repo must differ from fp16_repo and gptq_repo")
 

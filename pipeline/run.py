@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from pipeline.paths import PATH
 from pipeline.executors import EXECUTORS, SLURM_CLUSTERS, make_executor
 from pipeline.job import STAGE_NAMES, JobFailed, check_resources, run_job
 from pipeline.recipe import allow_dir_option, find_recipe, load_recipe
@@ -50,7 +51,7 @@ def render_summary(result: dict[str, Any]) -> str:
               help="Run the stages up to and including this one.")
 @click.option("--variant", "variants", multiple=True, metavar="BRANCH",
               help="Only this variant (repeatable); verify and publish cover the chosen ones.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+@click.option("--workdir", type=PATH, default=None,
               help="Work directory [default: work/<recipe name>].")
 @click.option("--dry-run", is_flag=True, help="Publish writes the plan and cards, uploads nothing.")
 @click.option("--endpoint", default=None, help="Hub URL [default: $HF_ENDPOINT or huggingface.co].")

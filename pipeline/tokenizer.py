@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import chat
+from verify.bounded import read_bytes
 from verify.errors import InputError, PipelineError
 
 # Meta's Llama 3 pre-tokenisation pattern and special tokens (256 after the BPE ranks).
@@ -57,11 +58,12 @@ PROBES = (
 )
 
 TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.model: 0.5 MB (SentencePiece) to 2.2 MB (tiktoken)
 
 
 def tokenizer_kind(path: Path) -> str:
     """'tiktoken' (lines `base64 rank`) or 'sentencepiece' (a protobuf model); else InputError."""
-    head = Path(path).read_bytes()[:1 << 16].splitlines()[:-1] or [b""]
+    head = read_bytes(Path(path), MAX_TOKENIZER_BYTES, "tokenizer model")[:1 << 16].splitlines()[:-1] or [b""]
     if all(TIKTOKEN_LINE.fullmatch(line) for line in head[:64]):
         return "tiktoken"
     import sentencepiece as spm
@@ -98,9 +100,12 @@ def load_source(path: Path, family: str) -> SourceTokenizer:
 
     try:
         ranks = load_tiktoken_bpe(str(path))
-    except ValueError as e:
+    except ValueError as e:  # binascii.Error (bad base64) is one
         raise InputError(f"{path}: not a valid tiktoken ranks file ({e})") from e
     n = len(ranks)
+    if sorted(ranks.values()) != list(range(n)):  # else tiktoken's Rust core panics or misreads
+        raise InputError(f"{path}: the ranks of its {n} distinct tokens are not exactly 0..{n - 1} "
+                         "(a rank repeated, skipped or out of range, or a token listed twice)")
     specials = LLAMA3_SPECIAL.get(family, LLAMA3_SPECIAL["llama3.1"])
     enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                             special_tokens={s: n + i for i, s in enumerate(specials)})

@@ -8,9 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe import Recipe
+from verify.errors import InputError
 from verify.report import REPORT_NAME, TABLE_NAME
 
 ROOT = Path("work")  # the default work directories' folder, relative to where the job runs
+
+
+def plain(name: str) -> str:
+    """`name` when it is one plain file name (the recipe checks branches and the model name; this
+    keeps anything derived from them inside the work directory)."""
+    if name in ("", ".", "..") or Path(name).name != name or "\0" in name:
+        raise InputError(f"{name!r}: not a plain file name, so it cannot name an output in the "
+                         "work directory")
+    return name
 
 
 @dataclass(frozen=True)
@@ -31,12 +41,12 @@ class WorkDir:
         return self.path / "fp16"
 
     def gptq(self, branch: str) -> Path:
-        return self.path / "gptq" / branch
+        return self.path / "gptq" / plain(branch)
 
     def gguf(self, type_name: str) -> Path:
         from pipeline.gguf import file_name  # the gguf library is slow to import
 
-        return self.path / "gguf" / file_name(self.model, type_name)
+        return self.path / "gguf" / plain(file_name(self.model, type_name))
 
     @property
     def verify(self) -> Path:

@@ -192,7 +192,7 @@ def test_missing_gptq_part_is_named(fp16_dir, tmp_path):
 def test_json_files_are_read_by_one_reader_naming_the_file(tmp_path, data, message):
     """verify/checkpoint.py read_json reads every small JSON file (configs, the index, the stages'
     records for the cards): its errors fit any of them (no "GPTQ artifact" for an fp16 file)."""
-    from verify.checkpoint import read_json
+    from verify.bounded import read_json
 
     path = tmp_path / "config.json"
     if data is not None:

@@ -135,7 +135,7 @@ def passing_checks(name: str, kind: str, passed: bool = True) -> list[dict]:
 
 
 def write_report(work: Path, passed: bool = True) -> Path:
-    """A schema-1 verify.json over the artifacts as they are now (hashes computed here); its
+    """A schema-2 verify.json over the artifacts as they are now (hashes computed here); its
     inputs fingerprint fp16's (path, sha256) pairs, sorted, as verify/report.py documents."""
     fp16_files = tree_hashes(work / "fp16")
     artifacts = {"fp16": {"path": str((work / "fp16").resolve()), "kind": "fp16", "files": fp16_files}}
@@ -148,7 +148,7 @@ def write_report(work: Path, passed: bool = True) -> Path:
         ppl[branch], ppl[f"{branch}:rtn"] = 7.6 + 0.1 * i, 8.0 + 0.1 * i
         checks += passing_checks(branch, "gptq", passed)
     fingerprint = hashlib.sha256(json.dumps(sorted(fp16_files.items())).encode()).hexdigest()
-    report = {"schema": 1, "tool_version": "0.1.0", "passed": passed, "device": "cpu", "dtype": "float32",
+    report = {"schema": 2, "tool_version": "0.1.0", "passed": passed, "device": "cpu", "dtype": "float32",
               "eval": {"source": "glob", "files": ["eval/a.txt"], "sha256": "0" * 64, "seqlen": 64,
                        "windows": 4, "tokens": 256},
               "artifacts": artifacts, "checks": checks, "perplexity": ppl, "tokens_per_second": 100.0,
@@ -578,12 +578,12 @@ def test_hand_edited_verify_report_is_refused(work, hub, forgery, monkeypatch, c
 @pytest.mark.parametrize("content, match", [
     (b"\xff\xfe{\x00\"\x00", "not UTF-8 text"),
     (bytes(range(256)), "not UTF-8 text"),
-    (b'{"schema": 1, "passed": "yes", "artifacts": {}, "checks": [], "perplexity": {}, "eval": {}}',
+    (b'{"schema": 2, "passed": "yes", "artifacts": {}, "checks": [], "perplexity": {}, "eval": {}}',
      "passed must be true or false"),
-    (b'{"schema": 1, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
+    (b'{"schema": 2, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
      b'"files": {"../../etc/passwd": "abc"}}}, "checks": [], "perplexity": {}, "eval": {}}',
      "'../../etc/passwd' is not a relative path"),
-    (b'{"schema": 1, "passed": true, "artifacts": {}, "checks": [{"check": 1}], "perplexity": {}, "eval": {}}',
+    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [{"check": 1}], "perplexity": {}, "eval": {}}',
      r"checks\[0\] needs check"),
 ])
 def test_malformed_or_binary_verify_report_is_bad_input(work, hub, content, match, monkeypatch, capsys):

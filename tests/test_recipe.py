@@ -324,8 +324,9 @@ def test_source_resolve(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"\$TINY_CKPT is not set"):
         r.source.resolve()
     monkeypatch.setenv("TINY_CKPT", str(tmp_path / "absent"))
-    with pytest.raises(InputError, match=r"\$TINY_CKPT = .*absent.* is not a directory"):
+    with pytest.raises(InputError, match=r"\$TINY_CKPT does not name a directory") as e:
         r.source.resolve()
+    assert "absent" not in str(e.value)  # a variable's value is never shown: it may be a secret
     monkeypatch.setenv("TINY_CKPT", str(tmp_path / "ckpt"))
     assert r.source.resolve() == tmp_path / "ckpt"
 

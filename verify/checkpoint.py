@@ -9,7 +9,6 @@ corrupt or inconsistent checkpoint is an InputError naming the file and tensor, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -18,35 +17,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from verify.bounded import read_json
 from verify.errors import InputError
 from verify.gptq_format import BITS, GROUP_SIZE_RULE, n_groups, packed_shapes, valid_group_size
-from verify.safetensors_stream import DTYPES, FLOAT_DTYPES, StoredTensor, read_header
+from verify.safetensors_stream import DTYPES, FLOAT_DTYPES, INDEX_NAME, StoredTensor, read_header
 from verify.llama import LAYER_NORMS, LlamaArgs
 
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; not weights
-MAX_JSON_BYTES = 64 << 20  # config.json / index: a few KB to a few MB in practice
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A small JSON object file (config.json, an index, a tokenizer's or a stage's record):
-    bounded, UTF-8, valid, an object; else InputError naming the file."""
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size} bytes, too large for this file")
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 class HFCheckpoint:

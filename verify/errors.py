@@ -1,5 +1,10 @@
 """Exceptions the stages raise; the CLI turns them into messages and exit codes, once."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class PipelineError(Exception):
     """A failure the user can act on; the message says what and where."""
@@ -23,3 +28,41 @@ class CheckFailed(PipelineError):
     """A verification check failed; the artifact must not be published."""
 
     exit_code = 3
+
+
+class SystemFailure(PipelineError):
+    """The operating system refused (a full disk, a read-only file system, permissions, a path
+    too long or looping): the message names the path and the reason, never a traceback."""
+
+
+# errno -> (what it means here, exit code): 1 for the machine's state (retry when it is fixed), 2
+# for a path the user gave that cannot work as given.
+OS_REASONS = {
+    errno.ENOSPC: ("no space left on the device", 1),
+    errno.EDQUOT: ("disk quota exceeded", 1),
+    errno.EIO: ("input/output error on the device", 1),
+    errno.ENOMEM: ("out of memory", 1),
+    errno.EMFILE: ("too many open files", 1),
+    errno.EROFS: ("read-only file system", 2),
+    errno.EACCES: ("permission denied", 2),
+    errno.EPERM: ("operation not permitted", 2),
+    errno.ENAMETOOLONG: ("file name too long", 2),
+    errno.ELOOP: ("a loop of symbolic links", 2),
+    errno.ENOENT: ("no such file or directory", 2),
+    errno.ENOTDIR: ("a file where a directory belongs", 2),
+    errno.EISDIR: ("a directory where a file belongs", 2),
+    errno.EEXIST: ("already exists", 2),
+    errno.ENOTEMPTY: ("directory not empty", 2),
+    errno.EXDEV: ("crosses file systems", 2),
+}
+
+
+def os_failure(e: OSError) -> SystemFailure:
+    """An OSError as a one-line SystemFailure: the path(s), the reason and errno's name."""
+    reason, code = OS_REASONS.get(e.errno, (e.strerror or type(e).__name__, 1))
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
+    where = " -> ".join(p.encode("utf-8", "backslashreplace").decode() for p in paths)
+    failure = SystemFailure(f"{where + ': ' if where else ''}{reason}" + (f" ({name})" if name else ""))
+    failure.exit_code = code
+    return failure

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from verify.errors import InputError, PipelineError
-from verify.checkpoint import read_json
+from verify.bounded import check_gguf, gguf_reader, read_json
 from verify.llama import LlamaArgs
 from verify.metrics import kl_top1, logits_parity
 from verify.thresholds import GGUF_FLOAT_REL
@@ -67,11 +67,9 @@ class GGUFModel:
     position (what perplexity and KL need)."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int = 2) -> None:
-        from llama_cpp import Llama
-
+        Llama = bindings().Llama
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: GGUF file missing")
+        check_gguf(self.path)  # llama.cpp reads only a header whose counts fit the file
         lines: list[str] = []
         try:
             with llama_log(lines.append):
@@ -139,11 +137,9 @@ def metadata_problems(path: Path, fp16: Path, tokenizer: Any, model: GGUFModel,
     """Where the GGUF's metadata (read back with GGUFReader) or llama.cpp's tokenisation of
     `sample` differs from the fp16 directory: hyper-parameters and θ from config.json, every
     token, the special ids and the chat template from its tokenizer."""
-    from gguf import GGUFReader
-
     cfg = read_json(fp16 / "config.json")
     a = LlamaArgs.from_hf_config(cfg)
-    reader = GGUFReader(path)
+    reader = gguf_reader(path)
     want: dict[str, Any] = {
         "general.architecture": "llama", "llama.context_length": a.max_seq_len,
         "llama.embedding_length": a.dim, "llama.block_count": a.n_layers,
@@ -186,12 +182,7 @@ def metadata_problems(path: Path, fp16: Path, tokenizer: Any, model: GGUFModel,
 
 def file_type(path: Path) -> int:
     """general.file_type of a GGUF file (llama.cpp's llama_ftype)."""
-    from gguf import GGUFReader
-
-    try:
-        value = field(GGUFReader(path), "general.file_type")
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not a readable GGUF file ({e})") from None
+    value = field(gguf_reader(path), "general.file_type")
     if not isinstance(value, int):
         raise InputError(f"{path}: no general.file_type in its metadata")
     return value

@@ -292,6 +292,8 @@ def read_params(src: Path) -> ModelArgs:
         return ModelArgs.from_params(params)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise InputError(f"{path}: {e}") from e
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be params.json") from None
 
 
 def load_shards(src: Path) -> list[tuple[Path, dict[str, torch.Tensor]]]:

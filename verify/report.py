@@ -1,4 +1,4 @@
-"""verify.json (schema 1) and its readable table, plus the sha256 of every artifact file, so that
+"""verify.json (schema 2) and its readable table, plus the sha256 of every artifact file, so that
 publish can refuse an artifact changed since it was verified.
 
 Publish trusts nothing a report says about itself: it re-reads the report strictly (shape and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from verify.bounded import read_json
 from verify.errors import CheckFailed, InputError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: artifacts record their relpath from the report (a moved work directory)
 REPORT_NAME = "verify.json"
 TABLE_NAME = "verify.txt"
 CHUNK = 1 << 24
@@ -79,16 +81,13 @@ def read_report(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise InputError(f"{path}: verify report missing (run the verify stage first)")
     try:
-        report = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text (a binary file?), so not a verify report; "
-                         "run verify again") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        report = read_json(path)
+    except InputError as e:
+        raise InputError(f"{e}; run verify again") from None
+    if report.get("schema") != SCHEMA:
         raise InputError(f"{path}: not a schema-{SCHEMA} verify report")
     for key in ("passed", "artifacts", "checks", "perplexity", "eval"):
         if key not in report:
@@ -110,6 +109,7 @@ def shape_problems(report: dict[str, Any]) -> list[str]:
         return [*problems, "artifacts must be an object"]
     for name, a in artifacts.items():
         if not (isinstance(a, dict) and isinstance(a.get("path"), str)
+                and isinstance(a.get("relpath", ""), str)
                 and a.get("kind") in REQUIRED_CHECKS and isinstance(a.get("files"), dict)):
             problems.append(f"artifacts.{name} needs path, kind ({'/'.join(REQUIRED_CHECKS)}) and files")
             continue
@@ -225,6 +225,27 @@ def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any])
         raise CheckFailed(f"{path}: verify compared against a Meta checkpoint other than the one "
                           f"the fp16 model was converted from (differs: {', '.join(wrong) or 'no files'}); "
                           "run verify again with the right --meta")
+
+
+def with_relpaths(artifacts: dict[str, dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
+    """Each artifact entry also records its path relative to the report's directory `out`, so
+    that a work directory moved as a whole (`mv`) still finds its artifacts (artifact_paths)."""
+    base = Path(out).resolve()
+    return {n: {**a, "relpath": os.path.relpath(a["path"], base)} for n, a in artifacts.items()}
+
+
+def relocated(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The report read from `path` (its verify.json) with each artifact's path where it lies now:
+    at its relpath from the report when something is there (a work directory moved whole), else
+    as recorded. What the artifact holds is still judged by its file hashes."""
+    base = Path(path).resolve()
+    base = base if base.is_dir() else base.parent
+    artifacts = {}
+    for name, a in report["artifacts"].items():
+        moved = base / a["relpath"] if "relpath" in a else None
+        here = moved is not None and (moved.exists() or moved.is_symlink())
+        artifacts[name] = {**a, "path": str(moved.resolve()) if here else a["path"]}
+    return {**report, "artifacts": artifacts}
 
 
 def check_integrity(report: dict[str, Any] | Path | str, artifact_name: str) -> None:

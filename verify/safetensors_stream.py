@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from verify.bounded import checked_path, loads_json
 from verify.errors import InputError
 
 DTYPES = {
@@ -32,6 +35,7 @@ DTYPE_BYTES = {name: torch.tensor([], dtype=dt).element_size() for dt, name in D
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_SIZE = 1 << 60  # a shard size beyond any disk
 DEFAULT_SHARD_SIZE = "5GB"  # the stages' default largest safetensors file (parse_size)
 
 
@@ -52,15 +56,18 @@ class TensorSpec:
 
 
 def parse_size(text: str) -> int:
-    """'5GB' / '500MB' / '2GiB' / '1024' -> bytes (at least 1)."""
+    """'5GB' / '500MB' / '2GiB' / '1024' -> bytes (at least 1, at most MAX_SIZE), exactly."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    m = re.fullmatch(r"(-?(?:\d+(?:\.\d*)?|\.\d+))\s*([KMGT]I?B|B)?", str(text).strip().upper())
+    m = re.fullmatch(r"(-?(?:\d{1,30}(?:\.\d{0,30})?|\.\d{1,30}))\s*([KMGT]I?B|B)?",
+                     str(text).strip().upper())
     if not m:
-        raise ValueError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    size = int(float(m.group(1)) * units[m.group(2) or ""])
+        raise ValueError(f"cannot parse size {str(text)[:40]!r} (examples: 5GB, 500MB, 2GiB)")
+    size = int(Fraction(m.group(1)) * units[m.group(2) or ""])
     if size < 1:
-        raise ValueError(f"size {text!r}: must be at least 1 byte")
+        raise ValueError(f"size {str(text)[:40]!r}: must be at least 1 byte")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {str(text)[:40]!r}: must be at most {MAX_SIZE >> 50} PiB")
     return size
 
 
@@ -165,28 +172,33 @@ class StoredTensor:
     offsets: tuple[int, int]  # byte range in the data section
 
 
-def read_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of a safetensors file, its header checked against the format and the file: a
-    bounded UTF-8 JSON object, known dtypes, each data range exactly its shape x dtype size, and
-    the ranges tiling the data section to the end of the file (no gap, overlap or truncation).
-    Every defect is an InputError naming the file (and the tensor)."""
-    path = Path(path)
+def header_bytes(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's JSON header bytes and the file's size, the framing checked: an
+    8-byte length that fits both MAX_HEADER_BYTES and the file. InputError naming the file."""
+    path = checked_path(path, "safetensors file")
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
             if n is None or n > MAX_HEADER_BYTES or 8 + n > size:
                 raise InputError(f"{path}: not a safetensors file: its header length "
                                  f"({n if n is not None else 'missing'}) does not fit in its "
                                  f"{size} bytes (truncated or corrupt)")
-            raw = f.read(n)
+            return f.read(n), size
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header (not UTF-8 JSON: {e})") from e
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file, its header checked against the format and the file: a
+    bounded UTF-8 JSON object, known dtypes, each data range exactly its shape x dtype size, and
+    the ranges tiling the data section to the end of the file (no gap, overlap or truncation).
+    Every defect is an InputError naming the file (and the tensor)."""
+    path = Path(path)
+    raw, size = header_bytes(path)
+    n = len(raw)
+    header = loads_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None)
@@ -215,7 +227,7 @@ def _stored(path: Path, name: str, entry: object) -> StoredTensor:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise InputError(f"{where}: header entry must hold exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise InputError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
 
     def ints(v: object) -> bool:
