@@ -14,7 +14,7 @@ import click
 from pipeline import __version__
 from pipeline.credentials import RedactingStream, redact, secret_labels
 from pipeline.output import FAILURE_NOTES
-from verify.errors import InputError, PipelineError, SystemFailure, os_failure
+from verify.errors import InputError, PipelineError, SystemFailure, first_line, os_failure
 
 # command name -> module defining `command`; imported only when invoked (torch is slow to import).
 COMMANDS = {
@@ -103,13 +103,13 @@ def fail(e: PipelineError) -> int:
     """Say e in one line, with what a failed build left behind; its exit code."""
     left = "; ".join(FAILURE_NOTES)
     kept = f"; {left}; inputs are untouched" if left and isinstance(e, SystemFailure) else ""
-    click.echo(f"error: {e}{kept}", err=True)
+    click.echo(f"error: {one_line(str(e))}{kept}", err=True)
     return e.exit_code
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
+def one_line(text: str) -> str:
+    """`text` on one line: a newline or other control character a value carried is escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def crash_report(e: BaseException) -> Path:

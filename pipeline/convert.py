@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.paths import PATH
 from pipeline import __version__
-from verify.errors import InputError, PipelineError
+from verify.errors import InputError, os_failure
 from pipeline.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS,
                            MetaCheckpoint, hf_name, load_shard, md5_files, meta_names, model_args,
                            permute_rotary, prefetch, release, shard_dim, split_name,
@@ -220,7 +220,8 @@ def source_hashes(ckpt: MetaCheckpoint, skip_checksums: bool) -> dict[str, Any]:
     were checked against checklist.chk ("verified" only when every one was) and which were not
     (no checklist, or one that omits them: their md5 is computed, not checked)."""
     files = [*ckpt.shards, ckpt.path / PARAMS, ckpt.tokenizer]
-    has_checklist = (ckpt.path / CHECKLIST).is_file()
+    chk = ckpt.path / CHECKLIST
+    has_checklist = chk.exists() or chk.is_symlink()  # present but unreadable: read_checklist says why
     checked = verify_checksums(ckpt.path) if has_checklist and not skip_checksums else {}
     unchecked = [p for p in files if p.name not in checked]
     sums = checked if skip_checksums else {**checked, **md5_files(unchecked, desc="md5")}
@@ -316,8 +317,7 @@ def convert(src: Path, out: Path, *, dtype: str = DEFAULT_DTYPE,
             }
             (tmp / MANIFEST).write_text(json.dumps(summary, indent=2) + "\n")
         except OSError as e:
-            raise PipelineError(f"{out}: writing failed ({e.strerror or e}); the partial output "
-                                "was removed") from e
+            raise os_failure(e, out) from e
     return summary
 
 

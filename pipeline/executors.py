@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.credentials import SECRET_ENV
 from pipeline.job import Executor, Job, LocalExecutor, TaskResult, execute, task_stage
 from pipeline.recipe import TaskResources, load_recipe
-from verify.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError, first_line
 
 INSTALL = "pip install -e '.[scale]'"
 SLURM_CLUSTERS = ("slurm", "local")  # submitit's: Slurm itself, or processes on this machine
@@ -244,11 +244,6 @@ def check_reachable(address: str) -> None:
     except OSError as e:
         raise PipelineError(f"--executor ray: no Ray cluster answers at {address} "
                             f"({e.strerror or e}); check --ray-address or $RAY_ADDRESS") from None
-
-
-def first_line(e: BaseException) -> str:
-    """An engine's error message, on one line and short."""
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 # ---------------------------------------------------------------- slurm

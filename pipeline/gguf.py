@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.paths import PATH
 from pipeline import __version__
-from verify.errors import InputError, PipelineError
+from verify.errors import InputError, PipelineError, os_failure
 from pipeline.output import staged_file
 from pipeline.tokenizer import INFILL, tokenizer_kind
 from verify.bounded import read_bytes, read_json
@@ -375,8 +375,7 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
                 finally:
                     Path(f16).unlink(missing_ok=True)
         except OSError as e:
-            raise PipelineError(f"{out}: writing failed ({e.strerror or e}); the partial output "
-                                "was removed") from e
+            raise os_failure(e, out) from e
         size = tmp.stat().st_size
     a = ckpt.args
     return {"tool": "llama-gptq-pipeline gguf", "tool_version": __version__, "type": t.name,

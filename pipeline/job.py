@@ -84,15 +84,18 @@ def tree_fingerprint(path: Path) -> str | None:
 
 
 def text_fingerprint(source: str) -> str:
-    """A text source (glob, directory, file, or hf:… dataset id) as a fingerprint."""
-    from pipeline.calibration import local_files
+    """A text source (glob, directory, file, or hf:… dataset id) as a fingerprint: its files by
+    name below the source's fixed folder, size and mtime, so a project moved whole keeps it."""
+    from pipeline.calibration import glob_root, local_files
 
     if source.startswith("hf:"):
         return source
+    top, _ = glob_root(source)
+    root = top if top.is_dir() else top.parent
     try:
-        return f"{source}:{files_fingerprint(local_files(source))}"
+        return files_fingerprint(local_files(source), root)
     except InputError:
-        return f"{source}:no files"  # the stage itself reports it
+        return "no files"  # the stage itself reports it
 
 
 def options_fingerprint(options: Any) -> str:
@@ -290,7 +293,9 @@ def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, An
     return {"fp16": upstream["convert"],
             "variants": {b: upstream[f"quantize/{b}"] for b in job.branches},
             "meta": tree_fingerprint(job.source), "eval": text_fingerprint(r.verify.eval),
-            "tool": __version__, "options": options_fingerprint(dataclasses.asdict(r.verify)),
+            "tool": __version__,  # the options but `eval`, whose files are fingerprinted above
+            "options": options_fingerprint({k: v for k, v in dataclasses.asdict(r.verify).items()
+                                            if k != "eval"}),
             "schema": REPORT_SCHEMA,  # a report of another schema is made again
             "gguf": {g.type: upstream[f"gguf/{g.type}"] for g in r.gguf},
             "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}

@@ -23,12 +23,13 @@ from typing import Any
 import click
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.paths import PATH
 from pipeline import __version__
 from pipeline.calibration import file_documents, hf_documents, local_files
 from pipeline.chat import chat_prompt
+from pipeline.tokenizer import load_tokenizer
 from verify.errors import CheckFailed, InputError
 from pipeline.output import check_target, staged_dir
 from verify.grid import rtn
@@ -49,7 +50,6 @@ DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of the eval text
 MAX_NEW_TOKENS = 32
 SHOWN_PROBLEMS = 5  # modules named in a module_integrity failure's reason (all are in per_module)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def eval_documents(source: str) -> tuple[list[Path], list[str]]:
@@ -67,16 +67,6 @@ def eval_documents(source: str) -> tuple[list[Path], list[str]]:
         raise InputError(f"--eval {source!r}: no text in {len(files)} file(s) (binary files "
                          "are skipped)")
     return files, texts
-
-
-def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    """The directory's tokenizer through AutoTokenizer (as users will load it)."""
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise InputError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise InputError(f"{path}: tokenizer cannot be loaded ({e})") from e
 
 
 def check_same_tokenizer(fp16_tok: PreTrainedTokenizerBase, tok: PreTrainedTokenizerBase,

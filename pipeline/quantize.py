@@ -19,7 +19,7 @@ import click
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from pipeline.paths import PATH
@@ -27,6 +27,7 @@ from pipeline import __version__
 from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from verify.errors import InputError
 from pipeline.gptq import METHODS, QuantSpec, gptq
+from pipeline.tokenizer import load_tokenizer
 from verify.grid import QuantResult, rtn
 from verify.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack, packable,
                                 packed_shapes, ragged, write_configs)
@@ -226,7 +227,7 @@ def calibration_tokens(model: Path, a: LlamaArgs, spec: QuantSpec, calibration: 
     if seqlen > a.max_seq_len:
         raise InputError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
                          f"{a.max_seq_len} ({model / 'config.json'})")
-    tokens, info = load_calibration(calibration, model_tokenizer(model), nsamples, seqlen, seed)
+    tokens, info = load_calibration(calibration, load_tokenizer(model), nsamples, seqlen, seed)
     if int(tokens.max()) >= a.vocab_size:
         raise InputError(f"{model}: the tokenizer produces id {int(tokens.max())} beyond "
                          f"vocab_size {a.vocab_size} in config.json")
@@ -265,7 +266,8 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
             restore_layer(layer, file, spec.bits, prefix, dev)
         else:
             tensors, log = quantize_layer(layer, state, spec, X, dev, cos, sin, prefix)
-            save_file(tensors, str(file.with_suffix(".tmp")), metadata={"log": json.dumps(log)})
+            # serialised here, written by Python: a full disk is an OSError like any other write
+            file.with_suffix(".tmp").write_bytes(save(tensors, metadata={"log": json.dumps(log)}))
             file.with_suffix(".tmp").replace(file)
             modules.update(log)
         if X is not None and i + 1 < a.n_layers:  # the next layer's inputs
@@ -374,15 +376,6 @@ def resume_mismatch(run_file: Path, run: dict) -> str | None:
     new = json.loads(json.dumps(run))
     changed = [k for k in new if not isinstance(old, dict) or old.get(k) != new[k]]
     return f"{', '.join(changed)} changed" if changed else None
-
-
-def model_tokenizer(model: Path) -> Any:
-    """The model's own tokenizer (AutoTokenizer on its directory)."""
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise InputError(f"{model}: cannot load its tokenizer with AutoTokenizer ({e})") from e
 
 
 @click.command("quantize")

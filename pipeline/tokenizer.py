@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import chat
-from verify.bounded import read_bytes
-from verify.errors import InputError, PipelineError
+from verify.bounded import read_bytes, read_json
+from verify.errors import InputError, PipelineError, first_line
 
 # Meta's Llama 3 pre-tokenisation pattern and special tokens (256 after the BPE ranks).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -59,6 +59,27 @@ PROBES = (
 
 TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")
 MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.model: 0.5 MB (SentencePiece) to 2.2 MB (tiktoken)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json")
+
+
+def load_tokenizer(path: Path) -> Any:
+    """A model directory's tokenizer through AutoTokenizer, as users will load it; its JSON
+    files pass the input boundary first, so a hostile one is an InputError naming it."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    for name in TOKENIZER_JSON:
+        if (path / name).exists() or (path / name).is_symlink():
+            read_json(path / name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many types for a broken file
+        raise InputError(f"{path}: its tokenizer cannot be loaded ({first_line(e)})") from None
 
 
 def tokenizer_kind(path: Path) -> str:

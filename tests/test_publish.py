@@ -575,16 +575,22 @@ def test_hand_edited_verify_report_is_refused(work, hub, forgery, monkeypatch, c
     assert hub.requests == [] and path.read_bytes() == before
 
 
+RUN = (b'"device": "cpu", "dtype": "float32", "tokens_per_second": 1.0, "eval": {"source": "e", '
+       b'"files": [], "seqlen": 8, "windows": 1, "tokens": 8}, "perplexity": {}')
+
+
 @pytest.mark.parametrize("content, match", [
     (b"\xff\xfe{\x00\"\x00", "not UTF-8 text"),
     (bytes(range(256)), "not UTF-8 text"),
-    (b'{"schema": 2, "passed": "yes", "artifacts": {}, "checks": [], "perplexity": {}, "eval": {}}',
-     "passed must be true or false"),
+    (b'{"schema": 2, "passed": "yes", "artifacts": {}, "checks": [], ' + RUN + b'}',
+     "verify.passed: must be bool, got str"),
     (b'{"schema": 2, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
-     b'"files": {"../../etc/passwd": "abc"}}}, "checks": [], "perplexity": {}, "eval": {}}',
+     b'"files": {"../../etc/passwd": "abc"}}}, "checks": [], ' + RUN + b'}',
      "'../../etc/passwd' is not a relative path"),
-    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [{"check": 1}], "perplexity": {}, "eval": {}}',
-     r"checks\[0\] needs check"),
+    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [{"check": 1}], ' + RUN + b'}',
+     r"verify.checks.0.check: must be str, got int; verify.checks.0.artifact: missing"),
+    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [], "runtimes": {"x": {"v": '
+     b'null}}, ' + RUN + b'}', r"verify.runtimes.x.v: must be an object"),
 ])
 def test_malformed_or_binary_verify_report_is_bad_input(work, hub, content, match, monkeypatch, capsys):
     path = work / "verify" / "verify.json"

@@ -40,6 +40,7 @@ class SystemFailure(PipelineError):
 OS_REASONS = {
     errno.ENOSPC: ("no space left on the device", 1),
     errno.EDQUOT: ("disk quota exceeded", 1),
+    errno.EFBIG: ("file too large (a file size limit)", 1),
     errno.EIO: ("input/output error on the device", 1),
     errno.ENOMEM: ("out of memory", 1),
     errno.EMFILE: ("too many open files", 1),
@@ -57,12 +58,38 @@ OS_REASONS = {
 }
 
 
-def os_failure(e: OSError) -> SystemFailure:
-    """An OSError as a one-line SystemFailure: the path(s), the reason and errno's name."""
-    reason, code = OS_REASONS.get(e.errno, (e.strerror or type(e).__name__, 1))
-    name = errno.errorcode.get(e.errno, "") if e.errno else ""
-    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
+def os_failure(e: OSError, path: os.PathLike | str | None = None) -> SystemFailure:
+    """An OSError as a one-line SystemFailure: the path(s) (`path` when the error names none),
+    the reason and errno's name. A short write that set no errno (numpy's tofile) on a device
+    left without free space is the full disk it is."""
+    code = e.errno
+    if code is None and path is not None and free_bytes(path) < FULL_BELOW:
+        code = errno.ENOSPC
+    reason, exit_code = OS_REASONS.get(code, (e.strerror or str(e) or type(e).__name__, 1))
+    name = errno.errorcode.get(code, "") if code else ""
+    named = [p for p in (e.filename, e.filename2) if p is not None]
+    paths = [os.fsdecode(p) for p in (named or ([path] if path is not None else []))]
     where = " -> ".join(p.encode("utf-8", "backslashreplace").decode() for p in paths)
     failure = SystemFailure(f"{where + ': ' if where else ''}{reason}" + (f" ({name})" if name else ""))
-    failure.exit_code = code
+    failure.exit_code = exit_code
     return failure
+
+
+FULL_BELOW = 1 << 20  # free bytes under which a device counts as full
+
+
+def free_bytes(path: os.PathLike | str) -> int:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return FULL_BELOW
+    return st.f_bavail * st.f_frsize
+
+
+def first_line(e: BaseException) -> str:
+    """Another library's error message on one line, short, for a message that quotes it."""
+    return " ".join(str(e).split())[:300] or type(e).__name__

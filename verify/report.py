@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 import re
 import sys
 from pathlib import Path
@@ -89,9 +90,6 @@ def read_report(path: Path | str) -> dict[str, Any]:
         raise InputError(f"{e}; run verify again") from None
     if report.get("schema") != SCHEMA:
         raise InputError(f"{path}: not a schema-{SCHEMA} verify report")
-    for key in ("passed", "artifacts", "checks", "perplexity", "eval"):
-        if key not in report:
-            raise InputError(f"{path}: verify report has no {key!r}")
     problems = shape_problems(report)
     if problems:
         raise InputError(f"{path}: malformed verify report ({'; '.join(problems[:5])}); "
@@ -99,37 +97,94 @@ def read_report(path: Path | str) -> dict[str, Any]:
     return report
 
 
+# verify.json's schema, as data: what publish, the cards and verify.txt read, with its types.
+# A dict is an object ("key?" optional, other keys allowed), MapOf/ListOf a container, a tuple of
+# types a value (bool is never an int here); NUM a number, and OPT_* the same or null.
+NUM, OPT_NUM, OPT_STR, SCALAR = (int, float), (int, float, type(None)), (str, type(None)), \
+    (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """An object with any keys, each value of the spec `item`."""
+
+    item: Any
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list, each item of the spec `item`."""
+
+    item: Any
+
+
+SAMPLE = {"prompt": (str,), "text": (str,), "agree?": (int,), "compared?": (int,)}
+RUNTIME_RESULT = {"version": OPT_STR, "checked": (bool,), "reason": OPT_STR, "loaded": (bool,),
+                  "error": OPT_STR, "expected_refusal?": (bool,), "ppl": OPT_NUM,
+                  "ppl_ours": OPT_NUM, "ratio": OPT_NUM, "kl_mean": OPT_NUM, "top1": OPT_NUM,
+                  "kernels": ListOf((str,))}
+REPORT_SCHEMA = {
+    "passed": (bool,), "device": (str,), "dtype": (str,), "tokens_per_second": NUM,
+    "eval": {"source": (str,), "files": ListOf((str,)), "seqlen": (int,), "windows": (int,),
+             "tokens": (int,)},
+    "artifacts": MapOf({"path": (str,), "relpath?": (str,), "kind": (str,), "files": MapOf((str,)),
+                        "bits?": OPT_NUM, "group_size?": OPT_NUM, "desc_act?": (bool, type(None)),
+                        "type?": (str,), "runtime?": (str,)}),
+    "checks": ListOf({"check": (str,), "artifact": (str,), "passed": (bool,), "runtime?": (str,),
+                      "reason?": (str,), "metrics?": MapOf(SCALAR), "thresholds?": MapOf(SCALAR),
+                      "samples?": ListOf(SAMPLE)}),
+    "perplexity": MapOf(NUM),
+    "runtimes?": MapOf(MapOf(RUNTIME_RESULT)),
+}
+# the metrics the tables format as numbers, by check
+NUMERIC_METRICS = {"kl_divergence": ("kl_mean", "kl_p99", "top1"),
+                   "conversion_parity": ("max_rel_err",), "perplexity": ("ppl",)}
+
+
+def schema_problems(value: Any, spec: Any, where: str) -> list[str]:
+    """Where `value` departs from `spec` (REPORT_SCHEMA's language), as `key.path: expected`."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: must be an object"]
+        out = []
+        for key, sub in spec.items():
+            name = key.rstrip("?")
+            if name in value:
+                out += schema_problems(value[name], sub, f"{where}.{name}")
+            elif not key.endswith("?"):
+                out.append(f"{where}.{name}: missing")
+        return out
+    if isinstance(spec, (MapOf, ListOf)):
+        kind = dict if isinstance(spec, MapOf) else list
+        if not isinstance(value, kind):
+            return [f"{where}: must be {'an object' if kind is dict else 'a list'}"]
+        items = value.items() if kind is dict else enumerate(value)
+        return [p for k, v in items for p in schema_problems(v, spec.item, f"{where}.{k}")]
+    if isinstance(value, bool) and bool not in spec or not isinstance(value, spec):
+        return [f"{where}: must be {' or '.join(t.__name__ for t in spec)}, got {type(value).__name__}"]
+    return []
+
+
 def shape_problems(report: dict[str, Any]) -> list[str]:
-    """What in a report does not have the schema's types (what publish and the cards read)."""
-    problems = []
-    if not isinstance(report["passed"], bool):
-        problems.append("passed must be true or false")
-    artifacts, checks, ppl = report["artifacts"], report["checks"], report["perplexity"]
-    if not isinstance(artifacts, dict):
-        return [*problems, "artifacts must be an object"]
-    for name, a in artifacts.items():
-        if not (isinstance(a, dict) and isinstance(a.get("path"), str)
-                and isinstance(a.get("relpath", ""), str)
-                and a.get("kind") in REQUIRED_CHECKS and isinstance(a.get("files"), dict)):
-            problems.append(f"artifacts.{name} needs path, kind ({'/'.join(REQUIRED_CHECKS)}) and files")
-            continue
+    """What in a report departs from REPORT_SCHEMA, or from the rules types cannot say: artifact
+    kinds, relative file paths with sha256 hashes, numeric table metrics."""
+    problems = schema_problems(report, REPORT_SCHEMA, "verify")
+    if problems:
+        return problems
+    for name, a in report["artifacts"].items():
+        if a["kind"] not in REQUIRED_CHECKS:
+            problems.append(f"artifacts.{name}.kind: one of {'/'.join(REQUIRED_CHECKS)}")
         for rel, sha in a["files"].items():
             parts = rel.split("/")
             if rel.startswith("/") or ".." in parts or "" in parts or "\0" in rel:
                 problems.append(f"artifacts.{name}.files: {rel!r} is not a relative path")
-            elif not (isinstance(sha, str) and SHA256.match(sha)):
+            elif not SHA256.match(sha):
                 problems.append(f"artifacts.{name}.files.{rel}: not a sha256")
-    if not isinstance(checks, list):
-        return [*problems, "checks must be a list"]
-    for i, c in enumerate(checks):
-        if not (isinstance(c, dict) and isinstance(c.get("check"), str)
-                and isinstance(c.get("artifact"), str) and isinstance(c.get("passed"), bool)):
-            problems.append(f"checks[{i}] needs check, artifact (strings) and passed (true/false)")
-    if not (isinstance(ppl, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                          for v in ppl.values())):
-        problems.append("perplexity must map names to numbers")
-    if not isinstance(report["eval"], dict):
-        problems.append("eval must be an object")
+    for i, c in enumerate(report["checks"]):
+        for key in NUMERIC_METRICS.get(c["check"], ()):
+            value = c.get("metrics", {}).get(key)
+            if value is not None and not (isinstance(value, NUM) and not isinstance(value, bool)):
+                problems.append(f"checks.{i}.metrics.{key}: must be a number")
     return problems
 
 
