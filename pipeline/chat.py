@@ -10,6 +10,13 @@ the tokenizer files, generation_config.json, the card and verify all read their 
 - `llama3` (Llama 3.x Instruct; Meta's `ChatFormat.encode_dialog_prompt`): `<|begin_of_text|>`, per
   message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, then the assistant
   header. No default system message (Meta's code adds none).
+- `codellama-70b` (CodeLlama 70B Instruct; Meta's `dialog_prompt_tokens` in codellama's
+  llama/generation.py): `<s>`, per message ` Source: {role}` (`\\nDestination: {d}` when the message
+  names one), then, when it has content, `\\n\\n {content}`, then `<step>`; the reply starts with
+  ` Source: assistant\\nDestination: user\\n\\n `. Meta encodes each header and body on its own
+  (a SentencePiece dummy prefix each); the template writes that prefix as the space before the
+  body. A dialog without a system message gets an empty one first, as Meta's `chat_completion`
+  inserts. Generation stops at `<step>` (and `</s>`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,37 @@ LLAMA3_TEMPLATE = r"""{#- Meta's Llama 3 ChatFormat.encode_dialog_prompt -#}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
 {%- endif -%}
 """
+CODELLAMA_70B_TEMPLATE = r"""{#- Meta's CodeLlama 70B dialog_prompt_tokens, with chat_completion's empty system message -#}
+{%- if messages[0]['role'] != 'system' -%}
+    {%- set messages = [{'role': 'system', 'content': ''}] + messages -%}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if not loop.first and message['role'] != ['assistant', 'user'][loop.index0 % 2] -%}
+        {{- raise_exception('CodeLlama 70B chat format: a system message, then roles alternating user, assistant, user, ...') -}}
+    {%- endif -%}
+    {{- ' Source: ' + message['role'] | trim -}}
+    {%- if message['destination'] is defined and message['destination'] is not none -%}
+        {{- '
+Destination: ' + message['destination'] | trim -}}
+    {%- endif -%}
+    {%- if message['content'] -%}
+        {{- ' 
+
+ ' + message['content'] | trim -}}
+    {%- endif -%}
+    {{- '<step>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {%- if messages[-1]['role'] != 'user' -%}
+        {{- raise_exception('CodeLlama 70B chat format: the last message must be the user\'s') -}}
+    {%- endif -%}
+    {{- ' Source: assistant
+Destination: user 
+
+ ' -}}
+{%- endif -%}
+"""
 
 
 @dataclass(frozen=True)
@@ -72,6 +110,13 @@ CHAT_FORMATS = {
                          "Llama 3's `ChatFormat.encode_dialog_prompt`, no default system prompt; "
                          "generation stops at `<|eot_id|>` (and `<|eom_id|>` from 3.1 on) as well "
                          "as `<|end_of_text|>` (`eos_token_id` in generation_config.json)"),
+    "codellama-70b": ChatFormat("codellama-70b", CODELLAMA_70B_TEMPLATE, "sentencepiece",
+                                ("<s>", "</s>"), ("<step>",),
+                                "CodeLlama 70B's `dialog_prompt_tokens`: turns introduced by "
+                                "`Source: system|user|assistant`, each ended by `<step>`, an empty "
+                                "system turn when the dialog has none, and the reply announced as "
+                                "`Source: assistant` / `Destination: user`; generation stops at "
+                                "`<step>` as well as `</s>`"),
     "none": ChatFormat("none", None, None, None, ()),
 }
 FORMATS = tuple(CHAT_FORMATS)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pipeline.paths import PATH
 from pipeline import __version__
+from verify.bounded import read_json
 from verify.errors import InputError
 from pipeline.output import staged_dir
 
@@ -233,10 +234,7 @@ def shipped_model(recipe) -> dict[str, Any]:
         raise InputError(f"{root}: the shipped demo model is incomplete (missing "
                          f"{', '.join(missing)}); restore it with git or regenerate it with "
                          "`python -m pipeline demo --retrain`")
-    try:
-        return json.loads(info_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{info_file}: not valid JSON ({e})") from e
+    return read_json(info_file)
 
 
 def retrain_model(recipe, settings: DemoSettings, stdlib: Path | None = None) -> dict[str, Any]:

@@ -254,7 +254,7 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
         prefix, file = f"model.layers.{i}.", layers_dir / f"{i:05d}.safetensors"
         if i < done:
             with safe_open(file, framework="pt") as f:
-                modules.update(json.loads(f.metadata()["log"]))
+                modules.update(loads_json(f.metadata()["log"], f"{file}: log"))
             if not replay:
                 continue
         state = layer_state(ck, i)

@@ -192,6 +192,19 @@ def check_ids(tokenizer_json: Path, source: SourceTokenizer,
                                 f"source tokenizer as {want[:12]}...")
 
 
+def mark_special(backend: Any, tokens: tuple[str, ...]) -> None:
+    """Make the chat format's tokens that the vocabulary has (CodeLlama 70B's `<step>`, a plain
+    piece of its SentencePiece model) special, at their own ids: the template writes them as text,
+    and the tokenizer must give their id, as Meta's code inserts it. One that is missing stays
+    text."""
+    from tokenizers import AddedToken
+
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    new = [t for t in tokens if t not in added and backend.token_to_id(t) is not None]
+    if new:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+
+
 def infill_ids(backend: Any, path: Path, source: SourceTokenizer,
                family: str) -> dict[str, int] | None:
     """Code Llama's infilling ids by role, or None when the vocabulary has no infilling pieces
@@ -224,6 +237,7 @@ def convert_tokenizer(path: Path, out: Path, family: str, max_positions: int,
         special = {"bos_token": specials[0], "eos_token": specials[1],
                    "pad_token": specials[PAD["tiktoken"]]}
         backend = _tiktoken_backend(path, family, special["bos_token"])
+    mark_special(backend, fmt.stop_tokens)
     (out / "tokenizer.json").write_text(backend.to_str(pretty=True), encoding="utf-8")
     check_ids(out / "tokenizer.json", source)
     shutil.copyfile(path, out / "tokenizer.model")

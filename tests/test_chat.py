@@ -86,6 +86,31 @@ class MetaLlama3:
         return tokens + self.header("assistant")
 
 
+def meta_codellama70b_dialog(sp: spm.SentencePieceProcessor, dialog: list[dict]) -> list[int]:
+    """CodeLlama 70B's chat_completion (codellama/llama/generation.py): an empty system message
+    first when the dialog has none; then dialog_prompt_tokens: BOS, per message the header
+    " Source: ROLE" ("\\nDestination: D" when given) and, when it has content, the body
+    "\\n\\n " + content.strip(), each encoded on its own, then the <step> id; the reply's header
+    " Source: assistant\\nDestination: user" and "\\n\\n ", each encoded on its own."""
+    step = sp.piece_to_id("<step>") or None
+    assert step is not None
+    if dialog[0]["role"] != "system":
+        dialog = [{"role": "system", "content": ""}, *dialog]
+    assert all(m["role"] == "user" for m in dialog[1::2])
+    assert all(m["role"] == "assistant" for m in dialog[2::2])
+    assert dialog[-1]["role"] == "user"
+    tokens = [sp.bos_id()]
+    for m in dialog:
+        headers = [f"Source: {m['role'].strip()}"]
+        if m.get("destination") is not None:
+            headers.append(f"Destination: {m['destination'].strip()}")
+        tokens += sp.encode(" " + "\n".join(headers))
+        if m["content"]:
+            tokens += sp.encode("\n\n " + m["content"].strip())
+        tokens.append(step)
+    return tokens + sp.encode(" Source: assistant\nDestination: user") + sp.encode("\n\n ")
+
+
 def meta_infilling_prompt(sp: spm.SentencePieceProcessor, prefix: str, suffix: str) -> list[int]:
     """Code Llama's infilling_prompt_tokens (prefix-suffix-middle): encode_infilling(s) is
     sp.encode("☺" + s)[2:], the text without SentencePiece's leading space."""
@@ -109,6 +134,12 @@ DIALOGS = [
     [{"role": "user", "content": " a"}, {"role": "assistant", "content": " b "},
      {"role": "user", "content": "c"}],
 ]
+DIALOGS_70B = [  # destination headers, an empty message, an answer ending in whitespace
+    [{"role": "system", "content": "Reply in code only."},
+     {"role": "user", "content": "Sort a dict by value.", "destination": "assistant"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "ok \n"},
+     {"role": "user", "content": "go"}],
+]
 INFILL = [("def area(r):\n    ", "  return result\n"),
           ('def remove_non_ascii(s: str) -> str:\n    """ ', "\n    return result\n"),
           ("x = 1", " + y")]
@@ -125,6 +156,22 @@ def smiley_model(tmp: Path) -> Path:
     return tmp / "smiley.model"
 
 
+STEP_ID = 32015  # the last piece of the 32016 vocabulary (the tests need no particular id)
+
+
+def step_model(tmp: Path, with_step: bool = True) -> Path:
+    """Code Llama's 32016-piece layout with CodeLlama 70B's `<step>` as a plain piece (what
+    SentencePiece never produces from text; Meta's code inserts its id), or without it."""
+    m = pb.ModelProto()
+    m.ParseFromString(padded_sentencepiece_model(32016).read_bytes())
+    if with_step:
+        piece = m.pieces[STEP_ID]
+        piece.piece, piece.type = "<step>", pb.ModelProto.SentencePiece.NORMAL
+    path = tmp / ("step.model" if with_step else "nostep.model")
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(name) -> (directory, summary, source path) of converted tokenizers, made once."""
@@ -132,7 +179,10 @@ def converted(tmp_path_factory):
     sources = {"llama2": ("llama2", sentencepiece_model, "llama2"),
                "codellama": ("codellama", lambda: smiley_model(tmp), "llama2"),
                "llama3": ("llama3", tiktoken_model, "llama3"),
-               "llama3.1": ("llama3.1", tiktoken_model, "llama3")}
+               "llama3.1": ("llama3.1", tiktoken_model, "llama3"),
+               "codellama-70b": ("codellama", lambda: step_model(tmp), "codellama-70b"),
+               "codellama-70b-nostep": ("codellama", lambda: step_model(tmp, False),
+                                        "codellama-70b")}
     cache: dict[str, tuple[Path, dict, Path]] = {}
 
     def get(name: str) -> tuple[Path, dict, Path]:
@@ -158,7 +208,10 @@ def config_only_copy(d: Path, tmp: Path) -> Path:
 def reference(name: str, source: Path, dialog: list[dict]) -> list[int]:
     if name.startswith("llama3"):
         return MetaLlama3(source).dialog_prompt(dialog)
-    return meta_llama2_dialog(spm.SentencePieceProcessor(model_file=str(source)), dialog)
+    sp = spm.SentencePieceProcessor(model_file=str(source))
+    if name == "codellama-70b":
+        return meta_codellama70b_dialog(sp, dialog)
+    return meta_llama2_dialog(sp, dialog)
 
 
 def chat_ids(tok, dialog: list[dict]) -> list[int]:
@@ -167,14 +220,36 @@ def chat_ids(tok, dialog: list[dict]) -> list[int]:
 
 # ---------------------------------------------------------------- transformers 5.x
 
-@pytest.mark.parametrize("name", ["llama2", "codellama", "llama3", "llama3.1"])
+@pytest.mark.parametrize("name", ["llama2", "codellama", "llama3", "llama3.1", "codellama-70b"])
 @pytest.mark.parametrize("route", ["chat_template.jinja", "tokenizer_config.json"])
 def test_chat_template_gives_metas_ids(converted, tmp_path, name, route):
     d, _, source = converted(name)
     tok = AutoTokenizer.from_pretrained(d if route == "chat_template.jinja"
                                         else config_only_copy(d, tmp_path))
-    for dialog in DIALOGS:
+    for dialog in DIALOGS + (DIALOGS_70B if name == "codellama-70b" else []):
         assert chat_ids(tok, dialog) == reference(name, source, dialog), dialog
+
+
+def test_codellama_70b_format(converted):
+    """Meta inserts an empty system turn (the published template may not: the references differ),
+    stops at <step> as well as EOS, and renders on a vocabulary without <step> (as text)."""
+    d, summary, source = converted("codellama-70b")
+    sp = spm.SentencePieceProcessor(model_file=str(source))
+    tok = AutoTokenizer.from_pretrained(d)
+    dialog = DIALOGS[0]
+    assert dialog[0]["role"] == "user"
+    ids = chat_ids(tok, dialog)
+    assert ids == meta_codellama70b_dialog(sp, dialog)
+    assert ids[1:1 + len(sp.encode(" Source: system"))] == sp.encode(" Source: system")
+    assert ids.count(STEP_ID) == 2  # the inserted system turn and the user's
+    assert summary["stop_ids"] == [2, STEP_ID]
+    text = tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
+    assert text == ("<s> Source: system<step> Source: user \n\n Write a function that reverses a "
+                    "string.<step> Source: assistant\nDestination: user \n\n ")
+    d, summary, _ = converted("codellama-70b-nostep")
+    tok = AutoTokenizer.from_pretrained(d)
+    assert summary["stop_ids"] == [2] and tok.convert_tokens_to_ids("<step>") == tok.unk_token_id
+    assert "<step>" in tok.decode(chat_ids(tok, dialog))
 
 
 @pytest.mark.parametrize("name", ["llama2", "llama3.1"])
@@ -273,8 +348,9 @@ def test_transformers_4_gives_the_same_ids(converted, tmp_path):
     assert TF4_PYTHON.is_file(), f"{TF4_PYTHON} missing: run `make install` (builds .venv-tf4)"
     texts = ["  two leading spaces", "def f(x):\n\treturn x  # ünïcode 日本語 🦙", " ", ""]
     cases, want = [], []
-    for name in ("llama2", "codellama", "llama3", "llama3.1"):
+    for name in ("llama2", "codellama", "llama3", "llama3.1", "codellama-70b"):
         d, summary, source = converted(name)
+        dialogs = DIALOGS + (DIALOGS_70B if name == "codellama-70b" else [])
         if name.startswith("llama3"):
             meta = MetaLlama3(source)
             text_ids = [[meta.n, *meta.encode(t)] for t in texts]
@@ -283,11 +359,11 @@ def test_transformers_4_gives_the_same_ids(converted, tmp_path):
             text_ids = [[sp.bos_id(), *sp.encode(t)] for t in texts]
         infill = summary["infill"] is not None
         for directory in (d, config_only_copy(d, tmp_path)):
-            cases.append({"dir": str(directory), "dialogs": DIALOGS, "texts": texts,
+            cases.append({"dir": str(directory), "dialogs": dialogs, "texts": texts,
                           "infill": INFILL if infill else [],
                           "infill_code": card_infill_code(summary["infill"]) if infill else None})
             want.append({"class": "PreTrainedTokenizerFast",
-                         "chat": [reference(name, source, dl) for dl in DIALOGS], "text": text_ids,
+                         "chat": [reference(name, source, dl) for dl in dialogs], "text": text_ids,
                          **({"infill": [meta_infilling_prompt(sp, p, s) for p, s in INFILL]}
                             if infill else {})})
     spec = tmp_path / "spec.json"
@@ -404,7 +480,7 @@ def write_recipe(tmp_path: Path, model: str = "", verify: str = "") -> Path:
 
 
 @pytest.mark.parametrize("model,verify,message", [
-    ('chat_format = "llama4"', "", r"chat_format = 'llama4': must be one of llama2, llama3, none"),
+    ('chat_format = "llama4"', "", r"chat_format = 'llama4': must be one of llama2, llama3, codellama-70b, none"),
     ('chat_format = "llama2"\nprompt_template = "[INST] {prompt} [/INST]"', "",
      "prompt_template is derived from chat_format"),
     ("", 'chat_prompts = ["hi"]', r"chat_prompts needs a \[model\] chat_format"),

@@ -187,10 +187,10 @@ def test_missing_gptq_part_is_named(fp16_dir, tmp_path):
 
 
 @pytest.mark.parametrize("data,message", [
-    (None, r"config\.json: missing$"), (b"[1, 2]", r"config\.json: expected a JSON object, got list"),
+    (None, r"config\.json: file not found$"), (b"[1, 2]", r"config\.json: expected a JSON object, got list"),
     (b"{", r"config\.json: invalid JSON"), (b"\xff{}", r"config\.json: not UTF-8 text")])
 def test_json_files_are_read_by_one_reader_naming_the_file(tmp_path, data, message):
-    """verify/checkpoint.py read_json reads every small JSON file (configs, the index, the stages'
+    """verify/bounded.py read_json reads every small JSON file (configs, the index, the stages'
     records for the cards): its errors fit any of them (no "GPTQ artifact" for an fp16 file)."""
     from verify.bounded import read_json
 
