@@ -71,10 +71,27 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
                   partial_groups=tuple((log.get("partial_groups") or {}).get("linears", ())))
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the fp16 conversion recorded (conversion.json) that the cards state: the infilling ids
+    of a model Meta trained to fill in the middle, infilling pieces in the vocabulary of one it did
+    not (CodeLlama 70B), and tied embeddings (Llama 3.2 1B/3B)."""
+
+    infill: dict[str, int] | None = None
+    untrained_infill: bool = False
+    tied: bool = False
+
+    @classmethod
+    def of(cls, conversion: dict) -> ModelFacts:
+        tok, detected = conversion.get("tokenizer") or {}, conversion.get("detected") or {}
+        return cls(tok.get("infill"), tok.get("infill_pieces") is not None,
+                   detected.get("tie_word_embeddings") is True)
+
+
 def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: str, hub_url: str,
-              infill: dict[str, int] | None = None) -> str:
-    """README.md of the GPTQ repository: one table row and one perplexity per branch; `infill`:
-    the tokenizer's infilling ids (conversion.json), for the fill-in-the-middle prompt."""
+              facts: ModelFacts = ModelFacts()) -> str:
+    """README.md of the GPTQ repository: one table row and one perplexity per branch; `facts`:
+    what the conversion recorded (the fill-in-the-middle prompt, tied embeddings)."""
     pub, ppl = recipe.publish, report["perplexity"]
     rows = [[f"[{b.name}]({repo_url(hub_url, pub.gptq_repo)}/tree/{b.name})", str(b.bits),
              "None" if b.group_size == -1 else str(b.group_size), "Yes" if b.desc_act else "No",
@@ -93,15 +110,15 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
     meta = metadata(recipe, model_type, pub.gptq_repo, [(labels[k], ppl[k]) for k in labels if k in ppl])
     shown = [("fp16", "fp16"), *((b.artifact, f"`{b.name}`") for b in branches)]
     return render("gptq", recipe, report, hub_url, metadata=meta, branch_rows=table(rows),
-                  prompt_notes=prompt_notes(recipe, infill),
+                  prompt_notes=prompt_notes(recipe, facts),
                   ppl_rows=table(ppl_rows), rtn_note="\n" + part("rtn_note") if has_rtn else "",
                   generation=generation(report, shown, part("agreement_note")),
                   compatibility=compatibility(report, branches), example_branch=example, local_dir=pub.gptq_repo.split("/")[1])
 
 
 def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: str, hub_url: str,
-              infill: dict[str, int] | None = None) -> str:
-    """README.md of the fp16 repository; `files` maps each file to its measured size, `infill` as
+              facts: ModelFacts = ModelFacts()) -> str:
+    """README.md of the fp16 repository; `files` maps each file to its measured size, `facts` as
     for gptq_card."""
     pub, ppl = recipe.publish, report["perplexity"]
     parity = next((c["metrics"] for c in report["checks"]
@@ -112,7 +129,7 @@ def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: s
     meta = metadata(recipe, model_type, pub.fp16_repo, [("fp16", ppl["fp16"])])
     weights = [f for f in files if f.endswith(".safetensors")]
     return render("fp16", recipe, report, hub_url, metadata=meta, parity=parity_text,
-                  prompt_notes=prompt_notes(recipe, infill),
+                  prompt_notes=prompt_notes(recipe, facts),
                   generation=generation(report, [("fp16", "fp16")], ""),
                   size=human_size(sum(files.values())), n_weight_files=str(len(weights)), dtype=recipe.convert.dtype,
                   fp16_ppl=f"{ppl['fp16']:.4f}", local_dir=pub.fp16_repo.split("/")[1])
@@ -247,13 +264,18 @@ def code_block(text: str) -> str:
     return f"{fence}text\n{text.rstrip(chr(10))}\n{fence}"
 
 
-def prompt_notes(recipe: Recipe, infill: dict[str, int] | None) -> str:
+def prompt_notes(recipe: Recipe, facts: ModelFacts) -> str:
     """What follows the prompt template: the chat template the tokenizer carries (its format from
-    pipeline/chat.py, as the template above) and the fill-in-the-middle prompt, where they apply."""
+    pipeline/chat.py, as the template above), the fill-in-the-middle prompt (or why there is
+    none) and tied embeddings, where they apply."""
     fmt = chat_format(recipe.model.chat_format)
     notes = [part("chat_template", reference=fmt.reference)] if fmt.template is not None else []
-    if infill is not None:
-        notes.append(part("infill", **{role: str(i) for role, i in infill.items()}))
+    if facts.infill is not None:
+        notes.append(part("infill", **{role: str(i) for role, i in facts.infill.items()}))
+    elif facts.untrained_infill:
+        notes.append(part("no_infill"))
+    if facts.tied:
+        notes.append(part("tied"))
     return "".join("\n\n" + n for n in notes)
 
 

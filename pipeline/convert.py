@@ -126,7 +126,8 @@ def read_layout(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]],
     if dim % p["n_heads"]:
         raise InputError(f"{ckpt.path / PARAMS}: dim={dim} is not divisible by "
                          f"n_heads={p['n_heads']}")
-    args = model_args(p, ckpt.family, vocab, tied="output.weight" not in names)
+    tied = "output.weight" not in names or output_is_embedding(shards, axis)
+    args = model_args(p, ckpt.family, vocab, tied=tied)
     hd = args.head_dim
     wk_rows = shards[0]["layers.0.attention.wk.weight"].shape[0] * MP
     if wk_rows != args.kv_dim:
@@ -149,6 +150,47 @@ def read_layout(ckpt: MetaCheckpoint, shards: list[dict[str, torch.Tensor]],
             raise InputError(f"{paths[0]}: tensor {name} merges to {tuple(got)}, expected {want} "
                              f"from params.json")
     return Layout(args, MP, axis, shapes)
+
+
+def infill_trained(tok: dict, a: LlamaArgs) -> dict:
+    """The tokenizer summary with `infill` kept only for a model Meta trained to fill in the
+    middle: Code Llama 7B and 13B (codellama's README lists no other; its model card's "7B, 13B
+    and 70B" is contradicted by the README and by Meta's examples). They are the Code Llamas
+    without grouped-query attention: 34B and 70B, whose vocabulary may hold the pieces, are not
+    offered infilling on their cards."""
+    if tok["infill"] is None or a.n_kv_heads == a.n_heads:
+        return tok
+    return {**tok, "infill": None, "infill_pieces": tok["infill"]}
+
+
+TIE_BLOCK = 4096  # rows compared at a time
+
+
+def output_is_embedding(shards: list[dict[str, torch.Tensor]], axis: int) -> bool:
+    """Whether output.weight is tok_embeddings (merged [vocab, dim] both): Meta ships the tied Llama
+    3.2 1B/3B with or without it, and a tied head is written once (lm_head absent,
+    tie_word_embeddings). Compared a block of rows at a time: an untied model differs at once."""
+    out = [s["output.weight"] for s in shards]  # column-parallel: rows (vocab) split
+    emb = [s["tok_embeddings.weight"] for s in shards]
+    vocab = sum(t.shape[0] for t in out)
+    if vocab != (sum(t.shape[0] for t in emb) if axis == 0 else emb[0].shape[0]):
+        return False
+    return all(torch.equal(merged_rows(out, 0, i, i + TIE_BLOCK),
+                           merged_rows(emb, axis, i, i + TIE_BLOCK))
+               for i in range(0, vocab, TIE_BLOCK))
+
+
+def merged_rows(parts: list[torch.Tensor], axis: int, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of the tensor the ranks' parts merge to along `axis`."""
+    if axis == 1:
+        return torch.cat([p[start:stop] for p in parts], dim=1)
+    rows, offset = [], 0
+    for p in parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, p.shape[0])
+        if lo < hi:
+            rows.append(p[lo:hi])
+        offset += p.shape[0]
+    return torch.cat(rows)
 
 
 def check_values(name: str, out: torch.Tensor, parts: list[torch.Tensor],
@@ -296,7 +338,7 @@ def convert(src: Path, out: Path, *, dtype: str = DEFAULT_DTYPE,
                                       layout.args.max_seq_len, chat_format)
                 written = write_tensors(tmp, shards, ckpt.shards, layout, specs, shard_bytes,
                                         pool, tok_job)
-                tok = tok_job.result()
+                tok = infill_trained(tok_job.result(), layout.args)
             config = hf_config(layout.args, dtype, tok)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             generation = {"bos_token_id": tok["bos_token_id"], "eos_token_id": tok["stop_ids"],

@@ -549,6 +549,21 @@ def run_levels(run: Run, executor: Executor, token: str | None) -> None:
             raise TaskFailed(failed.error, failed.exit_code)
 
 
+def plan(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",
+         variants: list[str] | None = None) -> list[dict[str, str]]:
+    """The tasks a run would consider, level by level in table order, with their outputs; reads
+    nothing but the recipe (no source, no job.json): what `run --plan` prints."""
+    if stage not in STAGE_NAMES:
+        raise InputError(f"--stage {stage!r}: choose one of {', '.join(STAGE_NAMES)}")
+    branches = list(dict.fromkeys(variants)) if variants else [v.branch for v in recipe.variants]
+    for b in branches:
+        recipe.variant(b)
+    job = Job(recipe, WorkDir.of(recipe, workdir).path, stage, tuple(branches))
+    return [{"task": s.key(i), "output": str(s.output(job, i))}
+            for level in sorted({s.level for s in STAGES})
+            for s in STAGES if s.level == level and job.wants(s.name) for i in s.items(job)]
+
+
 def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",
             variants: list[str] | None = None, dry_run: bool = False, endpoint: str | None = None,
             token: str | None = None, force: bool = False, device: str = "auto",

@@ -109,7 +109,10 @@ ROTARY_HEADS = {meta: llama.ROTARY_HEADS[hf] for meta, hf in HF_LAYER_NAMES.item
                 if hf in llama.ROTARY_HEADS}
 
 # Llama 3.2 1B/3B were trained with RoPE factor 32 (not 8); their params.json does not say so.
+# They are the Llama 3 models with tied embeddings, by which a checkpoint is known too (a
+# few-layer model of their layout, as the tests build, has neither shape).
 ROPE_FACTOR_BY_SHAPE = {(2048, 16): 32.0, (3072, 28): 32.0}
+ROPE_FACTOR_TIED = 32.0
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -162,12 +165,13 @@ def ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:
-    """HF `rope_scaling` for Llama 3.1+ (`use_scaled_rope`), else None."""
+def rope_scaling(params: dict[str, Any], tied: bool = False) -> dict[str, Any] | None:
+    """HF `rope_scaling` for Llama 3.1+ (`use_scaled_rope`), else None; factor 32 for Llama 3.2
+    1B/3B (by shape, or by their tied embeddings), else params.json's or Meta's 8."""
     if not params.get("use_scaled_rope"):
         return None
-    factor = params.get("rope_scaling_factor") or ROPE_FACTOR_BY_SHAPE.get(
-        (params["dim"], params["n_layers"]), 8.0)
+    factor = params.get("rope_scaling_factor") or (ROPE_FACTOR_TIED if tied else None) or \
+        ROPE_FACTOR_BY_SHAPE.get((params["dim"], params["n_layers"]), 8.0)
     return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
             "high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0),
             "original_max_position_embeddings": 8192}
@@ -195,7 +199,7 @@ def model_args(params: dict[str, Any], family: str, vocab_size: int | None = Non
         n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
         ffn_dim=ffn_dim(p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
         vocab_size=vocab, norm_eps=p["norm_eps"],
-        rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=rope_scaling(p),
+        rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=rope_scaling(p, tied),
         max_seq_len=FAMILIES[family].max_positions, tie_word_embeddings=tied)
 
 
@@ -392,7 +396,8 @@ def write_meta_checkpoint(directory: Path, params: dict[str, Any], state: dict[s
     kind = tokenizer_kind(Path(tokenizer_model))
     family = FAMILIES[detect_family(params, kind)]
     n_layers = params["n_layers"]
-    expected = set(meta_names(n_layers))
+    tied = "output.weight" not in state  # Llama 3.2 1B/3B as shipped without output.weight
+    expected = set(meta_names(n_layers, tied))
     if set(state) - NOT_WEIGHTS != expected:
         diff = sorted(expected ^ (set(state) - NOT_WEIGHTS))
         raise ValueError(f"state dict does not match params (n_layers={n_layers}): {diff[:6]}")
@@ -411,7 +416,7 @@ def write_meta_checkpoint(directory: Path, params: dict[str, Any], state: dict[s
         extra["rope.freqs"] = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     for r in range(n_shards):
         shard = {}
-        for name in meta_names(n_layers):
+        for name in meta_names(n_layers, tied):
             w = state[name].detach().to(dtype)
             dim = shard_dim(name, family.embedding_dim)
             shard[name] = (w if dim is None else w.chunk(n_shards, dim)[r]).clone()

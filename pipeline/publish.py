@@ -186,10 +186,10 @@ def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path
         files = artifact_files(path, verified_files(report, path.name, path, "gptq"))
         gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files))
     model_type = read_json(fp16 / "config.json").get("model_type", "llama")
-    infill = read_json(fp16 / "conversion.json").get("tokenizer", {}).get("infill")
+    facts = card.ModelFacts.of(read_json(fp16 / "conversion.json"))
     fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type, hub_url,
-                               infill)
-    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, infill)
+                               facts)
+    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, facts)
     pub = recipe.publish
     plans = [BranchPlan(pub.fp16_repo, "main", "fp16", (*fp16_files, card_file(fp16_card)))]
     plans += [BranchPlan(pub.gptq_repo, b.name, b.artifact, (*files, card_file(gptq_card))) for b, files in gptq]

@@ -13,7 +13,7 @@ import click
 
 from pipeline.paths import PATH
 from pipeline.executors import EXECUTORS, SLURM_CLUSTERS, make_executor
-from pipeline.job import STAGE_NAMES, JobFailed, check_resources, run_job
+from pipeline.job import STAGE_NAMES, JobFailed, check_resources, plan, run_job
 from pipeline.recipe import allow_dir_option, find_recipe, load_recipe
 from verify.errors import InputError
 from verify.report import render_perplexity
@@ -72,12 +72,14 @@ def render_summary(result: dict[str, Any]) -> str:
 @click.option("--slurm-mem-gb", type=click.IntRange(min=0), default=None, metavar="GB",
               help="Memory of each Slurm job, 0: the partition's default [default: [slurm] mem_gb].")
 @allow_dir_option
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Print the tasks the run would consider and their outputs; run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def command(recipe: str, stage: str, variants: tuple[str, ...], workdir: Path | None,
             dry_run: bool, endpoint: str | None, force: bool, device: str, executor: str,
             ray_address: str | None, slurm_cluster: str | None, slurm_partition: str | None,
             slurm_account: str | None, slurm_time: int | None, slurm_mem_gb: int | None,
-            allow_dirs: tuple[Path, ...], as_json: bool) -> None:
+            allow_dirs: tuple[Path, ...], show_plan: bool, as_json: bool) -> None:
     """Run RECIPE (a path, or a name in recipes/) end to end, reusing unchanged stage outputs."""
     # each engine's options: (option, the executor's keyword, value)
     given = {"ray": [("--ray-address", "address", ray_address)],
@@ -92,6 +94,13 @@ def command(recipe: str, stage: str, variants: tuple[str, ...], workdir: Path | 
             raise InputError(f"{', '.join(stray)}: only with --executor {name}")
     r = load_recipe(find_recipe(recipe), allow_dirs)
     check_resources(r)  # before an engine starts
+    if show_plan:
+        tasks = plan(r, workdir=workdir, stage=stage, variants=list(variants))
+        if as_json:
+            click.echo(json.dumps({"recipe": str(r.path), "tasks": tasks}))
+        w = max(len(t["task"]) for t in tasks)
+        click.echo("\n".join(f"{t['task']:<{w}}  {t['output']}" for t in tasks), err=as_json)
+        return
     settings = {key: value for _, key, value in given.get(executor, []) if value is not None}
     failure = None
     # with --json, stdout holds the JSON only: an engine prints news of its workers there (Ray)

@@ -90,6 +90,25 @@ def padded_sentencepiece_model(size: int) -> Path:
     return path
 
 
+STEP_ID = 32015  # where the fixtures put CodeLlama 70B's <step> (the code needs no particular id)
+
+
+@functools.cache
+def step_sentencepiece_model(with_step: bool = True) -> Path:
+    """Code Llama's 32016-piece layout with CodeLlama 70B's `<step>` as a plain piece (one
+    SentencePiece never produces from text; Meta's code inserts its id), or without it."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(padded_sentencepiece_model(32016).read_bytes())
+    if with_step:
+        piece = m.pieces[STEP_ID]
+        piece.piece, piece.type = "<step>", pb.ModelProto.SentencePiece.NORMAL
+    path = _workdir() / ("step.model" if with_step else "nostep.model")
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -134,10 +153,11 @@ class Spec:
     params: dict[str, Any]
     ffn: int
     vocab: int
-    tokenizer: str  # "sp", "sp32000", "sp32016", "tiktoken"
+    tokenizer: str  # "sp", "sp32000", "sp32016", "sp32016step", "tiktoken"
     family: str  # what detection must find
     max_positions: int
     extra: dict[str, Any] = field(default_factory=dict)
+    output: str = "own"  # output.weight: "own" weights, "none" (tied, absent), "copy" (tied, stored)
 
 
 SPECS = {
@@ -163,12 +183,40 @@ SPECS = {
                           rope_theta=500000.0, use_scaled_rope=True),
                      ffn=448, vocab=768, tokenizer="tiktoken", family="llama3.1",
                      max_positions=131072),
+    # The real layouts with fewer layers and narrower heads (the real params.json otherwise):
+    # CodeLlama 70B (Llama 2 70B's params, θ 1e6, 32016 pieces; 8 shards), its Python/Instruct
+    # (θ left at Llama 2's 10000, as released), Llama 3.2 1B/3B (tied embeddings, factor 32) and
+    # Llama 3.3 70B (3.1's params at 70B: multiple_of 4096, factor 8).
+    "codellama-70b": Spec(dict(dim=256, n_layers=2, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=1000000,
+                               vocab_size=32016), ffn=4096, vocab=32016, tokenizer="sp32016",
+                          family="codellama", max_positions=16384),
+    "codellama-70b-instruct": Spec(dict(dim=256, n_layers=2, n_heads=64, n_kv_heads=8,
+                                        multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                                        vocab_size=32016), ffn=4096, vocab=32016,
+                                   tokenizer="sp32016step", family="llama2", max_positions=4096),
+    "llama3.2": Spec(dict(dim=128, n_layers=2, n_heads=16, n_kv_heads=4, vocab_size=768,
+                          multiple_of=256, ffn_dim_multiplier=1.5, norm_eps=1e-5,
+                          rope_theta=500000.0, use_scaled_rope=True),
+                     ffn=512, vocab=768, tokenizer="tiktoken", family="llama3.1",
+                     max_positions=131072, output="none"),
+    "llama3.2-output": Spec(dict(dim=128, n_layers=2, n_heads=16, n_kv_heads=4, vocab_size=768,
+                                 multiple_of=256, ffn_dim_multiplier=1.5, norm_eps=1e-5,
+                                 rope_theta=500000.0, use_scaled_rope=True),
+                            ffn=512, vocab=768, tokenizer="tiktoken", family="llama3.1",
+                            max_positions=131072, output="copy"),
+    "llama3.3": Spec(dict(dim=256, n_layers=2, n_heads=64, n_kv_heads=8, vocab_size=768,
+                          multiple_of=4096, ffn_dim_multiplier=1.3, norm_eps=1e-5,
+                          rope_theta=500000.0, use_scaled_rope=True),
+                     ffn=4096, vocab=768, tokenizer="tiktoken", family="llama3.1",
+                     max_positions=131072),
 }
 
 
 def tokenizer_for(spec: Spec) -> Path:
     return {"sp": sentencepiece_model, "sp32000": lambda: padded_sentencepiece_model(32000),
             "sp32016": lambda: padded_sentencepiece_model(32016),
+            "sp32016step": step_sentencepiece_model,
             "tiktoken": tiktoken_model}[spec.tokenizer]()
 
 
@@ -201,6 +249,11 @@ def random_state(spec: Spec, seed: int = 0) -> dict[str, torch.Tensor]:
             f"layers.{i}.ffn_norm.weight": norm(),
         }
     state |= {"norm.weight": norm(), "output.weight": w(spec.vocab, dim, scale=1.0 / dim ** 0.5)}
+    if spec.output != "own":  # tied: the head is the embedding matrix (scaled down to it)
+        state["tok_embeddings.weight"] = state["tok_embeddings.weight"] / dim ** 0.5
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+        if spec.output == "none":
+            del state["output.weight"]
     return state
 
 

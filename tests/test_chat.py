@@ -23,8 +23,10 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from tiktoken.load import load_tiktoken_bpe
 from transformers import AutoTokenizer
 
-from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, build_checkpoint,
-                           padded_sentencepiece_model, sentencepiece_model, tiktoken_model)
+from meta_chat import meta_codellama70b_dialog
+from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, STEP_ID, build_checkpoint,
+                           padded_sentencepiece_model, sentencepiece_model,
+                           step_sentencepiece_model, tiktoken_model)
 from pipeline import card, chat
 from pipeline.cli import cli
 from pipeline.convert import convert
@@ -86,31 +88,6 @@ class MetaLlama3:
         return tokens + self.header("assistant")
 
 
-def meta_codellama70b_dialog(sp: spm.SentencePieceProcessor, dialog: list[dict]) -> list[int]:
-    """CodeLlama 70B's chat_completion (codellama/llama/generation.py): an empty system message
-    first when the dialog has none; then dialog_prompt_tokens: BOS, per message the header
-    " Source: ROLE" ("\\nDestination: D" when given) and, when it has content, the body
-    "\\n\\n " + content.strip(), each encoded on its own, then the <step> id; the reply's header
-    " Source: assistant\\nDestination: user" and "\\n\\n ", each encoded on its own."""
-    step = sp.piece_to_id("<step>") or None
-    assert step is not None
-    if dialog[0]["role"] != "system":
-        dialog = [{"role": "system", "content": ""}, *dialog]
-    assert all(m["role"] == "user" for m in dialog[1::2])
-    assert all(m["role"] == "assistant" for m in dialog[2::2])
-    assert dialog[-1]["role"] == "user"
-    tokens = [sp.bos_id()]
-    for m in dialog:
-        headers = [f"Source: {m['role'].strip()}"]
-        if m.get("destination") is not None:
-            headers.append(f"Destination: {m['destination'].strip()}")
-        tokens += sp.encode(" " + "\n".join(headers))
-        if m["content"]:
-            tokens += sp.encode("\n\n " + m["content"].strip())
-        tokens.append(step)
-    return tokens + sp.encode(" Source: assistant\nDestination: user") + sp.encode("\n\n ")
-
-
 def meta_infilling_prompt(sp: spm.SentencePieceProcessor, prefix: str, suffix: str) -> list[int]:
     """Code Llama's infilling_prompt_tokens (prefix-suffix-middle): encode_infilling(s) is
     sp.encode("☺" + s)[2:], the text without SentencePiece's leading space."""
@@ -156,22 +133,6 @@ def smiley_model(tmp: Path) -> Path:
     return tmp / "smiley.model"
 
 
-STEP_ID = 32015  # the last piece of the 32016 vocabulary (the tests need no particular id)
-
-
-def step_model(tmp: Path, with_step: bool = True) -> Path:
-    """Code Llama's 32016-piece layout with CodeLlama 70B's `<step>` as a plain piece (what
-    SentencePiece never produces from text; Meta's code inserts its id), or without it."""
-    m = pb.ModelProto()
-    m.ParseFromString(padded_sentencepiece_model(32016).read_bytes())
-    if with_step:
-        piece = m.pieces[STEP_ID]
-        piece.piece, piece.type = "<step>", pb.ModelProto.SentencePiece.NORMAL
-    path = tmp / ("step.model" if with_step else "nostep.model")
-    path.write_bytes(m.SerializeToString())
-    return path
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(name) -> (directory, summary, source path) of converted tokenizers, made once."""
@@ -180,8 +141,8 @@ def converted(tmp_path_factory):
                "codellama": ("codellama", lambda: smiley_model(tmp), "llama2"),
                "llama3": ("llama3", tiktoken_model, "llama3"),
                "llama3.1": ("llama3.1", tiktoken_model, "llama3"),
-               "codellama-70b": ("codellama", lambda: step_model(tmp), "codellama-70b"),
-               "codellama-70b-nostep": ("codellama", lambda: step_model(tmp, False),
+               "codellama-70b": ("codellama", step_sentencepiece_model, "codellama-70b"),
+               "codellama-70b-nostep": ("codellama", lambda: step_sentencepiece_model(False),
                                         "codellama-70b")}
     cache: dict[str, tuple[Path, dict, Path]] = {}
 
@@ -528,7 +489,8 @@ def test_card_prompt_section_follows_the_chat_format(tmp_path, fmt):
                                  'chat_prompts = ["hi"]' if fmt != "none" else ""))
     infill = {"prefix": 32007, "suffix": 32008, "middle": 32009, "eot": 32010}
     for ids in (None, infill):
-        text = card.fp16_card(r, {"model.safetensors": 10}, REPORT, "llama", "https://hub", ids)
+        text = card.fp16_card(r, {"model.safetensors": 10}, REPORT, "llama", "https://hub",
+                              card.ModelFacts(ids))
         section = text.split("## Prompt template\n\n")[1].split("\n## ")[0]
         assert section.startswith(f"```\n{chat.prompt_template(fmt)}\n```")
         assert ("apply_chat_template" in section) == (fmt != "none")

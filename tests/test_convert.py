@@ -31,6 +31,18 @@ PARITY = [
     ("codellama-34b", 4),
     ("llama3", 2),
     ("llama3.1", 4),
+    # the whole family (#23): each at 1 and 2 shards, and at its real count where that differs
+    ("codellama-70b", 1),
+    ("codellama-70b", 2),
+    ("codellama-70b", 8),
+    ("codellama-70b-instruct", 2),
+    ("llama3.2", 1),
+    ("llama3.2", 2),
+    ("llama3.2-output", 1),
+    ("llama3.2-output", 2),
+    ("llama3.3", 1),
+    ("llama3.3", 2),
+    ("llama3.3", 8),
 ]
 
 
@@ -101,17 +113,24 @@ def test_parity_catches_unpermuted_k(converted, tmp_path):
     assert max_rel_err(hf_logits(broken, tokens), ref) > 1e-2
 
 
-@pytest.mark.parametrize("name,key", [("codellama-7b", "rope_theta"), ("llama3.1", "rope_scaling")])
-def test_parity_catches_missing_rope_config(converted, tmp_path, name, key):
+@pytest.mark.parametrize("name,n_shards,key", [
+    ("codellama-7b", 2, "rope_theta"), ("llama3.1", 4, "rope_scaling"),
+    ("codellama-70b", 2, "rope_theta"), ("llama3.3", 2, "rope_scaling"),
+    ("llama3.2", 2, "factor 8"), ("llama3.2-output", 2, "factor 8")])
+def test_parity_catches_missing_rope_config(converted, tmp_path, name, n_shards, key):
     """Negative control: config.json without rope_theta (CodeLlama read with θ=10000) or without
-    Llama 3.1's rope_scaling."""
-    src, out = converted(name, 2 if name == "codellama-7b" else 4)
+    Llama 3.1's rope_scaling; Llama 3.2 with Meta's hard-coded factor 8 instead of 32."""
+    src, out = converted(name, n_shards)
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in out.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((out / "config.json").read_text())
-    del cfg[key]
+    if key == "factor 8":
+        assert cfg["rope_scaling"]["factor"] == 32.0
+        cfg["rope_scaling"]["factor"] = 8.0
+    else:
+        del cfg[key]
     (broken / "config.json").write_text(json.dumps(cfg))
     tokens = tokens_for(name, T=128)
     assert max_rel_err(hf_logits(broken, tokens), meta_logits(src, tokens)) > 1e-3
@@ -132,9 +151,11 @@ def test_config_and_files(converted, name, n_shards):
     assert cfg["rope_theta"] == p.get("rope_theta", 10000.0)  # top level: read by 4.x and 5.x
     assert "rope_parameters" not in cfg
     assert cfg["max_position_embeddings"] == spec.max_positions
-    assert cfg["rms_norm_eps"] == p["norm_eps"] and cfg["tie_word_embeddings"] is False
+    tied = spec.output != "own"  # Llama 3.2: the head is the embedding matrix, written once
+    factor = 32.0 if tied else 8.0  # Llama 3.2 1B/3B: factor 32 (their tied embeddings tell)
+    assert cfg["rms_norm_eps"] == p["norm_eps"] and cfg["tie_word_embeddings"] is tied
     if p.get("use_scaled_rope"):
-        assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192}
     else:
@@ -148,12 +169,12 @@ def test_config_and_files(converted, name, n_shards):
     rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}
     assert rope["rope_theta"] == p.get("rope_theta", 10000.0)
     if p.get("use_scaled_rope"):
-        assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+        assert rope["rope_type"] == "llama3" and rope["factor"] == factor
     # the dtype the config names is the dtype of every tensor written
     assert cfg["dtype"] == cfg["torch_dtype"] == "float16"
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-        assert "lm_head.weight" in f.keys() and "model.embed_tokens.weight" in f.keys()
+        assert ("lm_head.weight" in f.keys()) is not tied and "model.embed_tokens.weight" in f.keys()
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["bos_token_id"] == cfg["bos_token_id"]
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -395,3 +416,24 @@ def test_family_override_and_bad_options(llama2_src, tmp_path):
     _fails(llama2_src, tmp_path / "o5", r"tokenizer\.model: a sentencepiece tokenizer, but "
            r"Llama 3 uses tiktoken", family="llama3")
     assert issubclass(InputError, PipelineError)
+
+
+def test_a_head_that_only_looks_tied_is_not_tied(tmp_path):
+    """Llama 3.2 as Meta ships it with output.weight: a copy of tok_embeddings is written once
+    (tied). The same checkpoint with one row of the head changed is not tied: lm_head is written
+    and the RoPE factor is Meta's 8; the reference, which looks at the first rows only, still
+    calls it 3.2, so parity fails rather than passing a wrong factor."""
+    src = build_checkpoint(tmp_path / "meta", "llama3.2-output", 2)
+    convert(src, tmp_path / "tied")
+    assert json.loads((tmp_path / "tied" / "config.json").read_text())["tie_word_embeddings"]
+
+    def change_last_row(state: dict[str, torch.Tensor]) -> None:
+        state["output.weight"][-1] += 1.0
+    edit_shard(src, 1, change_last_row)
+    convert(src, tmp_path / "untied")
+    cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["rope_scaling"]["factor"] == 8.0
+    with safe_open(tmp_path / "untied" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" in f.keys()
+    tokens = tokens_for("llama3.2-output", T=128)
+    assert max_rel_err(hf_logits(tmp_path / "untied", tokens), meta_logits(src, tokens)) > 1e-3

@@ -140,17 +140,22 @@ def test_f16_logits_equal_ours_and_metas_within_fp16_round_off(job):
     assert c["passed"] and c["thresholds"] == th.GGUF_PARITY
 
 
-@pytest.mark.parametrize("family", ["codellama-7b", "codellama-34b", "llama3.1"])
+@pytest.mark.parametrize("family", ["codellama-7b", "codellama-34b", "llama3.1", "codellama-70b",
+                                    "llama3.2", "llama3.2-output", "llama3.3"])
 def test_families_match_metas_forward_in_llama_cpp(family, tmp_path):
-    """Code Llama 7B (θ 1e6, 32016 pieces with infilling), 34B (grouped kv heads) and Llama 3.1
-    (byte-level BPE, scaled RoPE through rope_freqs) on random weights: llama.cpp's logits on the
-    F16 file against Meta's reference forward on the original shards, within GGUF_PARITY
-    (measured max relative error ~2e-3 for each, bound 0.1)."""
+    """Code Llama 7B (θ 1e6, 32016 pieces with infilling), 34B (grouped kv heads), Llama 3.1
+    (byte-level BPE, scaled RoPE through rope_freqs), and CodeLlama 70B, Llama 3.2 (tied
+    embeddings: no output tensor, llama.cpp reuses token_embd; factor 32) and 3.3 layouts, on
+    random weights: llama.cpp's logits on the F16 file against Meta's reference forward on the
+    original shards, within GGUF_PARITY (measured max relative error ~2e-3 for each, bound 0.1)."""
     meta = build_checkpoint(tmp_path / "meta", family, 2)
     convert(meta, tmp_path / "fp16")
     write_gguf(tmp_path / "fp16", tmp_path / "m.gguf")
-    tokens = torch.randint(3, SPECS[family].vocab if family == "llama3.1" else 1000, (2, 64),
-                           generator=torch.Generator().manual_seed(0))
+    tied = SPECS[family].output != "own"
+    names = {t.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert ("output.weight" in names) is not tied and "token_embd.weight" in names
+    tokens = torch.randint(3, SPECS[family].vocab if SPECS[family].tokenizer == "tiktoken"
+                           else 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     p = logits_parity(llama_cpp_logits(tmp_path / "m.gguf", tokens), meta_logits(meta, tokens))
     assert p["max_rel_err"] <= th.GGUF_PARITY["max_rel_err"], p
     assert p["top1_agreement"] >= th.GGUF_PARITY["top1_agreement"], p

@@ -229,7 +229,8 @@ def test_conversion_parity_catches_a_wrong_converter_default(tmp_path, monkeypat
     spec = SPECS["llama3.1"]
     write_meta_checkpoint(tmp_path / "meta", params_with_vocab("llama3.1"), bf16_state("llama3.1"),
                           2, tokenizer_for(spec))
-    monkeypatch.setattr(pipeline.meta, "rope_scaling", lambda p: {**build(p), "factor": 4.0})
+    monkeypatch.setattr(pipeline.meta, "rope_scaling",
+                        lambda p, tied=False: {**build(p, tied), "factor": 4.0})
     convert(tmp_path / "meta", tmp_path / "hf")
     tokens = tokens_for("llama3.1", T=256)
     with torch.no_grad():

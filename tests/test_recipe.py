@@ -343,8 +343,11 @@ CODELLAMA_SET = [  # (branch, bits, group, act-order) as quantisers published th
 
 def test_every_expected_recipe_is_shipped():
     names = {p.stem for p in SHIPPED}
-    expected = {f"codellama-{s}{f}" for s in ("7b", "13b", "34b") for f in ("", "-python", "-instruct")}
+    expected = {f"codellama-{s}{f}" for s in ("7b", "13b", "34b", "70b")
+                for f in ("", "-python", "-instruct")}
     expected |= {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "demo"}
+    expected |= {f"llama-3.2-{s}{f}" for s in ("1b", "3b") for f in ("", "-instruct")}
+    expected |= {"llama-3.3-70b-instruct"}  # 3.3 was released as an Instruct model only
     assert expected <= names
 
 
@@ -359,7 +362,8 @@ def test_shipped_recipe_is_valid(path):
         size, *flavour = path.stem.split("-")[1:]
         assert r.source.env == "_".join(["CODELLAMA", size, *flavour]).upper()
         instruct = flavour == ["instruct"]
-        assert ("[INST]" in r.model.prompt_template) == instruct
+        assert ("[INST]" in r.model.prompt_template) == (instruct and size != "70b")
+        assert ("Source: user" in r.model.prompt_template) == (instruct and size == "70b")
         assert r.model.original_card is not None and r.model.original_card.is_file()
 
 

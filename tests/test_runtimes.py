@@ -151,3 +151,23 @@ def test_runtime_output_stays_off_stdout(variants, eval_windows, capfd):
     run_runtime("gptqmodel", variants["8bit-128g"][0], eval_windows[1][:1], device="cpu")
     assert capfd.readouterr().out == ""
     assert runtimes.not_checked("gptqmodel", torch.device("cpu")) is None
+
+
+def test_a_tied_model_loads_in_every_cpu_runtime(tmp_path):
+    """Llama 3.2's layout (tied embeddings, shipped with output.weight as Meta does): its GPTQ
+    variant carries the head once (as the embedding: no lm_head.weight, tie_word_embeddings) and
+    loads in GPTQModel and transformers at our perplexity; loaders have failed on checkpoints that
+    carry both (KeyError: lm_head.weight)."""
+    from meta_fixtures import build_checkpoint
+    from pipeline.convert import convert
+
+    convert(build_checkpoint(tmp_path / "meta", "llama3.2-output", 2), tmp_path / "fp16")
+    q = tmp_path / "q"
+    quantize(tmp_path / "fp16", q, QuantSpec(4, 32, True), calibration=CALIBRATION,
+             nsamples=8, seqlen=64, device="cpu")
+    assert json.loads((q / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(q / "model.safetensors")
+    W = torch.randint(3, 768, (2, 64), generator=torch.Generator().manual_seed(0))
+    ppl = ours(q, W)
+    for runtime in CPU_RUNTIMES:
+        assert_matches(run_runtime(runtime, q, W, ppl_ours=ppl, device="cpu"), ppl)

@@ -19,7 +19,7 @@ import json
 import math
 import mmap
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ LAYER_KEYS = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weig
 # (`rope_scaling_factor`, `rope_high_freq_factor`, the names of Meta's later ModelArgs).
 SCALE_FACTOR, LOW_FREQ_FACTOR, HIGH_FREQ_FACTOR, OLD_CONTEXT_LEN = 8.0, 1.0, 4.0, 8192
 # Llama 3.2 1B and 3B, (dim, n_layers): trained with factor 32, which neither their params.json
-# nor Meta's hard-coded 8 says (Meta's answer in meta-llama/llama-models#166, #241).
+# nor Meta's hard-coded 8 says (Meta's answer in meta-llama/llama-models#166, #241). They are
+# also the Llama 3 models whose output layer is tok_embeddings (tied), by which a checkpoint of
+# their layout with fewer layers is known.
 SCALE_FACTOR_32 = frozenset({(2048, 16), (3072, 28)})
 
 
@@ -61,6 +63,7 @@ class ModelArgs:
     use_scaled_rope: bool = False
     rope_scaling_factor: float | None = None
     rope_high_freq_factor: float | None = None
+    tied: bool = False  # output.weight is tok_embeddings (set from the shards)
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ModelArgs:
@@ -114,7 +117,7 @@ class ModelArgs:
     def scale_factor(self) -> float:
         if self.rope_scaling_factor is not None:
             return self.rope_scaling_factor
-        return 32.0 if (self.dim, self.n_layers) in SCALE_FACTOR_32 else SCALE_FACTOR
+        return 32.0 if self.tied or (self.dim, self.n_layers) in SCALE_FACTOR_32 else SCALE_FACTOR
 
     def freqs_cis(self, end: int) -> torch.Tensor:
         """Rotations for positions 0..end-1 (complex64 [end, head_dim/2])."""
@@ -282,6 +285,25 @@ def embed(tokens: torch.Tensor, parts: list[torch.Tensor], dim: int) -> torch.Te
                      f"ParallelEmbedding nor VocabParallelEmbedding for dim {dim}")
 
 
+def tied_head(shards: list[tuple[Path, dict[str, torch.Tensor]]], dim: int, rows: int = 64) -> bool:
+    """Whether the output layer is tok_embeddings: output.weight absent (Llama 3.2 1B/3B as Meta
+    ships them), or its first rows equal the embeddings' (as Meta also ships them). A head that
+    agrees only there is judged tied here and not by the converter, and fails parity."""
+    if not any("output.weight" in s for _, s in shards):
+        return True
+    first = shards[0][1]["output.weight"][:rows]  # rank 0's vocabulary slice starts at row 0
+    return torch.equal(first, full_embedding([s["tok_embeddings.weight"] for _, s in shards],
+                                             dim, first.shape[0]))
+
+
+def full_embedding(parts: list[torch.Tensor], dim: int, rows: int | None = None) -> torch.Tensor:
+    """The [V, dim] embedding matrix (its first `rows`) from the ranks' ParallelEmbedding or
+    VocabParallelEmbedding shards."""
+    if all(e.shape[1] == dim for e in parts):
+        return torch.cat([e[:rows] for e in parts])[:rows]
+    return torch.cat([e[:rows] for e in parts], dim=1)
+
+
 def read_params(src: Path) -> ModelArgs:
     """ModelArgs from `src`/params.json (InputError naming the file and what is wrong)."""
     path = src / "params.json"
@@ -365,7 +387,9 @@ def meta_logits(src: Path, tokens: torch.Tensor, device: str | torch.device = "c
         return out
 
     tokens = tokens.to(device)
-    h = embed(tokens, take("tok_embeddings.weight"), a.dim)
+    embeddings = take("tok_embeddings.weight")
+    a = replace(a, tied=tied_head(shards, a.dim))
+    h = embed(tokens, embeddings, a.dim)
     freqs_cis = a.freqs_cis(T).to(device)
     mask = causal_mask(T, device, dtype)
     for i in tqdm(range(a.n_layers), desc="meta reference", unit="layer", leave=False):
@@ -386,7 +410,8 @@ def meta_logits(src: Path, tokens: torch.Tensor, device: str | torch.device = "c
                                  r["feed_forward.w1.weight"], r["feed_forward.w2.weight"],
                                  r["feed_forward.w3.weight"]) for r in ranks)
     h = rms_norm(h, take("norm.weight")[0], a.norm_eps)
-    heads = take("output.weight")  # column-parallel: each rank holds a slice of the vocabulary
+    # column-parallel: each rank holds a slice of the vocabulary; tied: the embedding matrix
+    heads = [full_embedding(embeddings, a.dim)] if a.tied else take("output.weight")
     vocab = sum(w.shape[0] for w in heads)
     if a.vocab_size > 0 and vocab != a.vocab_size:
         raise InputError(f"{src}: output.weight has {vocab} rows over the ranks; params.json "
