@@ -35,6 +35,7 @@ PARITY = [
     ("codellama-70b", 1),
     ("codellama-70b", 2),
     ("codellama-70b", 8),
+    ("codellama-70b-instruct", 1),
     ("codellama-70b-instruct", 2),
     ("llama3.2", 1),
     ("llama3.2", 2),

@@ -159,6 +159,11 @@ def test_families_match_metas_forward_in_llama_cpp(family, tmp_path):
     p = logits_parity(llama_cpp_logits(tmp_path / "m.gguf", tokens), meta_logits(meta, tokens))
     assert p["max_rel_err"] <= th.GGUF_PARITY["max_rel_err"], p
     assert p["top1_agreement"] >= th.GGUF_PARITY["top1_agreement"], p
+    if tied:  # llama.cpp's quantiser keeps the one matrix, and the file loads and runs
+        write_gguf(tmp_path / "fp16", tmp_path / "q8.gguf", type_name="Q8_0")
+        q8 = llama_cpp_logits(tmp_path / "q8.gguf", tokens)
+        assert "output.weight" not in {t.name for t in GGUFReader(tmp_path / "q8.gguf").tensors}
+        assert logits_parity(q8, llama_cpp_logits(tmp_path / "m.gguf", tokens))["top1_agreement"] > 0.9
 
 
 # ---------------------------------------------------------------- metadata, read back
