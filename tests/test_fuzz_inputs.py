@@ -33,7 +33,7 @@ from verify.bounded import gguf_reader
 from verify.errors import InputError
 
 CANARY = "hf_" + "FuzzCanary0SecretValue1234567890abcdef"
-EXAMPLES = 25  # per kind: about a minute for all kinds on 2 cores
+EXAMPLES = 60  # per kind: about a minute for all kinds on 2 idle cores
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu"]
