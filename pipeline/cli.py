@@ -80,8 +80,6 @@ def invoke() -> int:
             return internal_error(e)
         return fail(InputError(f"the package {e.name!r}, which this command needs, is not "
                                "installed; install the project with its extras: make install"))
-    except RecursionError:
-        return fail(InputError("an input is nested too deeply to read"))
     except MemoryError:
         return fail(PipelineError("out of memory"))
     except Exception as e:  # a bug: one line here, the traceback in a file
