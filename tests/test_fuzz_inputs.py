@@ -16,8 +16,6 @@ import hashlib
 import inspect
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from hypothesis import strategies as st
 
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
-from pipeline.convert import convert
+from tiny_project import RTN, build_project
 from pipeline.gguf import write_gguf
 from verify.bounded import gguf_reader
 from verify.errors import InputError
@@ -36,40 +34,6 @@ CANARY = "hf_" + "FuzzCanary0SecretValue1234567890abcdef"
 EXAMPLES = 60  # per kind: about a minute for all kinds on 2 idle cores
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu"]
-RECIPE = """
-[model]
-name = "Tiny"
-
-[source]
-path = "meta"
-
-[calibration]
-source = "cal.py"
-nsamples = 4
-seqlen = 32
-
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 32
-
-[verify]
-eval = "eval.py"
-seqlen = 32
-max_windows = 2
-tolerance = { "4" = 10.0 }
-kl_mean = { "4" = 10.0 }
-kl_p99 = { "4" = 10.0 }
-top1 = { "4" = 0.0 }
-agreement = { "4" = 0.0 }
-prompts = ["def f(x):"]
-
-[publish]
-fp16_repo = "org/Tiny-fp16"
-gptq_repo = "org/Tiny-GPTQ"
-"""
-
 HOSTILE = st.one_of(
     st.sampled_from([None, True, -1, 0, 2**64, 10**400, 1e308, -0.0, "", CANARY, "HF_TOKEN",
                      "../../escape", "/etc/passwd", "a\0b", "x" * 300, [], {}, [[]] * 3,
@@ -168,19 +132,10 @@ def toml_mutant(draw, text: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fuzz")
-    build_checkpoint(d / "meta", "llama2", n_shards=2)
+    d = build_project(tmp_path_factory.mktemp("fuzz"))
     build_checkpoint(d / "meta3", "llama3", n_shards=1)
-    convert(d / "meta", d / "fp16")
-    (d / "cal.py").write_text(inspect.getsource(json.decoder))
-    (d / "eval.py").write_text(inspect.getsource(textwrap))
     (d / "cal.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in
                                          inspect.getsource(textwrap).split("\n\n")))
-    (d / "tiny.toml").write_text(RECIPE)
-    run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(d / "tiny.toml"),
-                          "--workdir", str(d / "job"), "--stage", "verify", "--device", "cpu"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
     write_gguf(d / "fp16", d / "m.gguf")
     return d
 

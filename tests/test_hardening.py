@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 import pipeline.quantize as stage
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
+from tiny_project import recipe_text
 from pipeline.convert import convert
 from pipeline.gptq import QuantSpec
 from pipeline.quantize import quantize
@@ -194,39 +195,9 @@ def test_output_locations_never_follow_links(work, cli, case):
 
 # ---------------------------------------------------------------- the job's work directory
 
-RECIPE = """
-[model]
-name = "Tiny"
-
-[source]
-path = "meta"
-
-[calibration]
-source = "{calibration}"
-nsamples = 4
-seqlen = 32
-
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 32
-
-[verify]
-eval = "{eval}"
-seqlen = 32
-max_windows = 2
-tolerance = {{ "4" = 10.0 }}
-prompts = ["def f(x):"]
-
-[publish]
-fp16_repo = "org/Tiny-fp16"
-gptq_repo = "org/Tiny-GPTQ"
-"""
-
-
 def project(work, calibration="cal.py", eval_text="eval.py") -> Path:
     recipe = work["root"] / "tiny.toml"
-    recipe.write_text(RECIPE.format(calibration=calibration, eval=eval_text))
+    recipe.write_text(recipe_text(calibration=calibration, eval_text=eval_text))
     return recipe
 
 

@@ -7,14 +7,12 @@ names the Hub refuses, optional parts, and secrets. Each case must end in one li
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,48 +20,9 @@ import pytest
 
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
-from pipeline.convert import convert
+from tiny_project import RTN, build_project, recipe_text
 
 CANARY = "hf_" + "C4nary0SecretValue1234567890abcdefXYZ"  # the shape of a Hub token
-RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu"]
-RECIPE = """
-[model]
-name = "{name}"
-
-[source]
-{source}
-
-[calibration]
-source = "cal.py"
-nsamples = 4
-seqlen = 32
-
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 32
-
-[verify]
-eval = "eval.py"
-seqlen = 32
-max_windows = 2
-# random weights: the job's plumbing is under test, not quantisation quality
-tolerance = {{ "4" = 10.0 }}
-kl_mean = {{ "4" = 10.0 }}
-kl_p99 = {{ "4" = 10.0 }}
-top1 = {{ "4" = 0.0 }}
-agreement = {{ "4" = 0.0 }}
-prompts = ["def f(x):"]
-
-[publish]
-fp16_repo = "{fp16_repo}"
-gptq_repo = "org/Tiny-GPTQ"
-"""
-
-
-def recipe_text(name: str = "Tiny", source: str = 'path = "meta"',
-                fp16_repo: str = "org/Tiny-fp16") -> str:
-    return RECIPE.format(name=name, source=source, fp16_repo=fp16_repo)
 
 
 def digest(root: Path) -> str:
@@ -95,19 +54,7 @@ def cli(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """A Meta checkpoint, its conversion, calibration and evaluation text, a recipe, and a job
-    run up to verify on it."""
-    d = tmp_path_factory.mktemp("classes")
-    build_checkpoint(d / "meta", "llama2", n_shards=2)
-    convert(d / "meta", d / "fp16")
-    (d / "cal.py").write_text(inspect.getsource(json.decoder))
-    (d / "eval.py").write_text(inspect.getsource(textwrap))
-    (d / "tiny.toml").write_text(recipe_text())
-    code = subprocess.run([sys.executable, "-m", "pipeline", "run", str(d / "tiny.toml"),
-                           "--workdir", str(d / "job"), "--stage", "verify", "--device", "cpu"],
-                          capture_output=True, text=True)
-    assert code.returncode == 0, code.stderr[-3000:]
-    return d
+    return build_project(tmp_path_factory.mktemp("classes"))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import os
 import stat
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +93,24 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> Any:
     return value
 
 
-def loads_json(data: bytes | str, where: str) -> Any:
-    """JSON text (UTF-8), bounded in nesting; InputError naming `where`."""
+def parsed(parse: Callable[[str], Any], data: bytes | str, where: str, language: str) -> Any:
+    """`parse` (json.loads, tomllib.loads) on UTF-8 text, bounded in nesting; InputError naming
+    `where`. ValueError covers the parsers' own errors and integers of more digits than Python
+    converts."""
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        value = json.loads(text)
+        value = parse(data.decode("utf-8") if isinstance(data, bytes) else data)
     except UnicodeDecodeError as e:
         raise InputError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise InputError(f"{where}: nested more than {MAX_DEPTH} levels deep") from None
-    except ValueError as e:  # JSONDecodeError, and integers of more digits than Python converts
-        raise InputError(f"{where}: invalid JSON ({e})") from None
+    except ValueError as e:
+        raise InputError(f"{where}: invalid {language} ({e})") from None
     return check_depth(value, where)
+
+
+def loads_json(data: bytes | str, where: str) -> Any:
+    """JSON text (UTF-8), bounded in nesting; InputError naming `where`."""
+    return parsed(json.loads, data, where, "JSON")
 
 
 def read_bytes(path: Path, limit: int, what: str = "file") -> bytes:
@@ -150,16 +157,7 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
 
 def read_toml(path: Path, limit: int = MAX_TOML_BYTES) -> dict[str, Any]:
     """A TOML file (a recipe), bounded in size and nesting; InputError naming the file."""
-    data = read_bytes(path, limit, "TOML file")
-    try:
-        value = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise InputError(f"{shown(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except RecursionError:
-        raise InputError(f"{shown(path)}: nested more than {MAX_DEPTH} levels deep") from None
-    except ValueError as e:  # TOMLDecodeError, and integers of more digits than Python converts
-        raise InputError(f"{shown(path)}: invalid TOML: {e}") from None
-    return check_depth(value, shown(path))
+    return parsed(tomllib.loads, read_bytes(path, limit, "TOML file"), shown(path), "TOML")
 
 
 def typed(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
