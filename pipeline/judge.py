@@ -36,7 +36,7 @@ from verify.grid import rtn
 from verify.gptq_format import ragged
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
-from verify.integrity import module_errors, rtn_grid
+from verify.integrity import OUTPUT_TOKENS, module_errors, rtn_grid
 from verify.llama import compute_dtype, pick_device
 from verify.meta_reference import meta_logits
 from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_summary,
@@ -180,38 +180,48 @@ def kl_check(name: str, metrics: dict[str, float], t: dict[str, float]) -> dict:
             "thresholds": limits}
 
 
-def integrity_check(name: str, modules: dict[str, dict], factor: float) -> dict:
+def integrity_check(name: str, modules: dict[str, dict], factor: float,
+                    output_factor: float) -> dict:
     """Pass when every quantised linear's relative weight error is at most `factor` times RTN's
-    on the same grid and its g_idx is well formed; the failure names the modules."""
+    on the same grid, its output error on evaluation activations at most `output_factor` times
+    RTN's, and its g_idx is well formed; the failure names the modules."""
     problems = []
     for module, m in modules.items():
-        if not th.module_passed(m["error"], m["rtn_error"], factor):
-            problems.append(f"{module}: ||W - W_q||/||W|| = {m['error']:.3g} > {factor:g} × "
-                            f"RTN's {m['rtn_error']:.3g}")
-        if m["g_idx"]:
-            problems.append(f"{module}: {m['g_idx']}")
+        wrong = [f"||W - W_q||/||W|| = {m['error']:.3g} > {factor:g} × RTN's {m['rtn_error']:.3g}"
+                 for _ in [0] if not th.module_passed(m["error"], m["rtn_error"], factor)]
+        wrong += [f"output error ||(W - W_q)X||/||WX|| = {m['output_error']:.3g} > "
+                  f"{output_factor:g} × RTN's {m['rtn_output_error']:.3g}" for _ in [0]
+                  if not th.module_passed(m["output_error"], m["rtn_output_error"], output_factor)]
+        wrong += [m["g_idx"]] if m["g_idx"] else []
+        if wrong:
+            problems.append(f"{module}: {', '.join(wrong)}")
     if not modules:
         problems.append("no quantised linears (qweight/qzeros/scales/g_idx) found")
 
-    def ratio(m: dict) -> float:
-        if m["rtn_error"]:
-            return m["error"] / m["rtn_error"]
-        return math.inf if m["error"] else 0.0
+    def ratio(m: dict, key: str = "error") -> float:
+        if m[f"rtn_{key}"]:
+            return m[key] / m[f"rtn_{key}"]
+        return math.inf if m[key] else 0.0
 
-    worst = max(modules, key=lambda k: (math.isnan(ratio(modules[k])), ratio(modules[k])),
-                default=None)
-    metrics = {"modules": len(modules)}
-    if worst is not None:
-        w = modules[worst]
-        metrics.update({"worst_module": worst, "error": w["error"], "rtn_error": w["rtn_error"],
-                        "ratio": ratio(w)})
+    def worst(key: str) -> str | None:
+        return max(modules, key=lambda k: (math.isnan(ratio(modules[k], key)),
+                                           ratio(modules[k], key)), default=None)
+
+    metrics: dict[str, Any] = {"modules": len(modules)}
+    if modules:
+        w, o = worst("error"), worst("output_error")
+        metrics.update({"worst_module": w, "error": modules[w]["error"],
+                        "rtn_error": modules[w]["rtn_error"], "ratio": ratio(modules[w]),
+                        "worst_output_module": o, "output_error": modules[o]["output_error"],
+                        "rtn_output_error": modules[o]["rtn_output_error"],
+                        "output_ratio": ratio(modules[o], "output_error")})
     more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    keys = ("error", "rtn_error", "output_error", "rtn_output_error")
     return {"check": "module_integrity", "artifact": name, "passed": not problems,
             **({"reason": "; ".join(problems[:SHOWN_PROBLEMS]) + more} if problems else {}),
             "metrics": metrics,
-            "thresholds": {"module_error": factor},
-            "per_module": {k: {"error": v["error"], "rtn_error": v["rtn_error"]}
-                           for k, v in modules.items()}}
+            "thresholds": {"module_error": factor, "module_output_error": output_factor},
+            "per_module": {k: {key: v[key] for key in keys} for k, v in modules.items()}}
 
 
 def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float) -> dict:
@@ -388,8 +398,8 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
     del base, rest
     h_fp16 = h_fp16.cpu()  # the reference for KL (module docstring), while each variant runs
     ref = LayerwiseModel(fp16, dev, dtype, resident=False, progress=False)  # its head only
-    errors = module_errors(ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev) \
-        if variants else {}
+    errors = module_errors(ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev,
+                           win[:1, :OUTPUT_TOKENS]) if variants else {}
 
     rtn_ppl: dict[tuple, float] = {}
     n_artifacts = 1 + len(variants)
@@ -406,7 +416,8 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
         del h
         checks.append(generation_check(name, greedy_samples(m, tokenizer, prompts), fp16_samples,
                                        t["agreement"]))
-        checks.append(integrity_check(name, errors[name], t["module_error"]))
+        checks.append(integrity_check(name, errors[name], t["module_error"],
+                                      t["module_output_error"]))
         if baseline_rtn:
             q = m.ckpt.quantization
             key = (q["bits"], q["group_size"], q.get("sym", True))

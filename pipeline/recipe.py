@@ -144,6 +144,7 @@ class VerifyOptions:
     top1: dict[int, float] = field(default_factory=dict)
     agreement: dict[int, float] = field(default_factory=dict)
     module_error: dict[int, float] = field(default_factory=dict)
+    module_output_error: dict[int, float] = field(default_factory=dict)
     baseline_rtn: bool = False
     prompts: list[str] = field(default_factory=list)
     chat_prompts: list[str] = field(default_factory=list)  # user messages, in the chat template

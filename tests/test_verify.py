@@ -230,6 +230,12 @@ RANDOMISE = {
     "g_idx": lambda t, g: torch.randint(0, int(t.max()) + 1, t.shape, generator=g,
                                         dtype=torch.int32),
 }
+# subtle corruptions of one act-order linear: the structure holds (every group keeps its column
+# count, the scales stay plausible), so only what the module computes shows it
+SUBTLE = {
+    "g_idx-permuted": lambda t, g: t[torch.randperm(t.numel(), generator=g)],
+    "scales-scaled": lambda t, g: (t.float() * 1.25).half(),
+}
 
 
 def edited_copy(src: Path, dst: Path, key: str, edit) -> Path:
@@ -262,6 +268,11 @@ def demo(tmp_path_factory) -> dict[str, Path]:
         g = torch.Generator().manual_seed(0)
         dirs[f"gptq-4bit-{kind}"] = edited_copy(base, d / f"gptq-4bit-{kind}", f"{V_PROJ}.{kind}",
                                                 lambda t, fn=fn, g=g: fn(t, g))
+    for kind, fn in SUBTLE.items():
+        g = torch.Generator().manual_seed(0)
+        tensor = kind.split("-")[0]
+        dirs[kind] = edited_copy(dirs["gptq-4bit-32g"], d / kind, f"{V_PROJ}.{tensor}",
+                                 lambda t, fn=fn, g=g: fn(t, g))
     return dirs
 
 
@@ -376,6 +387,22 @@ def test_one_randomised_tensor_of_one_module_fails_module_integrity(demo, tmp_pa
         assert len(others) == 27 and all(v["error"] <= 3 * v["rtn_error"] for v in others.values())
 
 
+@pytest.mark.parametrize("kind", SUBTLE)
+def test_a_subtle_corruption_of_one_module_fails_by_its_output_error(demo, tmp_path, kind):
+    """A permuted g_idx in an act-order module (every group keeps its size, so g_idx's structure
+    passes) or its scales times 1.25: the module's output error on evaluation activations rises
+    far above RTN's on the same grid (GPTQ's own modules sit at 0.2-0.7x), and only that module
+    is named; the 27 others stay below RTN's."""
+    report = demo_verify(demo, [kind], tmp_path / "v")
+    c = entry(report, "module_integrity", kind)
+    assert not c["passed"] and c["reason"].count("model.layers.") == 1
+    assert c["reason"].startswith(f"{V_PROJ}: ") and "output error" in c["reason"]
+    assert c["metrics"]["worst_output_module"] == V_PROJ and c["metrics"]["output_ratio"] > 3
+    others = {k: v for k, v in c["per_module"].items() if k != V_PROJ}
+    assert len(others) == 27
+    assert all(v["output_error"] < v["rtn_output_error"] for v in others.values())  # GPTQ: below RTN
+
+
 def test_fp16_repeating_itself_does_not_fail_verify(demo, tmp_path):
     report = demo_verify(demo, ["gptq-8bit-128g", "gptq-4bit-128g"], tmp_path / "v",
                          prompts=[REPEATING])
@@ -431,7 +458,7 @@ gptq_repo = "o/b"
     assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["top1"] == 1.0
     assert not checks(report)[("kl_divergence", "gptq-4bit-128g")]
     mi = entry(report, "module_integrity", "gptq-4bit-128g")
-    assert mi["thresholds"] == {"module_error": 1.0}
+    assert mi["thresholds"] == {"module_error": 1.0, "module_output_error": 1.5}
 
 
 def test_a_bit_width_without_thresholds_is_refused(demo, tmp_path):
@@ -450,5 +477,6 @@ def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):
     (q / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"gptq-other-tokenizer: no model.safetensors"):
         demo_verify(demo, [], tmp_path / "v", quants=[q], max_windows=2)
+
 
 

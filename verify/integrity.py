@@ -1,7 +1,10 @@
 """Per-module integrity of GPTQ variants against their fp16 model: for every quantised linear, the
-relative error ||W - W_q|| / ||W|| of its packed tensors dequantised, next to the error of
-round-to-nearest on the same grid computed from W itself (the bound scales with the module), and
-g_idx against the structure the format fixes. One pass over the fp16 layers serves every variant."""
+relative error ||W - W_q|| / ||W|| of its packed tensors dequantised and its output error
+||(W - W_q) X|| / ||W X|| on the fp16 model's own activations X of evaluation text, each next to
+round-to-nearest's on the same grid computed from W itself (the bounds scale with the module), and
+g_idx against the structure the format fixes. GPTQ exists to make the output error smaller than
+RTN's, so a module whose packed tensors are subtly wrong (a permuted g_idx keeps the structure)
+stands out there. One pass over the fp16 layers serves every variant."""
 
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ from tqdm import tqdm
 from verify.errors import InputError
 from verify.gptq_format import dequantize, n_groups
 from verify.grid import Grid, rtn
-from verify.checkpoint import HFCheckpoint
+from verify.checkpoint import IGNORED, HFCheckpoint
 from verify.forward import packed_linears
+from verify.llama import LINEARS, LlamaArgs, load_layer, rotary
+
+OUTPUT_TOKENS = 512  # evaluation tokens whose activations measure each linear's output error
 
 
 def rtn_grid(quantization: dict) -> Grid:
@@ -22,6 +28,29 @@ def rtn_grid(quantization: dict) -> Grid:
     where round-to-nearest, the baseline, rounds."""
     return Grid(int(quantization["bits"]), int(quantization["group_size"]),
                 bool(quantization.get("sym", True)))
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> float:
+    """||(W - Wq) X|| / ||W X|| over the activations X [tokens, in] (as relative_error)."""
+    return relative_error(X @ W.T, X @ Wq.T)
+
+
+def linear_inputs(a: LlamaArgs, state: dict[str, torch.Tensor], h: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The fp16 layer on hidden states h [1, T, dim] (float32): what each linear receives
+    ([T, in]), and the layer's output, the next layer's h."""
+    layer = load_layer(a, {k: v.to(h.device, h.dtype) for k, v in state.items()
+                           if not k.endswith(IGNORED)})
+    X: dict[str, torch.Tensor] = {}
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(
+        lambda _, inp, n=n: X.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
+        for n in LINEARS]
+    try:
+        out = layer(h, cos, sin)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return X, out
 
 
 def relative_error(W: torch.Tensor, Wq: torch.Tensor) -> float:
@@ -52,16 +81,28 @@ def g_idx_problem(g_idx: torch.Tensor, group_size: int, desc_act: bool) -> str |
 
 @torch.inference_mode()
 def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device: torch.device,
+                  tokens: torch.Tensor | None = None,
                   progress: bool = True) -> dict[str, dict[str, dict]]:
     """variant -> module -> {"error", "rtn_error", "g_idx"} for every quantised linear: the
     relative errors of the variant and of RTN on its grid against the fp16 weight, and a g_idx
-    problem (None). Layer by layer: one fp16 layer and one variant layer in memory at a time."""
+    problem (None); with `tokens` [1, T] also "output_error" and "rtn_output_error" on the fp16
+    model's activations of them. Layer by layer: one fp16 layer and one variant layer in memory
+    at a time."""
+    a = fp16.args
+    h = cos = sin = None
+    if tokens is not None:
+        E = fp16.tensor("model.embed_tokens.weight")
+        h = torch.nn.functional.embedding(tokens.to(device), E.to(device, torch.float32))
+        cos, sin = rotary(a, tokens.shape[1], device, torch.float32)
     result: dict[str, dict[str, dict]] = {name: {} for name in variants}
-    bar = tqdm(range(fp16.args.n_layers), desc="module integrity", unit="layer", file=sys.stderr,
+    bar = tqdm(range(a.n_layers), desc="module integrity", unit="layer", file=sys.stderr,
                disable=not progress, leave=False)
     for i in bar:
         ref = fp16.layer_state(i)
-        rtn_cache: dict[tuple, float] = {}
+        X: dict[str, torch.Tensor] = {}
+        if h is not None:
+            X, h = linear_inputs(a, ref, h, cos, sin)
+        rtn_cache: dict[tuple, tuple[float, float | None]] = {}
         for name, ckpt in variants.items():
             q = ckpt.quantization
             bits, grid = int(q["bits"]), rtn_grid(q)
@@ -74,9 +115,14 @@ def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device:
                                      f"fp16 weight is {tuple(W.shape)}")
                 key = (linear, grid.bits, grid.group_size, grid.sym)
                 if key not in rtn_cache:
-                    rtn_cache[key] = relative_error(W, rtn(W, grid).Q)
-                result[name][f"model.layers.{i}.{linear}"] = {
-                    "error": relative_error(W, Wq), "rtn_error": rtn_cache[key],
-                    "g_idx": g_idx_problem(parts["g_idx"], grid.group_size,
-                                           bool(q.get("desc_act", False)))}
+                    Wr = rtn(W, grid).Q
+                    rtn_cache[key] = (relative_error(W, Wr),
+                                      output_error(W, Wr, X[linear]) if X else None)
+                entry = {"error": relative_error(W, Wq), "rtn_error": rtn_cache[key][0],
+                         "g_idx": g_idx_problem(parts["g_idx"], grid.group_size,
+                                                bool(q.get("desc_act", False)))}
+                if X:
+                    entry.update(output_error=output_error(W, Wq, X[linear]),
+                                 rtn_output_error=rtn_cache[key][1])
+                result[name][f"model.layers.{i}.{linear}"] = entry
     return result

@@ -452,14 +452,16 @@ def render(report: dict[str, Any]) -> str:
     lines += runtime_table(report.get("runtimes", {}))
     modules = {c["artifact"]: c for c in report["checks"] if c["check"] == "module_integrity"}
     if modules:
-        lines += ["", "module integrity: ||W - W_q|| / ||W|| of the worst module (highest ratio to "
-                      "round-to-nearest's on the same grid)"]
-        rows = [("artifact", "worst module", "error", "RTN error", "ratio", "allowed ratio")]
+        lines += ["", "module integrity: the worst module's ||W - W_q|| / ||W|| and output error "
+                      "||(W - W_q)X|| / ||WX|| on evaluation activations, as ratios to "
+                      "round-to-nearest's on the same grid"]
+        rows = [("artifact", "worst module", "ratio", "allowed", "worst by output", "output ratio",
+                 "allowed")]
         for n, c in modules.items():
-            m = c["metrics"]
-            rows.append((n, str(m.get("worst_module", "-")), _fmt(m.get("error", "-")),
-                         _fmt(m.get("rtn_error", "-")), _fmt(m.get("ratio", "-")),
-                         _fmt(c["thresholds"]["module_error"])))
+            m, t = c["metrics"], c["thresholds"]
+            rows.append((n, str(m.get("worst_module", "-")), _fmt(m.get("ratio", "-")),
+                         _fmt(t.get("module_error", "-")), str(m.get("worst_output_module", "-")),
+                         _fmt(m.get("output_ratio", "-")), _fmt(t.get("module_output_error", "-"))))
         lines += _columns(rows, "  ")
     gen = {c["artifact"]: c for c in report["checks"] if c["check"] == "generation"}
     if gen:
