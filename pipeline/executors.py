@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.credentials import SECRET_ENV
-from pipeline.job import Executor, Job, LocalExecutor, TaskResult, execute, task_stage
+from pipeline.job import (Executor, Job, LocalExecutor, TaskResult, execute, resources,
+                          task_stage)
 from pipeline.recipe import TaskResources, load_recipe
 from verify.errors import InputError, PipelineError, first_line
 
@@ -85,7 +86,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
         except PipelineError as e:
             return TaskResult(spec.key, None, error=str(e), exit_code=e.exit_code)
         job = Job(recipe, Path(spec.workdir), spec.last_stage, spec.branches, device=spec.device,
-                  force=spec.force, source=Path(spec.source))
+                  force=spec.force, source=Path(spec.source), cpus=spec.threads)
         stage, item = task_stage(spec.key)
         result = execute(job, stage, item, spec.upstream)
     finally:
@@ -131,27 +132,6 @@ def without_secrets() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- resources
-
-
-def resources(job: Job, key: str) -> TaskResources:
-    """The task's requests: [resources] <stage>; a stage that computes on the device (Stage.gpu)
-    asks for one GPU by default when the job runs on CUDA (--device cuda[:N], or auto with a GPU
-    here)."""
-    stage, _ = task_stage(key)
-    res = job.recipe.resources.task(stage.name)
-    if res.gpus is None:
-        return TaskResources(res.cpus, int(stage.gpu and on_cuda(job.device)))
-    return res
-
-
-def on_cuda(device: str) -> bool:
-    if device.startswith("cuda"):
-        return True
-    if device != "auto":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------- ray

@@ -31,12 +31,15 @@ from pipeline import __version__
 from pipeline.credentials import RedactingFilter, secret_labels
 from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError, os_failure
 from pipeline.output import overlap, partial_path
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, TaskResources
 from pipeline.workdir import WorkDir
 from verify.bounded import checked_path, read_json, typed
 from verify.report import SCHEMA as REPORT_SCHEMA, failed_checks, perplexity_rows, read_report
 
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
+# A task's CPUs and torch threads when [resources] names none for its stage: $PIPELINE_TASK_CPUS,
+# else this machine's cores, at most CPUS_CAP (fast on a laptop, polite on a shared node).
+CPUS_ENV, CPUS_CAP = "PIPELINE_TASK_CPUS", 8
 SCHEMA = 1
 ALWAYS = "always runs (uploads only what changed)"
 log = logging.getLogger("pipeline.job")
@@ -177,6 +180,7 @@ class Job:
     force: bool = False
     device: str = "auto"
     source: Path | None = None  # the checkpoint directory, resolved once (check_inputs) on the driver
+    cpus: int = 1  # a task's CPUs (torch threads) by default: default_cpus(), resolved on the driver
 
     @property
     def dirs(self) -> WorkDir:
@@ -231,6 +235,51 @@ class Job:
             except InputError:
                 raise InputError(f"{r.path}: {where} = {source!r}: no files found") from None
         return src
+
+
+def default_cpus() -> int:
+    """The default CPUs (and torch threads) of a task, resolved once where the job starts and used
+    on every executor alike: GPTQ's float32 sums depend on the thread count, so a local run and a
+    cluster's tasks of the same recipe must compute with the same one to give the same bytes."""
+    given = os.environ.get(CPUS_ENV)
+    if given is None:
+        return max(1, min(os.cpu_count() or 1, CPUS_CAP))
+    if not given.isdigit() or int(given) < 1:
+        raise InputError(f"${CPUS_ENV} must be a whole number of CPUs of at least 1")
+    return int(given)
+
+
+def resources(job: Job, key: str) -> TaskResources:
+    """The task's requests: [resources] <stage>, its cpus the job's default (Job.cpus) when the
+    recipe names none; a stage that computes on the device (Stage.gpu) asks for one GPU by
+    default when the job runs on CUDA (--device cuda[:N], or auto with a GPU here)."""
+    stage, _ = task_stage(key)
+    res = job.recipe.resources.task(stage.name)
+    gpus = res.gpus if res.gpus is not None else int(stage.gpu and on_cuda(job.device))
+    return TaskResources(res.cpus if res.cpus is not None else job.cpus, gpus)
+
+
+def on_cuda(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n while the block runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- the stages: inputs and functions
@@ -487,10 +536,12 @@ class LocalExecutor:
         pass
 
     def run(self, job: Job, keys: list[str], upstream: dict[str, Any]) -> list[TaskResult]:
+        """Each task on the threads a cluster task of it gets (its [resources] cpus)."""
         results: list[TaskResult] = []
         for key in keys:
             stage, item = task_stage(key)
-            results.append(execute(job, stage, item, upstream))
+            with torch_threads(resources(job, key).cpus):
+                results.append(execute(job, stage, item, upstream))
             if results[-1].error:
                 break
         return results
@@ -524,6 +575,8 @@ class Run:
         return {"recipe": str(self.job.recipe.path), "name": self.job.recipe.name,
                 "workdir": str(self.job.workdir), "stage": self.job.last_stage,
                 "variants": list(self.job.branches), "executor": self.executor,
+                "task_cpus": {s.name: resources(self.job, s.key(s.items(self.job)[0])).cpus
+                              for s in STAGES if not s.on_driver and s.items(self.job)},
                 "ok": error is None, "exit_code": 0 if error is None else error.exit_code,
                 "error": None if error is None else str(error), "stages": self.rows,
                 "perplexity": perplexity_rows(self.report) if self.report else None,
@@ -579,8 +632,8 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
     check_resources(recipe)
     workdir = existing_or_new_dir(WorkDir.of(recipe, workdir).path, "--workdir")
     executor = executor or LocalExecutor()
-    run = Run(Job(recipe, workdir, stage, tuple(branches), dry_run, endpoint, force, device),
-              executor.name)
+    run = Run(Job(recipe, workdir, stage, tuple(branches), dry_run, endpoint, force, device,
+                  cpus=default_cpus()), executor.name)
     handler = logging.FileHandler(workdir / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     console = logging.StreamHandler()
@@ -594,9 +647,9 @@ def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publis
         lg.setLevel(logging.INFO)
         lg.propagate = False  # a library (GPTQModel) may have configured the root logger: no echo
     log.addHandler(console)
-    log.info("job %s: stages up to %s, variants %s, work dir %s%s", recipe.name, stage,
-             ", ".join(branches), workdir,
-             "" if executor.name == "local" else f", executor {executor.name}")
+    log.info("job %s: stages up to %s, variants %s, work dir %s%s; %d CPU(s) (torch threads) per "
+             "task where [resources] names none", recipe.name, stage, ", ".join(branches), workdir,
+             "" if executor.name == "local" else f", executor {executor.name}", run.job.cpus)
     try:
         run_levels(run, executor, token)
     except PipelineError as e:

@@ -190,7 +190,7 @@ class TaskResources:
     """What one task of a stage asks of `--executor ray|slurm`; `cpus` is also its torch thread
     count (floating-point sums depend on it: same hardware and threads, same bytes)."""
 
-    cpus: int = 1
+    cpus: int | None = None  # default: the job's (pipeline/job.py default_cpus), local or not
     gpus: int | None = None  # default: 1 for a stage on the device (Stage.gpu) on CUDA, else 0
 
 
@@ -691,7 +691,7 @@ def check_scale(r: Recipe) -> None:
     res, s = r.resources, r.slurm
     tasks = [(f"[resources] {name}", t) for name, t in res.tasks.items()]
     for where, t in tasks:
-        if t.cpus < 1:
+        if t.cpus is not None and t.cpus < 1:
             raise InputError(f"{r.path}: {where} cpus = {t.cpus}: must be at least 1")
         if t.gpus is not None and t.gpus < 0:
             raise InputError(f"{r.path}: {where} gpus = {t.gpus}: must not be negative")

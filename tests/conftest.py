@@ -11,3 +11,6 @@ torch.manual_seed(0)
 # Every model in the suite is tiny: on 2 cores, intra-op threads mostly wait for each other (GPTQ's
 # per-column steps, fp16 matmuls in the runtimes), several times slower than one thread.
 torch.set_num_threads(1)
+# ... and the jobs' tasks the same (pipeline/job.py default_cpus), so their bytes match the
+# quantize and verify calls made directly; tests of the real default delete it.
+os.environ.setdefault("PIPELINE_TASK_CPUS", "1")

@@ -19,9 +19,10 @@ import torch
 
 from cli_runner import run_cli
 from pipeline.executors import RayExecutor
-from pipeline.job import JobFailed, read_records, run_job
+from pipeline.job import CPUS_CAP, CPUS_ENV, JobFailed, default_cpus, read_records, run_job
 from pipeline.output import partial_path
 from pipeline.recipe import RECIPES_DIR, load_recipe
+from verify.errors import InputError
 
 # 2 variants and one GGUF type at a tenth of the demo's calibration, no runtimes: ~10 s locally
 RECIPE = f"""
@@ -52,8 +53,6 @@ runtimes = []
 prompts = ["def fibonacci(n):"]
 chat_prompts = []
 
-[resources]
-quantize = {{ cpus = 1 }}  # one torch thread per task, as the test process (tests/conftest.py)
 """
 V8 = "gptq-8bit-128g-actorder_True"
 TOKEN = "hf_" + "scaleOut" * 4
@@ -123,7 +122,8 @@ def local(project) -> dict:
 def ray_cluster():
     import ray  # the scale extra: the Makefile's test install has it
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=max(2, min(os.cpu_count() or 1, CPUS_CAP)), include_dashboard=False,
+             logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -188,6 +188,29 @@ def test_task_requests_by_stage_name_and_slurm_options_over_the_recipe(project):
     assert options.parameters(job, "verify") == {  # mem_gb 0: the partition's default
         "name": "verify", "cpus_per_task": 1, "gpus_per_node": 0, "timeout_min": 5,
         "slurm_partition": "big", "slurm_account": "other"}
+
+
+def test_the_default_thread_count_is_one_for_every_executor(project, ray_cluster, monkeypatch,
+                                                            capsys):
+    """With no [resources] and no $PIPELINE_TASK_CPUS, a local run and a Ray run of the same recipe
+    compute with the same thread count, this machine's cores capped at CPUS_CAP, and so give the
+    same bytes: `make demo` then `run demo --executor ray` with no flags."""
+    monkeypatch.delenv(CPUS_ENV)
+    n = default_cpus()
+    assert n == max(1, min(os.cpu_count() or 1, CPUS_CAP))
+    runs = {}
+    for executor in ("local", "ray"):
+        work = project / f"default-{executor}"
+        code, result, err = cli([project / "demo2.toml", "--workdir", work, "--stage", "quantize",
+                                 "--executor", executor], monkeypatch, capsys)
+        assert code == 0, err
+        assert {r["threads"] for r in result["stages"]} == {n}
+        assert result["task_cpus"] == {"convert": n, "quantize": n, "gguf": n, "verify": n}
+        runs[executor] = outputs(work, ("fp16", "gptq"))
+    assert runs["local"] == runs["ray"]
+    monkeypatch.setenv(CPUS_ENV, "0")
+    with pytest.raises(InputError, match=CPUS_ENV):
+        default_cpus()
 
 
 def test_slurm_through_submitit_gives_the_bytes_of_a_local_run(project, local, monkeypatch,
