@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -458,10 +459,20 @@ class TaskResult:
 
 
 def where() -> dict[str, Any]:
-    """The host, process and torch thread count a task runs with (rows and job.json records)."""
+    """The host, process, torch thread count and Ray node (when a Ray worker runs it: several
+    raylets may share a host) of a task (rows and job.json records)."""
     import torch
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
+            "node": ray_node()}
+
+
+def ray_node() -> str | None:
+    """The id of the Ray node this process runs on, when it is part of a Ray cluster."""
+    ray = sys.modules.get("ray")  # never imported here: only a Ray worker or driver has it
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
@@ -488,7 +499,7 @@ def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
                           and partial_path(output).exists())
             row["reason"] = reason
             log.info("%s: running (%s)%s", key, reason, ", resuming" if resume else "")
-            place = {k: row[k] for k in ("host", "pid", "threads")}
+            place = {k: row[k] for k in ("host", "pid", "threads", "node")}
             write_record(job.workdir, key, {"status": "running", "inputs": inputs,
                                             "started": time.time(), **place})
             t0 = time.perf_counter()
