@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TF4    := .venv-tf4
 TF4_STAMP := $(TF4)/.installed
+SLURM_STAMP := $(VENV)/.slurm-installed
 RECIPE ?= demo
 ARGS   ?=
 
 .PHONY: install test demo all convert quantize gguf verify publish bench clean
 
-install: $(STAMP) $(TF4_STAMP)
+install: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
 
 # torch is pinned here (a CPU build lies on the dev/CI disk); pyproject keeps an open range for users.
 $(STAMP): pyproject.toml
@@ -25,8 +26,16 @@ $(STAMP): pyproject.toml
 	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation -e '.[runtimes]'
 	touch $(STAMP)
 
-test: $(STAMP) $(TF4_STAMP)
+test: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# A real single-node Slurm for the scale-out tests (tests/slurm_cluster.py starts and stops it):
+# Debian's daemons, munge and MariaDB for the accounting submitit's sacct needs (as root).
+$(SLURM_STAMP): $(STAMP)
+	command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmd \
+	      slurmctld slurmdbd slurm-client munge mariadb-server >/dev/null)
+	touch $(SLURM_STAMP)
 
 # transformers 4.x beside the project's 5.x: tests load converted tokenizers (chat templates,
 # infilling) in both. Tokenizers only, so no torch: about 20 s to install.

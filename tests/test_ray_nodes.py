@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,8 +20,8 @@ from cli_runner import run_cli
 from pipeline.job import read_records, run_job
 from pipeline.output import partial_path
 from pipeline.recipe import RECIPES_DIR, load_recipe
+from ray_cluster import ENV, ray_cluster
 
-RAY = str(Path(sys.executable).parent / "ray")
 RECIPE = f"""
 extends = "{RECIPES_DIR / 'demo.toml'}"
 
@@ -51,48 +48,11 @@ prompts = ["def fibonacci(n):"]
 chat_prompts = []
 """
 BRANCHES = ("main", "gptq-8bit-128g-actorder_True")
-# the cluster's own settings: no usage report (no network here), no token (a test cluster on the
-# loopback address only)
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raylets() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
-
-
-def ray_start(*args: str) -> float:
-    """`ray start ARGS` (one node: its raylet and daemons, detached); the seconds it took."""
-    t0 = time.perf_counter()
-    run = subprocess.run([RAY, "start", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                          "--disable-usage-stats", *args], capture_output=True, text=True,
-                         env={**os.environ, **ENV}, timeout=120)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    return time.perf_counter() - t0
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head and worker node, one CPU each; their address, the worker's raylet pid, start times."""
-    before = raylets()
-    port = free_port()
-    head = ray_start("--head", f"--port={port}", "--include-dashboard=false")
-    head_raylets = raylets() - before
-    worker = ray_start(f"--address=127.0.0.1:{port}")
-    worker_raylet = raylets() - before - head_raylets
-    assert len(head_raylets) == 1 and len(worker_raylet) == 1
-    try:
-        yield {"address": f"127.0.0.1:{port}", "worker_raylet": worker_raylet.pop(),
-               "seconds": {"head": head, "worker": worker}}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env={**os.environ, **ENV},
-                       timeout=120)
+def cluster():
+    """Head and worker node, one CPU each (tests/ray_cluster.py)."""
+    with ray_cluster(nodes=2) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

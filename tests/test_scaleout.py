@@ -1,7 +1,9 @@
 """The job's tasks on cluster engines give the bytes of a local run: Ray (a local cluster of 2
-CPUs started here), a Ray task killed mid-quantize (retried, resuming), Slurm through submitit's
-local executor; bad input and a failed verify come back from a worker with their message and exit
-code. The shipped demo model, trimmed to 2 variants and one GGUF type, up to verify."""
+CPUs started here; a cluster of separate raylets is tests/test_ray_nodes.py), a Ray task killed
+mid-quantize (retried, resuming), Slurm through submitit on a real single-node Slurm cluster
+(slurmctld, slurmd, slurmdbd: tests/slurm_cluster.py, started for this module) and through
+submitit's local executor; bad input and a failed verify come back from a worker with their
+message and exit code. The shipped demo model, trimmed to 2 variants and one GGUF type."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pipeline.executors import RayExecutor
 from pipeline.job import CPUS_CAP, CPUS_ENV, JobFailed, default_cpus, read_records, run_job
 from pipeline.output import partial_path
 from pipeline.recipe import RECIPES_DIR, load_recipe
+from slurm_cluster import slurm_cluster
 from verify.errors import InputError
 
 # 2 variants and one GGUF type at a tenth of the demo's calibration, no runtimes: ~10 s locally
@@ -128,6 +131,34 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def real_slurm(tmp_path_factory):
+    """A real Slurm cluster for this module's Slurm runs ($SLURM_CONF points the clients at it)."""
+    with slurm_cluster(tmp_path_factory.mktemp("slurm-cluster")) as cluster:
+        old = os.environ.get("SLURM_CONF")
+        os.environ.update(cluster["env"])
+        try:
+            yield cluster
+        finally:
+            os.environ.pop("SLURM_CONF")
+            if old is not None:
+                os.environ["SLURM_CONF"] = old
+
+
+# executor under test -> its `run` options; the fixture it needs
+ENGINES = {"local": ([], None), "ray": (["--executor", "ray"], "ray_cluster"),
+           "slurm": (["--executor", "slurm"], "real_slurm"),
+           "slurm-local": (["--executor", "slurm", "--slurm-cluster", "local"], None)}
+
+
+def engine(name: str, request) -> list[str]:
+    """The `run` options of engine `name`, its cluster started."""
+    options, fixture = ENGINES[name]
+    if fixture:
+        request.getfixturevalue(fixture)
+    return options
+
+
 def cli(args: list, monkeypatch, capsys) -> tuple[int, dict | None, str]:
     code, out, err = run_cli(["run", *map(str, args), *ALLOW, "--device", "cpu", "--json"],
                              monkeypatch, capsys)
@@ -213,12 +244,14 @@ def test_the_default_thread_count_is_one_for_every_executor(project, ray_cluster
         default_cpus()
 
 
-def test_slurm_through_submitit_gives_the_bytes_of_a_local_run(project, local, monkeypatch,
-                                                                capsys):
-    work = project / "slurm"
-    code, result, err = cli(["--executor", "slurm", "--slurm-cluster", "local",
-                             project / "demo2.toml", "--workdir", work, "--stage", "verify"],
-                            monkeypatch, capsys)
+@pytest.mark.parametrize("name", ["slurm", "slurm-local"])
+def test_slurm_through_submitit_gives_the_bytes_of_a_local_run(project, local, name, request,
+                                                                monkeypatch, capsys):
+    """Real Slurm: sbatch scripts submitit writes, run by slurmd, states read with sacct, the
+    environment passed to the job (the Hub token left out)."""
+    work = project / name
+    code, result, err = cli([*engine(name, request), project / "demo2.toml", "--workdir", work,
+                             "--stage", "verify"], monkeypatch, capsys)
     assert code == 0, err
     assert result["executor"] == "slurm"
     assert all(r["pid"] != os.getpid() and r["threads"] == 1 for r in result["stages"])
@@ -226,19 +259,16 @@ def test_slurm_through_submitit_gives_the_bytes_of_a_local_run(project, local, m
     assert (work / "slurm").is_dir()  # submitit's job files and logs
 
 
-@pytest.mark.parametrize("executor", ["local", "slurm", "ray"])
+@pytest.mark.parametrize("executor", ["local", "slurm", "slurm-local", "ray"])
 def test_bad_input_in_a_task_exits_as_a_local_run(project, local, executor, request,
                                                   monkeypatch, capsys):
     """A worker's InputError (too little calibration text: found by the quantize task, not by
     the checks before the first stage) reaches the driver with its message and exit code 2."""
-    if executor == "ray":
-        request.getfixturevalue("ray_cluster")
     (project / "bad.toml").write_text('extends = "demo2.toml"\n\n[[variants]]\nbranch = "main"\n'
                                       'bits = 4\nnsamples = 100000\n')
     work = project / f"bad-{executor}"
     shutil.copytree(local["work"], work)  # convert reused (copy2 keeps the mtimes)
-    extra = ["--slurm-cluster", "local"] if executor == "slurm" else []
-    code, result, err = cli(["--executor", executor, *extra, project / "bad.toml", "--workdir",
+    code, result, err = cli([*engine(executor, request), project / "bad.toml", "--workdir",
                              work, "--stage", "quantize"], monkeypatch, capsys)
     assert code == 2 and result["exit_code"] == 2
     assert "256 tokens, 100000 requested; add text or lower --nsamples/--seqlen" in result["error"]
@@ -300,22 +330,20 @@ def test_no_ray_cluster_at_the_address_is_a_clear_error(project, monkeypatch, ca
 # tests that kill Ray workers come last, so no later test's --json stdout can catch such a line.
 
 
-@pytest.mark.parametrize("engine", ["slurm", "ray"])
-def test_a_task_killed_mid_quantize_is_retried_and_resumes(project, local, engine, request,
+@pytest.mark.parametrize("name", ["slurm", "slurm-local", "ray"])
+def test_a_task_killed_mid_quantize_is_retried_and_resumes(project, local, name, request,
                                                             monkeypatch, capsys):
-    """Ray retries the task (max_retries); for Slurm the driver resubmits the job that died."""
-    if engine == "ray":
-        request.getfixturevalue("ray_cluster")
+    """Ray retries the task (max_retries); for Slurm the driver resubmits the job that died
+    (sacct: FAILED)."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the driver's; a Slurm job is submitted without it
-    work = project / f"killed-{engine}"
+    work = project / f"killed-{name}"
     killed = kill_after_first_layer(work, "main")
-    extra = ["--slurm-cluster", "local"] if engine == "slurm" else []
-    code, result, err = cli(["--executor", engine, *extra, project / "demo2.toml", "--workdir",
+    code, result, err = cli([*engine(name, request), project / "demo2.toml", "--workdir",
                              work, "--stage", "quantize", "--variant", "main"], monkeypatch, capsys)
     assert code == 0 and result["ok"], err  # stdout: the JSON only, whatever the engine printed
     assert killed, "the worker was never killed"
     pid, layers_done, environ = killed[0]
-    if engine == "slurm":
+    if name.startswith("slurm"):
         assert f"HF_TOKEN={TOKEN}".encode() not in environ and os.environ["HF_TOKEN"] == TOKEN
     row = next(r for r in result["stages"] if r["stage"] == "quantize/main")
     assert row["reason"] == "previous run running" and row["pid"] != pid  # a new worker
