@@ -16,6 +16,36 @@ META = DEMO / "meta"                       # params.json, consolidated.0{0,1}.pt
 CALIBRATION = str(DEMO / "text" / "calib" / "*.py.txt")
 EVAL = str(DEMO / "text" / "eval" / "*.py.txt")
 RAGGED_FFN = 704  # 5.5 groups of 128: down_proj gets a partial last group
+# The demo recipe trimmed for the scale-out tests: 2 variants and one GGUF type at a tenth of the
+# demo's calibration, no runtimes (~10 s locally)
+TRIMMED_RECIPE = f"""
+extends = "{DEMO.parent / 'demo.toml'}"
+
+[calibration]
+nsamples = 32
+
+[[variants]]
+branch = "main"
+bits = 4
+group_size = 128
+damp = 0.1
+
+[[variants]]
+bits = 8
+group_size = 128
+act_order = true
+damp = 0.1
+
+[[gguf]]
+type = "Q8_0"
+
+[verify]
+max_windows = 4
+baseline_rtn = false
+runtimes = []
+prompts = ["def fibonacci(n):"]
+chat_prompts = []
+"""
 _BUILT: list[Path] = []  # process-wide cache: the first conversion, copied for later callers
 
 

@@ -19,34 +19,11 @@ import pytest
 from cli_runner import run_cli
 from pipeline.job import read_records, run_job
 from pipeline.output import partial_path
+from demo_model import TRIMMED_RECIPE
 from pipeline.recipe import RECIPES_DIR, load_recipe
 from ray_cluster import ENV, ray_cluster
 
-RECIPE = f"""
-extends = "{RECIPES_DIR / 'demo.toml'}"
-
-[calibration]
-nsamples = 32
-
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 128
-damp = 0.1
-
-[[variants]]
-bits = 8
-group_size = 128
-act_order = true
-damp = 0.1
-
-[verify]
-max_windows = 4
-baseline_rtn = false
-runtimes = []
-prompts = ["def fibonacci(n):"]
-chat_prompts = []
-"""
+RECIPE = TRIMMED_RECIPE
 BRANCHES = ("main", "gptq-8bit-128g-actorder_True")
 @pytest.fixture(scope="module")
 def cluster():

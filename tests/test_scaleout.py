@@ -23,40 +23,12 @@ from cli_runner import run_cli
 from pipeline.executors import RayExecutor
 from pipeline.job import CPUS_CAP, CPUS_ENV, JobFailed, default_cpus, read_records, run_job
 from pipeline.output import partial_path
+from demo_model import TRIMMED_RECIPE
 from pipeline.recipe import RECIPES_DIR, load_recipe
 from slurm_cluster import slurm_cluster
 from verify.errors import InputError
 
-# 2 variants and one GGUF type at a tenth of the demo's calibration, no runtimes: ~10 s locally
-RECIPE = f"""
-extends = "{RECIPES_DIR / 'demo.toml'}"
-
-[calibration]
-nsamples = 32
-
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 128
-damp = 0.1
-
-[[variants]]
-bits = 8
-group_size = 128
-act_order = true
-damp = 0.1
-
-[[gguf]]
-type = "Q8_0"
-
-[verify]
-max_windows = 4
-baseline_rtn = false
-runtimes = []
-prompts = ["def fibonacci(n):"]
-chat_prompts = []
-
-"""
+RECIPE = TRIMMED_RECIPE
 V8 = "gptq-8bit-128g-actorder_True"
 TOKEN = "hf_" + "scaleOut" * 4
 ALLOW = ["--allow-dir", str(RECIPES_DIR)]
