@@ -43,7 +43,7 @@ from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
 from verify.report import (check_inputs, check_integrity, check_verdict, failed_checks,
-                           read_report, relocated)
+                           read_report)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -92,7 +92,7 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     if plan_dir is not None:
         check_plan_dir(Path(plan_dir))
     report = Path(report)
-    rep = relocated(read_report(report), report)
+    rep = read_report(report)
     if rep["passed"] is not True:
         raise CheckFailed(f"{report}: verify did not pass; nothing is published "
                           f"(failed: {', '.join(failed_checks(rep)) or 'see verify.txt'})")

@@ -37,10 +37,10 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, X: torch.Tensor) -> float:
 
 def linear_inputs(a: LlamaArgs, state: dict[str, torch.Tensor], h: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The fp16 layer on hidden states h [1, T, dim] (float32): what each linear receives
+    """The fp16 layer (`state`: float32 on h's device) on hidden states h [1, T, dim]: what each
+    linear receives
     ([T, in]), and the layer's output, the next layer's h."""
-    layer = load_layer(a, {k: v.to(h.device, h.dtype) for k, v in state.items()
-                           if not k.endswith(IGNORED)})
+    layer = load_layer(a, {k: v for k, v in state.items() if not k.endswith(IGNORED)})
     X: dict[str, torch.Tensor] = {}
     hooks = [layer.get_submodule(n).register_forward_pre_hook(
         lambda _, inp, n=n: X.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
@@ -98,7 +98,7 @@ def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device:
     bar = tqdm(range(a.n_layers), desc="module integrity", unit="layer", file=sys.stderr,
                disable=not progress, leave=False)
     for i in bar:
-        ref = fp16.layer_state(i)
+        ref = {k: v.to(device, torch.float32) for k, v in fp16.layer_state(i).items()}  # once
         X: dict[str, torch.Tensor] = {}
         if h is not None:
             X, h = linear_inputs(a, ref, h, cos, sin)
@@ -108,7 +108,7 @@ def module_errors(fp16: HFCheckpoint, variants: dict[str, HFCheckpoint], device:
             bits, grid = int(q["bits"]), rtn_grid(q)
             prefix = f"{ckpt.path}: model.layers.{i}"
             for linear, parts in packed_linears(ckpt.layer_state(i), bits, device, prefix).items():
-                W = ref[f"{linear}.weight"].to(device, torch.float32)
+                W = ref[f"{linear}.weight"]
                 Wq = dequantize(*parts.values(), bits, f"{prefix}.{linear}")
                 if Wq.shape != W.shape:
                     raise InputError(f"{prefix}.{linear}: dequantises to {tuple(Wq.shape)}, the "

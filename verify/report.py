@@ -78,7 +78,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 
 def read_report(path: Path | str) -> dict[str, Any]:
-    """A verify.json (or the directory holding it), schema-checked."""
+    """A verify.json (or the directory holding it), schema-checked, its artifacts' paths where
+    they lie now (relocated: a work directory moved whole still finds them)."""
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_NAME
@@ -94,7 +95,7 @@ def read_report(path: Path | str) -> dict[str, Any]:
     if problems:
         raise InputError(f"{path}: malformed verify report ({'; '.join(problems[:5])}); "
                          "run verify again")
-    return report
+    return relocated(report, path)
 
 
 # verify.json's schema, as data: what publish, the cards and verify.txt read, with its types.
