@@ -1,8 +1,11 @@
 """Quantize benchmark: random-weight Llama directories quantised by `pipeline.quantize.quantize` in
 child processes. Reports peak RSS for 2 vs 8 layers of the same width (memory must not grow with
 depth), seconds per layer for GPTQ and the RTN baseline, and seconds per layer at width 4096.
+With --peer, one layer of real 7B and 34B shapes (4096 wide, FFN 11008; 8192 wide, FFN 22016, 8 KV
+heads) quantised by ours and by GPTQModel (bench/peer.py) at the same grid, calibration windows and
+threads, with the ratio of their seconds.
 
-    python bench/quantize.py [--width 1024] [--wide 4096] [--dir /tmp] [--device cpu] [--json]
+    python bench/quantize.py [--width 1024] [--wide 4096] [--peer 7b,34b] [--dir /tmp] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from bench import peer  # noqa: E402
 from demo_model import CALIBRATION, demo_fp16  # noqa: E402  (the shipped demo model)
 
 from pipeline.gptq import QuantSpec  # noqa: E402
@@ -44,12 +48,18 @@ def demo_tokenizer(out: Path) -> tuple[Path, int]:
     return out, vocab
 
 
-def build(out: Path, width: int, n_layers: int, tokenizer: Path, vocab: int) -> Path:
+# real shapes for --peer: (width, KV heads); FFN ≈ 8/3·width rounded up to 256 gives Llama's
+# 11008 and CodeLlama 34B's 22016
+PEER_SHAPES = {"7b": (4096, 32), "34b": (8192, 8)}
+
+
+def build(out: Path, width: int, n_layers: int, tokenizer: Path, vocab: int,
+          kv_heads: int | None = None) -> Path:
     """A random fp16 Llama (head_dim 128, FFN ≈ 8/3·width rounded to 256) with the tokenizer."""
     ffn = -(-8 * width // 3 // 256) * 256
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": width,
            "intermediate_size": ffn, "num_hidden_layers": n_layers,
-           "num_attention_heads": width // 128, "num_key_value_heads": width // 128,
+           "num_attention_heads": width // 128, "num_key_value_heads": kv_heads or width // 128,
            "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
            "tie_word_embeddings": False, "torch_dtype": "float16"}
@@ -105,8 +115,9 @@ def measure(model: Path, method: str, calibration: str, nsamples: int, seqlen: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--width", type=int, default=1024, help="width of the 2- vs 8-layer models")
+    ap.add_argument("--width", type=int, default=1024, help="width of the 2- vs 8-layer models (0: skip)")
     ap.add_argument("--wide", type=int, default=4096, help="width of the one-layer speed model (0: skip)")
+    ap.add_argument("--peer", default="", help="real shapes timed against GPTQModel: 7b,34b")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
@@ -125,7 +136,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
         tok, vocab = demo_tokenizer(tmp / "tok")
-        runs = [(f"{n}x{args.width}", args.width, n, args.nsamples, args.seqlen) for n in (2, 8)]
+        runs = [(f"{n}x{args.width}", args.width, n, args.nsamples, args.seqlen)
+                for n in (2, 8) if args.width]
         if args.wide:
             runs.append((f"1x{args.wide}", args.wide, 1, 4, args.seqlen))
         for name, width, layers, nsamples, seqlen in runs:
@@ -137,6 +149,22 @@ def main() -> None:
                 print(f"{name:>8} {method:4}: {r['seconds_per_layer']:7.2f} s/layer, "
                       f"peak RSS {r['peak_rss_mib']:6d} MiB", file=sys.stderr)
             (tmp / name / "model.safetensors").unlink()
+        for shape in filter(None, args.peer.split(",")):
+            width, kv = PEER_SHAPES[shape]
+            model = build(tmp / shape, width, 1, tok, vocab, kv)
+            spec = QuantSpec(4, 128, True)
+            t0 = time.perf_counter()
+            quantize(model, tmp / "ours", spec, calibration=CALIBRATION, nsamples=args.nsamples,
+                     seqlen=args.seqlen, device=args.device, force=True)
+            mine = time.perf_counter() - t0
+            theirs = peer.gptqmodel(model, tmp / "peer", 4, 128, True, CALIBRATION, args.nsamples,
+                                    args.seqlen, torch.get_num_threads())
+            results[f"1x{shape} peer"] = {"width": width, "ours_seconds": round(mine, 2),
+                                          "gptqmodel_seconds": round(theirs, 2),
+                                          "ratio": round(mine / theirs, 3)}
+            print(f"{shape:>8} 1 layer: ours {mine:7.1f} s, GPTQModel {theirs:7.1f} s "
+                  f"(ours/theirs {mine / theirs:.2f})", file=sys.stderr)
+            shutil.rmtree(tmp / shape)
     if args.json:
         print(json.dumps(results))
 

@@ -100,7 +100,7 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
              "—" if b.seqlen is None else str(b.seqlen),
              human_size(b.size), b.description] for b in branches]
     labels = {b.artifact: f"{b.name} ({b.bits}-bit, {group_label(b.group_size)})" for b in branches}
-    measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
+    measured = [("fp16", f"fp16 ({fp16_link(recipe, hub_url)})"),
                 *((b.artifact, f"`{b.name}` ({b.bits}-bit, {group_label(b.group_size)})")
                   for b in branches)]
     ppl_rows = perplexity_table(report, measured, {b.artifact: f"`{b.name}` RTN baseline"
@@ -163,7 +163,7 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, h
     url = repo_url(hub_url, pub.gguf_repo)
     files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type, str(r.bits), human_size(r.size),
               human_size(r.size + context * per_token), r.use_case] for r in rows]
-    measured = [("fp16", f"fp16 ([{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)}))"),
+    measured = [("fp16", f"fp16 ({fp16_link(recipe, hub_url)})"),
                 *((r.name, f"`{r.name}`") for r in rows)]
     ppl_rows = perplexity_table(report, measured)
     parity = check_metrics(report, "gguf_parity")
@@ -290,7 +290,7 @@ def metadata(recipe: Recipe, model_type: str, repo: str, ppl: list[tuple[str, fl
     eval_name, eval_type = dataset_id(recipe, recipe.verify.eval)
     meta = {
         "license": m.license,
-        "base_model": (m.base_model or pub.fp16_repo) if gptq else "",
+        "base_model": (m.base_model or pub.fp16_repo or recipe.source.repo or "") if gptq else "",
         "base_model_relation": "quantized" if gptq else "",
         "model_name": m.name,
         "model_creator": m.creator,
@@ -324,7 +324,7 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
         "repositories": repositories(recipe, hub_url, this=name, original=original),
         "description": m.description.strip(), "prompt_template": m.prompt_template,
         "prompt_template_py": json.dumps(m.prompt_template),
-        "fp16_repo": pub.fp16_repo, "fp16_url": repo_url(hub_url, pub.fp16_repo),
+        "fp16_repo": pub.fp16_repo, "fp16_source": fp16_source(recipe, hub_url),
         "gptq_repo": pub.gptq_repo, "gptq_url": repo_url(hub_url, pub.gptq_repo),
         "eval_name": dataset_label(recipe, recipe.verify.eval, hub_url), "eval_windows": str(ev["windows"]),
         "eval_seqlen": str(ev["seqlen"]), "eval_tokens": str(ev["tokens"]),
@@ -333,6 +333,25 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
     }
     text = Template((TEMPLATES / f"{name}.md").read_text()).substitute(common | fields)
     return text.rstrip("\n") + "\n"
+
+
+def fp16_link(recipe: Recipe, hub_url: str) -> str:
+    """The unquantised model every artifact was made from, as a link where it has one: the fp16
+    repository (a Meta source), the source repository at its revision, or a local model's name."""
+    s, pub = recipe.source, recipe.publish
+    if pub.fp16_repo:
+        return f"[{pub.fp16_repo}]({repo_url(hub_url, pub.fp16_repo)})"
+    if s.repo is not None:
+        return f"[{s.repo}]({repo_url(hub_url, s.repo)}/tree/{s.revision}) at revision `{s.revision}`"
+    return f"{recipe.model.name} (a local Hugging Face model)"
+
+
+def fp16_source(recipe: Recipe, hub_url: str) -> str:
+    """How the GPTQ and GGUF cards name what they were made from."""
+    if recipe.source.is_hf:
+        return f"the Hugging Face model {fp16_link(recipe, hub_url)}, as it is"
+    return (f"the fp16 conversion in {fp16_link(recipe, hub_url)} (itself checked against "
+            f"{recipe.model.creator}'s original checkpoint)")
 
 
 def repositories(recipe: Recipe, hub_url: str, this: str, original: str) -> str:
@@ -344,7 +363,9 @@ def repositories(recipe: Recipe, hub_url: str, this: str, original: str) -> str:
              ("gguf", pub.gguf_repo if recipe.gguf else "", "GGUF models for CPU and GPU inference "
                                                             "with llama.cpp, one file per quantisation type"),
              ("fp16", pub.fp16_repo, f"Unquantised fp16 model in safetensors, converted from "
-                                     f"{creator}'s original checkpoint")]
+                                     f"{creator}'s original checkpoint"),
+             ("source", recipe.source.repo or "", "The Hugging Face model these were made from "
+                                                  f"(revision `{recipe.source.revision}`)")]
     lines = [f"- [{text}]({repo_url(hub_url, repo)})" + (" (this repo)" if kind == this else "")
              for kind, repo, text in repos if repo]
     return "\n".join(lines + [f"- {creator}'s original model: {original}"])

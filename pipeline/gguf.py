@@ -35,7 +35,7 @@ from pipeline.paths import PATH
 from pipeline import __version__
 from verify.errors import InputError, PipelineError, os_failure
 from pipeline.output import staged_file
-from pipeline.tokenizer import INFILL, tokenizer_kind
+from pipeline.tokenizer import INFILL, load_tokenizer, tokenizer_kind
 from verify.bounded import read_bytes, read_json
 from verify.checkpoint import HFCheckpoint
 from verify.llama import ROTARY_HEADS, LlamaArgs, inv_freq
@@ -144,9 +144,27 @@ def sentencepiece_vocab(path: Path, added: dict[str, Any]) -> Vocab:
     return Vocab("llama", "default", tokens, [int(t) for t in types], scores, None, infill)
 
 
+def pre_tokenizer(data: dict[str, Any], where: Path) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer.json's pre-tokenizer: Llama 3's regex split
+    ("llama-bpe"), GPT-2's own regex ("gpt-2"), or that after splitting digits one by one
+    ("smollm"); anything else is refused rather than tokenised differently in llama.cpp."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps if isinstance(st, dict)]
+    gpt2_regex = bool(steps) and kinds[-1] == "ByteLevel" and steps[-1].get("use_regex", True)
+    if kinds and kinds[0] == "Split" and kinds[-1] == "ByteLevel" and not gpt2_regex:
+        return "llama-bpe"
+    if kinds == ["ByteLevel"] and gpt2_regex:
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and gpt2_regex:
+        return "smollm"
+    raise InputError(f"{where}: pre-tokenizer {kinds or pre!r} has no llama.cpp equivalent this "
+                     "tool knows (Llama 3's split, GPT-2's byte-level regex, SmolLM's digits)")
+
+
 def bpe_vocab(tokenizer_json: Path, vocab_size: int) -> Vocab:
-    """Llama 3's byte-level BPE from the converted tokenizer.json: every id's token (special
-    added tokens CONTROL) and the merges, with llama.cpp's "llama-bpe" pre-tokenizer."""
+    """A byte-level BPE tokenizer.json (Llama 3's, or an HF source's): every id's token (special
+    added tokens CONTROL), the merges and llama.cpp's name for its pre-tokenizer."""
     data = read_json(tokenizer_json)
     try:
         model = data["model"]
@@ -161,23 +179,24 @@ def bpe_vocab(tokenizer_json: Path, vocab_size: int) -> Vocab:
         raise InputError(f"{tokenizer_json}: no token for id(s) {missing[:5]} of {vocab_size}")
     types = [int(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
              for i in range(vocab_size)]
-    return Vocab("gpt2", "llama-bpe", [by_id[i] for i in range(vocab_size)], types, None, merges,
-                 None)
+    return Vocab("gpt2", pre_tokenizer(data, tokenizer_json), [by_id[i] for i in range(vocab_size)],
+                 types, None, merges, None)
 
 
 def read_vocab(fp16: Path, vocab_size: int) -> Vocab:
-    """The fp16 directory's tokenizer (tokenizer.model decides the kind), vocab_size ids."""
+    """The fp16 directory's tokenizer, vocab_size ids: tokenizer.model decides the kind (a
+    conversion copies Meta's), or tokenizer.json alone is byte-level BPE (an HF source's)."""
     model = fp16 / "tokenizer.model"
-    if not model.is_file():
-        raise InputError(f"{model}: missing (the convert stage copies it into every fp16 output)")
-    if tokenizer_kind(model) == "sentencepiece":
+    if not model.is_file() and not (fp16 / "tokenizer.json").is_file():
+        raise InputError(f"{fp16}: no tokenizer.model or tokenizer.json")
+    if model.is_file() and tokenizer_kind(model) == "sentencepiece":
         config = read_json(fp16 / "tokenizer_config.json") \
             if (fp16 / "tokenizer_config.json").is_file() else {}
         vocab = sentencepiece_vocab(model, config.get("added_tokens_decoder", {}))
     else:
         vocab = bpe_vocab(fp16 / "tokenizer.json", vocab_size)
     if len(vocab.tokens) != vocab_size:
-        raise InputError(f"{model}: {len(vocab.tokens)} tokens, but the embedding has "
+        raise InputError(f"{fp16}: the tokenizer has {len(vocab.tokens)} tokens, but the embedding has "
                          f"{vocab_size} rows (config.json vocab_size)")
     return vocab
 
@@ -231,10 +250,11 @@ def metadata(writer: gguf.GGUFWriter, ckpt: HFCheckpoint, vocab: Vocab, name: st
         writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, vocab.infill["suffix"])
         writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, vocab.infill["middle"])
         writer.add_eot_token_id(vocab.infill["eot"])
-    config = ckpt.path / "tokenizer_config.json"
-    tok_config = read_json(config) if config.is_file() else {}
-    writer.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
-    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    # whether BOS/EOS are added: what the HF tokenizer does, not what a config key may say
+    tok = load_tokenizer(ckpt.path)
+    ids = tok("a")["input_ids"]
+    writer.add_add_bos_token(bool(ids) and ids[0] == tok.bos_token_id)
+    writer.add_add_eos_token(bool(ids) and tok.eos_token_id is not None and ids[-1] == tok.eos_token_id)
     template = chat_template(ckpt.path)
     if template:
         writer.add_chat_template(template)

@@ -30,9 +30,10 @@ from typing import Any, Callable, Protocol
 
 from pipeline import __version__
 from pipeline.credentials import RedactingFilter, secret_labels
-from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError, os_failure
+from verify.errors import (CheckFailed, InputError, OutputExistsError, PipelineError, first_line,
+                           os_failure)
 from pipeline.output import overlap, partial_path
-from pipeline.recipe import Recipe, TaskResources
+from pipeline.recipe import Recipe, Source, TaskResources
 from pipeline.workdir import WorkDir
 from verify.bounded import checked_path, read_json, typed
 from verify.report import SCHEMA as REPORT_SCHEMA, failed_checks, perplexity_rows, read_report
@@ -186,7 +187,8 @@ class Job:
     @property
     def dirs(self) -> WorkDir:
         """Where the stages' outputs lie in the work directory."""
-        return WorkDir(self.workdir, self.recipe.model.name)
+        hf = self.recipe.source.is_hf and self.source is not None
+        return WorkDir(self.workdir, self.recipe.model.name, self.source if hf else None)
 
     def wants(self, stage: str) -> bool:
         return STAGE_NAMES.index(stage) <= STAGE_NAMES.index(self.last_stage)
@@ -213,15 +215,17 @@ class Job:
         The stages pass force=True: each replaces only an output of its own (its manifest), and
         `execute` only one that job.json records."""
         from pipeline.calibration import local_files
-        from pipeline.meta import MetaCheckpoint
 
         r = self.recipe
         src = r.source.resolve()
-        how = overlap(self.workdir, src)
-        if how:
-            raise InputError(f"{self.workdir}: the work directory {how} the source {src}; "
-                             "choose another --workdir")
-        MetaCheckpoint(src)  # params.json valid, shards and tokenizer present
+        if src is None:  # a Hub repository: into the work directory's cache
+            src = download(r.source, self.dirs.downloads, self.endpoint)
+        else:
+            how = overlap(self.workdir, src)
+            if how:
+                raise InputError(f"{self.workdir}: the work directory {how} the source {src}; "
+                                 "choose another --workdir")
+        check_source_model(r.source, src)
         texts = []
         if self.wants("quantize"):
             texts += [(f"[[variants]] {b}: calibration", r.variant(b).calibration)
@@ -283,9 +287,51 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+HF_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.jinja")  # what a job reads of a repo
+
+
+def download(source: Source, cache: Path, endpoint: str | None) -> Path:
+    """The source repository at its revision, through huggingface_hub's cache in the work
+    directory (resumable; a file appears only once whole): its model files only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from pipeline.publish import hub_settings
+
+    try:
+        with hub_settings():
+            return Path(snapshot_download(source.repo, revision=source.revision, cache_dir=cache,
+                                          allow_patterns=list(HF_FILES), endpoint=endpoint))
+    except (RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError,
+            LocalEntryNotFoundError) as e:
+        raise InputError(f"{source.recipe}: [source] repo = {source.repo!r} at revision "
+                         f"{source.revision!r}: {first_line(e)}") from None
+
+
+def check_source_model(source: Source, src: Path) -> None:
+    """A Meta checkpoint (params.json, shards, tokenizer) or an HF Llama model in fp16, bf16 or
+    fp32 (config, every tensor's shape, tied or not, any head count), not quantised already."""
+    from pipeline.meta import MetaCheckpoint
+    from verify.checkpoint import HFCheckpoint
+
+    if not source.is_hf:
+        MetaCheckpoint(src)
+        return
+    ck = HFCheckpoint(src)
+    if ck.quantization:
+        raise InputError(f"{src / 'config.json'}: [source] is a quantised model "
+                         f"({ck.quantization}); start from the unquantised one")
+
+
 # ---------------------------------------------------------------- the stages: inputs and functions
 # inputs(job, item, upstream) -> the task's input fingerprints (upstream: output fingerprint of
 # every finished task, by key); run(job, item, resume) -> the stage's summary.
+
+
+def fp16_input(job: Job, upstream: dict[str, Any]) -> str | None:
+    """The fingerprint of the fp16 model the stages read: the conversion, or an HF source."""
+    return tree_fingerprint(job.source) if job.recipe.source.is_hf else upstream["convert"]
 
 
 def convert_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +352,7 @@ def run_convert(job: Job, item: str, resume: bool) -> dict[str, Any]:
 
 def quantize_inputs(job: Job, branch: str, upstream: dict[str, Any]) -> dict[str, Any]:
     v = job.recipe.variant(branch)
-    return {"fp16": upstream["convert"],
+    return {"fp16": fp16_input(job, upstream),
             "spec": options_fingerprint(v.as_dict()),
             "calibration": text_fingerprint(v.calibration),
             "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
@@ -323,7 +369,7 @@ def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
 
 
 def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str, Any]:
-    return {"fp16": upstream["convert"], "type": type_name, "name": job.recipe.model.name,
+    return {"fp16": fp16_input(job, upstream), "type": type_name, "name": job.recipe.model.name,
             "tool": __version__}
 
 
@@ -340,9 +386,10 @@ def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
 
 def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
     r = job.recipe
-    return {"fp16": upstream["convert"],
+    return {"fp16": fp16_input(job, upstream),
             "variants": {b: upstream[f"quantize/{b}"] for b in job.branches},
-            "meta": tree_fingerprint(job.source), "eval": text_fingerprint(r.verify.eval),
+            "meta": None if r.source.is_hf else tree_fingerprint(job.source),
+            "eval": text_fingerprint(r.verify.eval),
             "tool": __version__,  # the options but `eval`, whose files are fingerprinted above
             "options": options_fingerprint({k: v for k, v in dataclasses.asdict(r.verify).items()
                                             if k != "eval"}),
@@ -356,7 +403,8 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
     from pipeline.judge import judge
 
     r, vo, d = job.recipe, job.recipe.verify, job.dirs
-    report = judge(fp16=d.fp16, quants=[d.gptq(b) for b in job.branches], meta=job.source,
+    report = judge(fp16=d.fp16, quants=[d.gptq(b) for b in job.branches],
+                   meta=None if r.source.is_hf else job.source,
                    eval_text=vo.eval, out=d.verify, seqlen=vo.seqlen,
                    max_windows=vo.max_windows, thresholds=vo.thresholds(),
                    baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
@@ -411,7 +459,8 @@ def once(job: Job) -> Sequence[str]:
 
 
 STAGES = (
-    Stage("convert", 0, once, lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
+    Stage("convert", 0, lambda job: () if job.recipe.source.is_hf else ("",),
+          lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
     Stage("quantize", 1, lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
           quantize_inputs, run_quantize, gpu=True),
     Stage("gguf", 1, lambda job: [g.type for g in job.recipe.gguf],
@@ -585,6 +634,7 @@ class Run:
         """The JSON-able summary of this run."""
         return {"recipe": str(self.job.recipe.path), "name": self.job.recipe.name,
                 "workdir": str(self.job.workdir), "stage": self.job.last_stage,
+                "source": self.job.recipe.source.describe(),
                 "variants": list(self.job.branches), "executor": self.executor,
                 "task_cpus": {s.name: resources(self.job, s.key(s.items(self.job)[0])).cpus
                               for s in STAGES if not s.on_driver and s.items(self.job)},

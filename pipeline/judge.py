@@ -107,11 +107,6 @@ def open_models(fp16: Path, quants: list[Path], table: th.Table, device: torch.d
                              "directories must have distinct names other than 'fp16'")
         if m.args != base.args:
             raise InputError(f"{q}: config.json describes a different model than {fp16}")
-        lacking = th.missing(table, m.bits)
-        if lacking:
-            raise InputError(f"{q}: no {m.bits}-bit threshold for {', '.join(lacking)}; pass "
-                             + " ".join(f"{th.CLI_OPTION[k]} {m.bits}=VALUE" for k in lacking)
-                             + " (or set them in the recipe's [verify])")
         variants[m.name] = m
     return base, variants
 
@@ -147,7 +142,7 @@ def greedy_samples(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = None,
-                     min_agreement: float = 0.0) -> dict:
+                     min_agreement: float | None = None) -> dict:
     """fp16's samples (fp16 None): reported, never failing, since fp16 is the reference. A
     variant's samples beside fp16's with their token agreement; the variant fails where a sample
     is degenerate and fp16's is not, or where its mean agreement is below min_agreement."""
@@ -164,31 +159,33 @@ def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = N
         if s["degenerate"] and not ref["degenerate"]:
             problems.append(f"{s['prompt']!r}: {s['degenerate']}, where fp16's is not degenerate")
     mean = sum(r["agreement"] for r in rows) / len(rows)
-    if not th.agreement_passed(mean, min_agreement):
+    if min_agreement is not None and not th.agreement_passed(mean, min_agreement):
         problems.append(f"mean agreement with fp16 {mean:.3f} < {min_agreement:g}")
     reason = {"reason": "; ".join(problems)} if problems else {}
+    limits = {"agreement": min_agreement} if min_agreement is not None else {}
     return {**check, "passed": not problems, **reason, "metrics": {"agreement": mean},
-            "thresholds": {"agreement": min_agreement}, "samples": rows}
+            "thresholds": limits, "samples": rows}
 
 
-def kl_check(name: str, metrics: dict[str, float], t: dict[str, float]) -> dict:
+def kl_check(name: str, metrics: dict[str, float], t: dict[str, float | None]) -> dict:
     """Pass when mean and 99th-percentile KL against fp16 are at most, and the same-top-token
-    fraction at least, the bit width's thresholds (NaN fails)."""
-    limits = {k: t[k] for k in ("kl_mean", "kl_p99", "top1")}
+    fraction at least, the bit width's thresholds that are set (NaN fails those)."""
+    limits = {k: t[k] for k in ("kl_mean", "kl_p99", "top1") if t[k] is not None}
     return {"check": "kl_divergence", "artifact": name,
             "passed": th.kl_passed(metrics, limits), "metrics": metrics,
             "thresholds": limits}
 
 
-def integrity_check(name: str, modules: dict[str, dict], factor: float,
+def integrity_check(name: str, modules: dict[str, dict], factor: float | None,
                     output_factor: float) -> dict:
-    """Pass when every quantised linear's relative weight error is at most `factor` times RTN's
-    on the same grid, its output error on evaluation activations at most `output_factor` times
-    RTN's, and its g_idx is well formed; the failure names the modules."""
+    """Pass when every quantised linear's output error on evaluation activations is at most
+    `output_factor` times RTN's on the same grid, its relative weight error at most `factor`
+    times RTN's (when set), and its g_idx is well formed; the failure names the modules."""
     problems = []
     for module, m in modules.items():
         wrong = [f"||W - W_q||/||W|| = {m['error']:.3g} > {factor:g} × RTN's {m['rtn_error']:.3g}"
-                 for _ in [0] if not th.module_passed(m["error"], m["rtn_error"], factor)]
+                 for _ in [0]
+                 if factor is not None and not th.module_passed(m["error"], m["rtn_error"], factor)]
         wrong += [f"output error ||(W - W_q)X||/||WX|| = {m['output_error']:.3g} > "
                   f"{output_factor:g} × RTN's {m['rtn_output_error']:.3g}" for _ in [0]
                   if not th.module_passed(m["output_error"], m["rtn_output_error"], output_factor)]
@@ -220,17 +217,38 @@ def integrity_check(name: str, modules: dict[str, dict], factor: float,
     return {"check": "module_integrity", "artifact": name, "passed": not problems,
             **({"reason": "; ".join(problems[:SHOWN_PROBLEMS]) + more} if problems else {}),
             "metrics": metrics,
-            "thresholds": {"module_error": factor, "module_output_error": output_factor},
+            "thresholds": {"module_output_error": output_factor,
+                           **({"module_error": factor} if factor is not None else {})},
             "per_module": {k: {key: v[key] for key in keys} for k, v in modules.items()}}
 
 
-def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float) -> dict:
-    """Pass when ppl is finite and ppl ≤ ppl_fp16 · (1 + tolerance)."""
+def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float | None) -> dict:
+    """Pass when ppl is finite and, with a tolerance set, ppl ≤ ppl_fp16 · (1 + tolerance)."""
     ratio = ppl / ppl_fp16
-    return {"check": "perplexity", "artifact": name,
-            "passed": th.perplexity_passed(ppl, ppl_fp16, tolerance),
+    passed = (th.perplexity_passed(ppl, ppl_fp16, tolerance) if tolerance is not None
+              else math.isfinite(ppl))
+    return {"check": "perplexity", "artifact": name, "passed": passed,
             "metrics": {"ppl": ppl, "ppl_fp16": ppl_fp16, "ratio": ratio},
-            "thresholds": {"tolerance": tolerance}}
+            "thresholds": {"tolerance": tolerance} if tolerance is not None else {}}
+
+
+def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_fp16: float,
+              margin: float) -> dict:
+    """Pass when the variant's perplexity and mean KL against fp16 are each at most (1 + margin)
+    times those of round-to-nearest on its own grid, measured in the same run (or within
+    thresholds.RTN_FLOOR of fp16); the failure says which and by how much."""
+    f = th.RTN_FLOOR
+    ok_ppl = th.rtn_passed(ppl, rtn["ppl"], margin, f["ppl_rise"], ppl_fp16)
+    ok_kl = th.rtn_passed(kl_mean, rtn["kl_mean"], margin, f["kl_mean"])
+    problems = ([f"perplexity {ppl:.4g} > (1 + {margin:g}) × RTN's {rtn['ppl']:.4g}"] * (not ok_ppl)
+                + [f"mean KL {kl_mean:.4g} > (1 + {margin:g}) × RTN's {rtn['kl_mean']:.4g}"] * (not ok_kl))
+    return {"check": "against_rtn", "artifact": name, "passed": not problems,
+            **({"reason": "; ".join(problems)} if problems else {}),
+            "metrics": {"ppl": ppl, "ppl_rtn": rtn["ppl"], "kl_mean": kl_mean,
+                        "kl_mean_rtn": rtn["kl_mean"], "top1_rtn": rtn["top1"],
+                        "ppl_ratio": ppl / rtn["ppl"],
+                        "kl_ratio": kl_mean / rtn["kl_mean"] if rtn["kl_mean"] else math.inf},
+            "thresholds": {"rtn_margin": margin}}
 
 
 def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
@@ -401,7 +419,7 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
     errors = module_errors(ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev,
                            win[:1, :OUTPUT_TOKENS]) if variants else {}
 
-    rtn_ppl: dict[tuple, float] = {}
+    rtn: dict[tuple, dict[str, float]] = {}  # RTN on each grid: ppl and KL against fp16
     n_artifacts = 1 + len(variants)
     paths = {n: m.ckpt.path for n, m in variants.items()}
     ragged_groups = {n: any(ragged(n_in, m.ckpt.quantization["group_size"])
@@ -412,21 +430,25 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
         (h,) = eval_pass(m, name)
         t = th.for_bits(table, m.bits)
         checks.append(perplexity_check(name, ppl[name], ppl["fp16"], t["tolerance"]))
-        checks.append(kl_check(name, kl_summary(*m.divergence(h, ref, h_fp16)), t))
+        kl = kl_summary(*m.divergence(h, ref, h_fp16))
+        checks.append(kl_check(name, kl, t))
         del h
         checks.append(generation_check(name, greedy_samples(m, tokenizer, prompts), fp16_samples,
                                        t["agreement"]))
         checks.append(integrity_check(name, errors[name], t["module_error"],
                                       t["module_output_error"]))
+        q = m.ckpt.quantization
+        key = (q["bits"], q["group_size"], q.get("sym", True))
+        if key not in rtn:
+            baseline = LayerwiseModel(fp16, dev, dtype, resident=False, weight_fn=rtn_weight_fn(q))
+            (h,) = baseline.hidden([win], desc=f"{name}:rtn layers")
+            rtn[key] = {"ppl": perplexity(baseline.nll(h, win), seqlen),
+                        **kl_summary(*baseline.divergence(h, ref, h_fp16))}
+            del h, baseline
+        checks.append(rtn_check(name, ppl[name], kl["kl_mean"], rtn[key], ppl["fp16"],
+                                t["rtn_margin"]))
         if baseline_rtn:
-            q = m.ckpt.quantization
-            key = (q["bits"], q["group_size"], q.get("sym", True))
-            if key not in rtn_ppl:
-                baseline = LayerwiseModel(fp16, dev, dtype, resident=False,
-                                          weight_fn=rtn_weight_fn(q))
-                (h,) = baseline.hidden([win], desc=f"{name}:rtn layers")
-                rtn_ppl[key] = perplexity(baseline.nll(h, win), seqlen)
-            ppl[f"{name}:rtn"] = rtn_ppl[key]
+            ppl[f"{name}:rtn"] = rtn[key]["ppl"]
     section, more = runtime_checks(
         list(runtimes), paths, ragged_groups, win, nll,
         lambda b: ref.logits(h_fp16[b:b + 1].to(ref.device))[0, :-1], dev)
@@ -502,7 +524,9 @@ def threshold_options(f):
         defaults = " ".join(f"{b}={x:g}" for b, x in default.items())
         f = click.option(th.CLI_OPTION[kind], kind, multiple=True, callback=parse_thresholds,
                          metavar="BITS=VALUE",
-                         help=f"{what[0].upper()}{what[1:]}; default {defaults}.")(f)
+                         help=f"{what[0].upper()}{what[1:]}; "
+                              + (f"default {defaults}." if default else "none by default.")
+                         )(f)
     return f
 
 

@@ -97,8 +97,9 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
         raise CheckFailed(f"{report}: verify did not pass; nothing is published "
                           f"(failed: {', '.join(failed_checks(rep)) or 'see verify.txt'})")
     ggufs = {t: Path(p) for t, p in (ggufs or {}).items()}
+    from_meta = not recipe.source.is_hf  # an HF source is published as it is: no parity to prove
     check_verdict(rep, ["fp16", *(Path(p).name for p in variants.values()),
-                        *(p.name for p in ggufs.values())], report)
+                        *(p.name for p in ggufs.values())], report, from_meta)
     try:
         plans = make_plan(recipe, rep, Path(fp16), {b: Path(p) for b, p in variants.items()}, endpoint)
         if recipe.gguf:
@@ -106,7 +107,7 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
     except CheckFailed as e:  # the artifacts are not what the report says: name the report too
         raise CheckFailed(f"{report}: {e}") from None
     conversion = Path(fp16) / MANIFEST  # verified bytes by now (make_plan checked every hash)
-    check_inputs(rep, report, read_json(conversion) if conversion.is_file() else None)
+    check_inputs(rep, report, read_json(conversion) if conversion.is_file() else None, from_meta)
     plan_text = plan_document(plans, recipe, endpoint, report)
     files = {PLAN_NAME: plan_text.encode()}
     files |= {f"{p.repo}@{p.branch}: {f.path}": f.source for p in plans for f in p.files}
@@ -174,7 +175,8 @@ def verified_files(report: dict, name: str, path: Path, kind: str) -> dict[str, 
 
 def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path],
               hub_url: str) -> list[BranchPlan]:
-    """The branches to publish, fp16 first, then GPTQ `main`, then the other variants."""
+    """The branches to publish, fp16 first (a Meta source's conversion), then GPTQ `main`, then
+    the other variants."""
     want = {v.branch for v in recipe.variants}
     if set(variants) != want:
         raise InputError(f"{recipe.path}: publish needs every variant of the recipe "
@@ -185,13 +187,17 @@ def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path
         path = variants[v.branch]
         files = artifact_files(path, verified_files(report, path.name, path, "gptq"))
         gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files))
-    model_type = read_json(fp16 / "config.json").get("model_type", "llama")
-    facts = card.ModelFacts.of(read_json(fp16 / "conversion.json"))
-    fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type, hub_url,
-                               facts)
-    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, facts)
+    config = read_json(fp16 / "config.json")
+    model_type = config.get("model_type", "llama")
     pub = recipe.publish
-    plans = [BranchPlan(pub.fp16_repo, "main", "fp16", (*fp16_files, card_file(fp16_card)))]
+    if recipe.source.is_hf:  # published as it is already: the cards name it, nothing re-uploads it
+        facts, plans = card.ModelFacts(tied=config.get("tie_word_embeddings") is True), []
+    else:
+        facts = card.ModelFacts.of(read_json(fp16 / MANIFEST))
+        fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type,
+                                   hub_url, facts)
+        plans = [BranchPlan(pub.fp16_repo, "main", "fp16", (*fp16_files, card_file(fp16_card)))]
+    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, facts)
     plans += [BranchPlan(pub.gptq_repo, b.name, b.artifact, (*files, card_file(gptq_card))) for b, files in gptq]
     return plans
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -73,81 +75,118 @@ def activation_device(dev: torch.device, nbytes: int) -> torch.device:
     return torch.device("cpu")
 
 
+CHUNK_TOKENS = 2048  # calibration tokens per forward step: matmuls wide enough to be efficient
+
+
+def chunks(X: torch.Tensor) -> list[slice]:
+    """Slices of the calibration samples X [n, T, dim], about CHUNK_TOKENS tokens each."""
+    step = max(1, CHUNK_TOKENS // X.shape[1])
+    return [slice(j, min(j + step, X.shape[0])) for j in range(0, X.shape[0], step)]
+
+
 def run_layer(layer: DecoderLayer, X: torch.Tensor, Y: torch.Tensor, dev: torch.device,
               cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Y = layer(X) for the calibration samples X [n, T, dim], one sample at a time on `dev`."""
+    """Y = layer(X) for the calibration samples X [n, T, dim], a chunk at a time on `dev`."""
     with torch.no_grad():
-        for j in range(X.shape[0]):
-            Y[j:j + 1].copy_(layer(X[j:j + 1].to(dev, non_blocking=True), cos, sin))
+        for c in chunks(X):
+            Y[c].copy_(layer(X[c].to(dev, non_blocking=True), cos, sin))
 
 
-class _Enough(Exception):
-    """Raised by the last input hook of a pass: the rest of the layer's forward is not needed."""
-
-
-def hessians(layer: DecoderLayer, names: list[str], X: torch.Tensor, dev: torch.device,
-             cos: torch.Tensor, sin: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    """H = 2/n Σ x xᵀ (float32) of the inputs of the named linears, from one forward pass that
-    stops once every named linear has seen its input."""
-    H: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-
-    def hook(name: str):
-        def accumulate(module: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-            x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # [tokens, in]
-            if name not in H:
-                H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            H[name].addmm_(x.t(), x)
-            count[name] = count.get(name, 0) + x.shape[0]
-            if name == names[-1]:  # LINEAR_GROUPS is in forward order: the last to fire
-                raise _Enough
-        return accumulate
-
-    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for j in range(X.shape[0]):
-                try:
-                    layer(X[j:j + 1].to(dev, non_blocking=True), cos, sin)
-                except _Enough:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    for n in names:
-        if not bool(torch.isfinite(H[n]).all()):
-            raise InputError(f"{prefix}{n}: NaN/inf in the calibration activations entering it "
-                             "(the weights contain NaN/inf, or fp16 overflowed: try --device cpu)")
-        H[n] *= 2 / count[n]
-    return H
+def hessian(inputs: Callable[[slice], torch.Tensor], parts: list[slice], where: str) -> torch.Tensor:
+    """H = 2/n Σ x xᵀ (float32 [in, in]) over the rows x of inputs(c) for every chunk c."""
+    H, n = None, 0
+    for c in parts:
+        x = inputs(c)
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        H = torch.zeros(x.shape[1], x.shape[1], device=x.device) if H is None else H
+        H.addmm_(x.t(), x)
+        n += x.shape[0]
+    if not bool(torch.isfinite(H).all()):
+        raise InputError(f"{where}: NaN/inf in the calibration activations entering it "
+                         "(the weights contain NaN/inf, or fp16 overflowed: try --device cpu)")
+    return H.mul_(2 / n)
 
 
 def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: QuantSpec,
-                   X: torch.Tensor | None, dev: torch.device, cos: torch.Tensor, sin: torch.Tensor,
+                   X: torch.Tensor | None, Y: torch.Tensor | None, dev: torch.device,
+                   cos: torch.Tensor, sin: torch.Tensor,
                    prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Quantise the layer's linears in place (weights become the fake-quantised ones) in
-    true-sequential order; returns the packed tensors and the per-module log."""
-    stages = [(g,) for g in LINEAR_GROUPS] if spec.true_sequential else [LINEAR_GROUPS]
+    """Quantise the layer's linears in place (weights become the fake-quantised ones) and set
+    Y = layer(X) with them; returns the packed tensors and the per-module log.
+
+    One chunked pass per linear group, in forward order, each from the intermediate the last one
+    left in Y (attention's core, then the residual): true-sequential groups see the inputs of the
+    groups already quantised, as the model will compute them."""
     tensors: dict[str, torch.Tensor] = {}
     log: dict[str, Any] = {}
-    for stage in stages:
-        # linears of a group share their input, so one H serves the group
-        H = hessians(layer, [g[0] for g in stage], X, dev, cos, sin, prefix) if X is not None else {}
-        for group in stage:
-            for name in group:
-                t0 = time.perf_counter()
-                W = state[f"{name}.weight"].to(dev, torch.float32)
-                if not bool(torch.isfinite(W).all()):
-                    raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
-                r: QuantResult = gptq(W, H[group[0]], spec) if spec.method == "gptq" else rtn(W, spec.grid)
-                layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
-                packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
-                tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})
-                log[f"{prefix}{name}"] = {"loss": r.loss, "damp": r.damp, "damp_failed": r.damp_retries,
-                                          "seconds": round(time.perf_counter() - t0, 4)}
-                if r.damp_retries:
-                    tqdm.write(f"{prefix}{name}: Cholesky failed with damp {r.damp_retries}, "
-                               f"used {r.damp}", file=sys.stderr)
+
+    def quantise(group: tuple[str, ...], H: torch.Tensor | None) -> None:
+        for name in group:  # linears of a group share their input, so one H serves the group
+            t0 = time.perf_counter()
+            W = state[f"{name}.weight"].to(dev, torch.float32)
+            if not bool(torch.isfinite(W).all()):
+                raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
+            r: QuantResult = gptq(W, H, spec) if H is not None else rtn(W, spec.grid)
+            layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
+            packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
+            tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})
+            log[f"{prefix}{name}"] = {"loss": r.loss, "damp": r.damp, "damp_failed": r.damp_retries,
+                                      "seconds": round(time.perf_counter() - t0, 4)}
+            if r.damp_retries:
+                tqdm.write(f"{prefix}{name}: Cholesky failed with damp {r.damp_retries}, "
+                           f"used {r.damp}", file=sys.stderr)
+
+    if X is None or Y is None:  # RTN: no calibration, no forward
+        for group in LINEAR_GROUPS:
+            quantise(group, None)
+        return tensors, log
+    attn, mlp = layer.self_attn, layer.mlp
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    parts = chunks(X)
+
+    def x(c: slice) -> torch.Tensor:
+        return X[c].to(dev, non_blocking=True)
+
+    def y(c: slice) -> torch.Tensor:
+        return Y[c].to(dev, non_blocking=True)
+
+    def keep(c: slice, t: torch.Tensor) -> torch.Tensor:
+        Y[c].copy_(t)
+        return t
+
+    # down_proj's inputs, kept (when they fit) for the layer's outputs: gate and up not run twice
+    shape = (*X.shape[:2], mlp.up_proj.weight.shape[0])
+    A = torch.empty(shape, dtype=X.dtype, device=X.device) if spec.true_sequential and \
+        fits_in_memory(math.prod(shape) * X.dtype.itemsize, X.device) else None
+
+    def act(c: slice) -> torch.Tensor:
+        a = mlp.act(norm2(y(c)))
+        if A is not None:
+            A[c].copy_(a)
+        return a
+
+    qkv, o, gate_up, down = LINEAR_GROUPS
+    inputs = (  # each group's input per chunk; Y holds attention's core, then the residual
+        (qkv, lambda c: norm1(x(c))),
+        (o, lambda c: keep(c, attn.core(norm1(x(c)), cos, sin))),
+        (gate_up, lambda c: norm2(keep(c, x(c) + attn.o_proj(y(c))))),
+        (down, act),
+    )
+    with torch.no_grad():
+        H = {}
+        for group, fn in inputs:
+            H[group] = hessian(fn, parts, prefix + group[0])
+            if spec.true_sequential:
+                quantise(group, H[group])
+        if not spec.true_sequential:  # every H from the fp16 layer; then the whole layer again
+            for group in LINEAR_GROUPS:
+                quantise(group, H[group])
+            run_layer(layer, X, Y, dev, cos, sin)
+        else:
+            for c in parts:
+                r = y(c)
+                a = A[c].to(dev, non_blocking=True) if A is not None else mlp.act(norm2(r))
+                Y[c].copy_(r + mlp.down_proj(a))
     return tensors, log
 
 
@@ -265,13 +304,14 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
         if i < done:
             restore_layer(layer, file, spec.bits, prefix, dev)
         else:
-            tensors, log = quantize_layer(layer, state, spec, X, dev, cos, sin, prefix)
+            tensors, log = quantize_layer(layer, state, spec, X, Y, dev, cos, sin, prefix)
             # serialised here, written by Python: a full disk is an OSError like any other write
             file.with_suffix(".tmp").write_bytes(save(tensors, metadata={"log": json.dumps(log)}))
             file.with_suffix(".tmp").replace(file)
             modules.update(log)
-        if X is not None and i + 1 < a.n_layers:  # the next layer's inputs
+        if X is not None and i < done:  # a restored layer's outputs
             run_layer(layer, X, Y, dev, cos, sin)
+        if X is not None:  # the next layer's inputs
             X, Y = Y, X
         del layer, state
     return modules, done, store.type
@@ -396,8 +436,8 @@ def resume_mismatch(run_file: Path, run: dict) -> str | None:
               help="fit every group's grid up front")
 @click.option("--true-sequential/--no-true-sequential", default=DEFAULT.true_sequential,
               show_default=True)
-@click.option("--mse", is_flag=True, default=DEFAULT.mse,
-              help="search shrunk ranges for the least-error grid")
+@click.option("--mse/--no-mse", default=DEFAULT.mse, show_default=True,
+              help="search shrunk ranges for the least-error grid (--no-mse: min-max)")
 @click.option("--blocksize", type=int, default=DEFAULT.blocksize, show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULT.method, show_default=True)
 @click.option("--calibration", help="glob, directory, file, or hf:DATASET[:CONFIG]:SPLIT:FIELD")

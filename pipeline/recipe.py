@@ -48,6 +48,7 @@ from verify.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 # plain file name: it names GGUF files and repositories); re.ASCII: \w is [A-Za-z0-9_]
 BRANCH = re.compile(r"[A-Za-z0-9][\w.-]{0,99}", re.ASCII)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+REVISION = re.compile(r"[A-Za-z0-9][\w./-]{0,199}", re.ASCII)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}", re.ASCII)
 ALLOW_ENV = "PIPELINE_ALLOW_DIRS"  # folders (os.pathsep-separated) recipes may name besides their own
 MAX_CARD_BYTES = 256 * 1024  # [model] original_card: a model card, not a data file
@@ -68,28 +69,52 @@ class ModelInfo:
     original_card_text: str = field(default="", repr=False, metadata={"internal": True})
 
 
+SOURCE_FORMATS = ("meta", "hf")  # Meta's original checkpoint (converted first), or an HF model
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where the original Meta checkpoint lies: a path, or an environment variable holding one."""
+    """The model the job starts from: Meta's original checkpoint (`format = "meta"`, converted
+    first) or a Llama-architecture HF model (`format = "hf"`, quantised as it is): a path, an
+    environment variable holding one, or (hf) a Hub repository at a revision."""
 
+    format: str = "meta"
     path: Path | None = None
     env: str | None = None
+    repo: str | None = None
+    revision: str = "main"
     recipe: Path | None = field(default=None, metadata={"internal": True})
 
-    def resolve(self) -> Path:
-        """The checkpoint directory; InputError when the variable is unset or the path missing."""
+    @property
+    def is_hf(self) -> bool:
+        return self.format == "hf"
+
+    def resolve(self) -> Path | None:
+        """The local model directory; None for a Hub repository (downloaded by the job).
+        InputError when the variable is unset or the path missing."""
+        if self.repo is not None:
+            return None
+        expected = ("one holding config.json and *.safetensors" if self.is_hf
+                    else "one holding params.json and consolidated.*.pth")
         if self.env is not None:
             value = os.environ.get(self.env)
             if not value:
                 raise InputError(f"{self.recipe}: [source] env = {self.env!r}, but ${self.env} "
-                                 f"is not set; export {self.env}=/path/to/the/Meta/checkpoint")
+                                 f"is not set; export {self.env}=/path/to/the/model")
             path = Path(value).expanduser()
             if path_problem(path) or not path.is_dir():  # its value is never shown: it may be a secret
                 raise InputError(f"{self.recipe}: [source] env = {self.env!r}: ${self.env} does not "
-                                 "name a directory (expected one holding params.json and "
-                                 "consolidated.*.pth; its value is not shown)")
+                                 f"name a directory (expected {expected}; its value is not shown)")
             return path
         return existing_dir(self.path, f"{self.recipe}: [source] path")
+
+    def describe(self) -> dict[str, str]:
+        """What the cards and job.json say the job started from (never an env variable's value)."""
+        if self.repo is not None:
+            return {"format": self.format, "repo": self.repo, "revision": self.revision}
+        if self.env is not None:
+            return {"format": self.format, "env": self.env}
+        return {"format": self.format, "path": Path(self.path).name}
 
 
 @dataclass(frozen=True)
@@ -138,6 +163,7 @@ class VerifyOptions:
     eval: str
     seqlen: int = 2048
     max_windows: int | None = None
+    rtn_margin: dict[int, float] = field(default_factory=dict)
     tolerance: dict[int, float] = field(default_factory=dict)  # allowed ppl ratio − 1
     kl_mean: dict[int, float] = field(default_factory=dict)
     kl_p99: dict[int, float] = field(default_factory=dict)
@@ -177,8 +203,8 @@ class PublishOptions:
     """Target repositories (fp16, GPTQ with one branch per variant, GGUF with one file per type
     on main) and card fields."""
 
-    fp16_repo: str
     gptq_repo: str
+    fp16_repo: str = ""  # required for a Meta source; an HF source is the fp16 model already
     gguf_repo: str = ""  # required with [[gguf]] entries
     private: bool = False
     quantized_by: str = ""
@@ -559,9 +585,21 @@ def check_model(r: Recipe) -> None:
 
 def check_source(r: Recipe) -> None:
     s = r.source
-    if (s.path is None) == (s.env is None):
-        raise InputError(f"{r.path}: [source] needs exactly one of `path` or `env` "
-                         f"(got {'both' if s.path is not None else 'neither'})")
+    if s.format not in SOURCE_FORMATS:
+        raise InputError(f"{r.path}: [source] format = {s.format!r}: must be one of "
+                         f"{', '.join(SOURCE_FORMATS)}")
+    given = [k for k in ("path", "env", "repo") if getattr(s, k) is not None]
+    allowed = "`path`, `env` or `repo`" if s.is_hf else "`path` or `env`"
+    if len(given) != 1 or (s.repo is not None and not s.is_hf):
+        raise InputError(f"{r.path}: [source] needs exactly one of {allowed} "
+                         f"(got {', '.join(given) or 'none'})")
+    if s.repo is not None:
+        problem = repo_problem(s.repo)
+        if problem:
+            raise InputError(f"{r.path}: [source] repo = {s.repo!r}: {problem}")
+    if not REVISION.fullmatch(s.revision) or ".." in s.revision:
+        raise InputError(f"{r.path}: [source] revision = {s.revision!r}: expected a branch, tag "
+                         "or commit (letters, digits, ._-/ only)")
     if s.env is not None and not ENV_NAME.fullmatch(s.env):
         raise InputError(f"{r.path}: [source] env = {s.env!r} is not an environment variable name")
 
@@ -656,7 +694,13 @@ def repo_problem(repo: str) -> str | None:
 
 def check_publish(r: Recipe) -> None:
     p = r.publish
-    repos = [("fp16_repo", p.fp16_repo), ("gptq_repo", p.gptq_repo)]
+    if r.source.is_hf and p.fp16_repo:
+        raise InputError(f"{r.path}: [publish] fp16_repo: an HF source is published as it is "
+                         "(the cards name it); remove the key")
+    if not r.source.is_hf and not p.fp16_repo:
+        raise InputError(f"{r.path}: [publish] fp16_repo is required: the converted fp16 model "
+                         "is published there")
+    repos = [("gptq_repo", p.gptq_repo)] + ([("fp16_repo", p.fp16_repo)] if p.fp16_repo else [])
     for key, repo in repos + ([("gguf_repo", p.gguf_repo)] if p.gguf_repo else []):
         problem = repo_problem(repo)
         if problem:
@@ -666,8 +710,8 @@ def check_publish(r: Recipe) -> None:
                          "(GPTQ branches would overwrite the fp16 model)")
     if r.gguf and not p.gguf_repo:
         raise InputError(f"{r.path}: [[gguf]] files need [publish] gguf_repo (e.g. "
-                         f"\"{p.fp16_repo.split('/')[0]}/{r.model.name}-GGUF\")")
-    if p.gguf_repo in (p.fp16_repo, p.gptq_repo):
+                         f"\"{p.gptq_repo.split('/')[0]}/{r.model.name}-GGUF\")")
+    if p.gguf_repo and p.gguf_repo in (p.fp16_repo, p.gptq_repo):
         raise InputError(f"{r.path}: [publish] gguf_repo must differ from fp16_repo and gptq_repo")
 
 

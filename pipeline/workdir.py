@@ -30,6 +30,7 @@ class WorkDir:
 
     path: Path
     model: str  # [model] name: names the GGUF files
+    source: Path | None = None  # an HF source: the fp16 model every stage reads, never written
 
     @classmethod
     def of(cls, recipe: Recipe, path: Path | None = None) -> WorkDir:
@@ -38,7 +39,12 @@ class WorkDir:
 
     @property
     def fp16(self) -> Path:
-        return self.path / "fp16"
+        return self.source if self.source is not None else self.path / "fp16"
+
+    @property
+    def downloads(self) -> Path:
+        """huggingface_hub's cache for an HF source named by repository."""
+        return self.path / "hub-cache"
 
     def gptq(self, branch: str) -> Path:
         return self.path / "gptq" / plain(branch)

@@ -78,7 +78,7 @@ language:
 Code Llama is a collection of pretrained and fine-tuned generative text models.
 """
 REPORT = {
-    "schema": 2, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
+    "schema": 3, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
     "eval": {"source": "hf", "files": [], "sha256": "ab" * 32, "seqlen": 2048, "windows": 64, "tokens": 131072},
     "artifacts": {},
     "checks": [{"check": "conversion_parity", "artifact": "fp16", "passed": True,

@@ -478,7 +478,7 @@ def test_demo_converts_with_its_chat_format(tmp_path):
         assert chat_ids(tok, dialog) == meta_llama2_dialog(sp, dialog), dialog
 
 
-REPORT = {"schema": 2, "passed": True, "device": "cpu", "dtype": "float32",
+REPORT = {"schema": 3, "passed": True, "device": "cpu", "dtype": "float32",
           "eval": {"windows": 4, "seqlen": 256, "tokens": 1024}, "checks": [],
           "perplexity": {"fp16": 7.5}}
 

@@ -445,7 +445,7 @@ CARD_CONFIG = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_valu
                "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32016,
                "max_position_embeddings": 16384}
 CARD_REPORT = {
-    "schema": 2, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
+    "schema": 3, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
     "eval": {"source": "hf", "files": [], "sha256": "ab" * 32, "seqlen": 2048, "windows": 64,
              "tokens": 131072},
     "artifacts": {name: {"path": f"/w/gguf/{name}", "kind": "gguf", "type": t, "files": {},

@@ -128,14 +128,14 @@ META_FILES = {"consolidated.00.pth": {"bytes": 1000, "md5": "0123456789abcdef" *
 def passing_checks(name: str, kind: str, passed: bool = True) -> list[dict]:
     """Every check verify runs on an artifact of this kind (`passed` for its perplexity check)."""
     names = (["conversion_parity", "perplexity", "generation"] if kind == "fp16" else
-             ["perplexity", "kl_divergence", "module_integrity", "generation"])
+             ["perplexity", "kl_divergence", "against_rtn", "module_integrity", "generation"])
     return [{"check": c, "artifact": name, "passed": passed or c != "perplexity",
              "metrics": {"max_rel_err": 2e-6, "top1_agreement": 1.0} if c == "conversion_parity" else {},
              "thresholds": {}, "samples": []} for c in names]
 
 
 def write_report(work: Path, passed: bool = True) -> Path:
-    """A schema-2 verify.json over the artifacts as they are now (hashes computed here); its
+    """A schema-3 verify.json over the artifacts as they are now (hashes computed here); its
     inputs fingerprint fp16's (path, sha256) pairs, sorted, as verify/report.py documents."""
     fp16_files = tree_hashes(work / "fp16")
     artifacts = {"fp16": {"path": str((work / "fp16").resolve()), "kind": "fp16", "files": fp16_files}}
@@ -148,7 +148,7 @@ def write_report(work: Path, passed: bool = True) -> Path:
         ppl[branch], ppl[f"{branch}:rtn"] = 7.6 + 0.1 * i, 8.0 + 0.1 * i
         checks += passing_checks(branch, "gptq", passed)
     fingerprint = hashlib.sha256(json.dumps(sorted(fp16_files.items())).encode()).hexdigest()
-    report = {"schema": 2, "tool_version": "0.1.0", "passed": passed, "device": "cpu", "dtype": "float32",
+    report = {"schema": 3, "tool_version": "0.1.0", "passed": passed, "device": "cpu", "dtype": "float32",
               "eval": {"source": "glob", "files": ["eval/a.txt"], "sha256": "0" * 64, "seqlen": 64,
                        "windows": 4, "tokens": 256},
               "artifacts": artifacts, "checks": checks, "perplexity": ppl, "tokens_per_second": 100.0,
@@ -582,14 +582,14 @@ RUN = (b'"device": "cpu", "dtype": "float32", "tokens_per_second": 1.0, "eval": 
 @pytest.mark.parametrize("content, match", [
     (b"\xff\xfe{\x00\"\x00", "not UTF-8 text"),
     (bytes(range(256)), "not UTF-8 text"),
-    (b'{"schema": 2, "passed": "yes", "artifacts": {}, "checks": [], ' + RUN + b'}',
+    (b'{"schema": 3, "passed": "yes", "artifacts": {}, "checks": [], ' + RUN + b'}',
      "verify.passed: must be bool, got str"),
-    (b'{"schema": 2, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
+    (b'{"schema": 3, "passed": true, "artifacts": {"fp16": {"path": "/x", "kind": "fp16", '
      b'"files": {"../../etc/passwd": "abc"}}}, "checks": [], ' + RUN + b'}',
      "'../../etc/passwd' is not a relative path"),
-    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [{"check": 1}], ' + RUN + b'}',
+    (b'{"schema": 3, "passed": true, "artifacts": {}, "checks": [{"check": 1}], ' + RUN + b'}',
      r"verify.checks.0.check: must be str, got int; verify.checks.0.artifact: missing"),
-    (b'{"schema": 2, "passed": true, "artifacts": {}, "checks": [], "runtimes": {"x": {"v": '
+    (b'{"schema": 3, "passed": true, "artifacts": {}, "checks": [], "runtimes": {"x": {"v": '
      b'null}}, ' + RUN + b'}', r"verify.runtimes.x.v: must be an object"),
 ])
 def test_malformed_or_binary_verify_report_is_bad_input(work, hub, content, match, monkeypatch, capsys):

@@ -63,7 +63,7 @@ def test_minimal_recipe_defaults_and_paths(tmp_path):
     assert (v.calibration, v.nsamples, v.seqlen, v.seed) == (str(tmp_path / "calib/*.py"), 128, 2048, 0)
     assert v.as_dict() == {"bits": 4, "group_size": 128, "act_order": False, "sym": True,
                            "damp": 0.01, "static_groups": False, "true_sequential": True,
-                           "mse": False, "blocksize": 128, "method": "gptq"}
+                           "mse": True, "blocksize": 128, "method": "gptq"}
     assert QuantSpec(**v.as_dict()) == QuantSpec(4)  # the spec alone, QuantSpec's defaults
     assert r.verify.tolerance == {} and r.verify.prompts == [] and r.verify.max_windows is None
 
@@ -135,8 +135,18 @@ def test_tolerance_and_lists_parse(tmp_path):
     ('branch = "main"', 'branch = "my branch"', r"branch = 'my branch'"),
     ('branch = "main"', 'branch = "gptq-4bit-128g"', r'no variant has branch = "main"'),
     ('[[variants]]\nbranch = "main"\nbits = 4', "", r"missing section \[variants\]"),
-    ('path = "ckpt"', 'path = "ckpt"\nenv = "CKPT"', r"exactly one of `path` or `env` \(got both\)"),
-    ('path = "ckpt"', "", r"exactly one of `path` or `env` \(got neither\)"),
+    ('path = "ckpt"', 'path = "ckpt"\nenv = "CKPT"', r"exactly one of `path` or `env` \(got path, env\)"),
+    ('path = "ckpt"', "", r"exactly one of `path` or `env` \(got none\)"),
+    ('path = "ckpt"', 'repo = "org/Model"', r"exactly one of `path` or `env` \(got repo\)"),
+    ('path = "ckpt"', 'format = "gguf"\npath = "ckpt"', r"format = 'gguf': must be one of meta, hf"),
+    ('path = "ckpt"', 'format = "hf"\nrepo = "org/Model"\npath = "ckpt"',
+     r"exactly one of `path`, `env` or `repo` \(got path, repo\)"),
+    ('path = "ckpt"', 'format = "hf"\nrepo = "no-owner"', r"repo = 'no-owner': expected a repository id"),
+    ('path = "ckpt"', 'format = "hf"\nrepo = "org/M"\nrevision = "../x"', r"revision = '../x'"),
+    ('path = "ckpt"', 'format = "hf"\nrepo = "org/M"\nrevision = "main\\n"', r"revision = 'main\\n'"),
+    ('path = "ckpt"', 'format = "hf"\nrepo = "org/M"',
+     r"\[publish\] fp16_repo: an HF source is published as it is"),
+    ('fp16_repo = "org/Tiny-fp16"\n', "", r"\[publish\] fp16_repo is required"),
     ('path = "ckpt"', 'env = "not a name"', r"not an environment variable name"),
     ('name = "Tiny"', 'name = "Tiny"\nprompt_template = "Q:"', r"prompt_template must contain \{prompt\}"),
     ('name = "Tiny"', 'name = "Tiny"\noriginal_card = "card.md"', r"original_card = .*card.md.*file not found"),
@@ -331,6 +341,19 @@ def test_source_resolve(tmp_path, monkeypatch):
     assert r.source.resolve() == tmp_path / "ckpt"
 
 
+def test_an_hf_source_is_a_directory_or_a_repository_at_a_revision(tmp_path):
+    (tmp_path / "model").mkdir()
+    hf = edited('path = "ckpt"', 'format = "hf"\npath = "model"').replace(
+        'fp16_repo = "org/Tiny-fp16"\n', "")
+    r = load_recipe(write(tmp_path, hf))
+    assert r.source.is_hf and r.source.resolve() == tmp_path / "model"
+    assert r.source.describe() == {"format": "hf", "path": "model"}
+    r = load_recipe(write(tmp_path, hf.replace('path = "model"', 'repo = "org/Model"\nrevision = "v1.0"')))
+    assert r.source.resolve() is None  # the job downloads it
+    assert r.source.describe() == {"format": "hf", "repo": "org/Model", "revision": "v1.0"}
+    assert load_recipe(write(tmp_path, MINIMAL)).source.describe() == {"format": "meta", "path": "ckpt"}
+
+
 SHIPPED = sorted(p for p in RECIPES.glob("*.toml") if not p.name.startswith("_"))
 CODELLAMA_SET = [  # (branch, bits, group, act-order) as quantisers published them for CodeLlama
     ("main", 4, 128, False),
@@ -348,6 +371,7 @@ def test_every_expected_recipe_is_shipped():
     expected |= {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "demo"}
     expected |= {f"llama-3.2-{s}{f}" for s in ("1b", "3b") for f in ("", "-instruct")}
     expected |= {"llama-3.3-70b-instruct"}  # 3.3 was released as an Instruct model only
+    expected |= {"smollm2-135m-instruct"}  # an HF source: the suite's real pretrained model
     assert expected <= names
 
 
@@ -356,6 +380,7 @@ def test_shipped_recipe_is_valid(path):
     r = load_recipe(path)
     assert r.variant("main").branch == "main"
     assert r.publish.fp16_repo != r.publish.gptq_repo
+    assert bool(r.publish.fp16_repo) != r.source.is_hf  # a converted model is published, a source not
     if path.stem.startswith("codellama"):
         got = [(v.branch, v.bits, v.group_size, v.act_order) for v in r.variants]
         assert got == CODELLAMA_SET

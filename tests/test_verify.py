@@ -426,8 +426,10 @@ def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_pat
     assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["kl_mean"] == 0
     assert entry(report, "perplexity", "gptq-4bit-128g")["thresholds"]["tolerance"] == 0.5
     assert entry(report, "generation", "gptq-4bit-128g")["thresholds"]["agreement"] == 0
-    assert entry(report, "module_integrity", "gptq-4bit-128g")["thresholds"]["module_error"] == \
-        th.KINDS["module_error"][2][4]  # untouched kinds keep their defaults
+    assert entry(report, "module_integrity", "gptq-4bit-128g")["thresholds"] == \
+        {"module_output_error": th.KINDS["module_output_error"][2][4]}  # untouched: defaults
+    assert entry(report, "against_rtn", "gptq-4bit-128g")["thresholds"] == \
+        {"rtn_margin": th.KINDS["rtn_margin"][2][4]}
     code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
                            "--top1", "4=1.5")
     assert code == 2 and "top1 must be in [0, 1]" in err
@@ -461,10 +463,13 @@ gptq_repo = "o/b"
     assert mi["thresholds"] == {"module_error": 1.0, "module_output_error": 1.5}
 
 
-def test_a_bit_width_without_thresholds_is_refused(demo, tmp_path):
-    with pytest.raises(InputError, match=r"gptq-2bit--1g: no 2-bit threshold for tolerance, kl_mean"
-                                         r".*--tolerance 2=VALUE --kl-mean 2=VALUE"):
-        demo_verify(demo, ["gptq-2bit--1g"], tmp_path / "v")
+def test_two_bits_are_judged_against_rtn_with_no_absolute_bound(demo, tmp_path):
+    report = demo_verify(demo, ["gptq-2bit--1g"], tmp_path / "v")
+    rel = entry(report, "against_rtn", "gptq-2bit--1g")
+    assert rel["passed"] and rel["thresholds"] == {"rtn_margin": 0.1}
+    assert rel["metrics"]["ppl"] <= rel["metrics"]["ppl_rtn"] * 1.1  # recomputed from the numbers
+    assert entry(report, "perplexity", "gptq-2bit--1g")["thresholds"] == {}
+    assert entry(report, "kl_divergence", "gptq-2bit--1g")["thresholds"] == {}
 
 
 def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):

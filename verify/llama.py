@@ -221,6 +221,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.q_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.core(x, cos, sin))
+
+    def core(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention up to o_proj's input [B, T, q_dim]."""
         a = self.args
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, hd]
@@ -233,7 +237,7 @@ class Attention(nn.Module):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.q_dim))
+        return y.transpose(1, 2).reshape(B, T, a.q_dim)
 
 
 class MLP(nn.Module):
@@ -244,7 +248,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(x))
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """down_proj's input [B, T, ffn_dim]."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""verify.json (schema 2) and its readable table, plus the sha256 of every artifact file, so that
+"""verify.json (schema 3) and its readable table, plus the sha256 of every artifact file, so that
 publish can refuse an artifact changed since it was verified.
 
 Publish trusts nothing a report says about itself: it re-reads the report strictly (shape and
@@ -22,14 +22,14 @@ from tqdm import tqdm
 from verify.bounded import read_json
 from verify.errors import CheckFailed, InputError
 
-SCHEMA = 2  # 2: artifacts record their relpath from the report (a moved work directory)
+SCHEMA = 3  # 2: artifacts record their relpath from the report; 3: GPTQ judged against RTN
 REPORT_NAME = "verify.json"
 TABLE_NAME = "verify.txt"
 CHUNK = 1 << 24
 # the checks an artifact of each kind must have passed to be published
 REQUIRED_CHECKS = {
     "fp16": ("conversion_parity", "perplexity", "generation"),
-    "gptq": ("perplexity", "kl_divergence", "module_integrity", "generation"),
+    "gptq": ("perplexity", "kl_divergence", "against_rtn", "module_integrity", "generation"),
     "gguf": ("gguf_metadata", "perplexity", "kl_divergence"),  # scored in llama.cpp
 }
 GGUF_F16_CHECKS = ("gguf_parity",)  # also required of an F16 GGUF: its logits equal fp16's
@@ -196,9 +196,10 @@ def failed_checks(report: dict[str, Any]) -> list[str]:
             for c in report["checks"] if not c["passed"]]
 
 
-def verdict_problems(report: dict[str, Any], names: list[str]) -> list[str]:
+def verdict_problems(report: dict[str, Any], names: list[str], from_meta: bool = True) -> list[str]:
     """Why the report does not prove the artifacts `names` publishable, recomputed from its checks
-    (never from its `passed`): each must be present with every REQUIRED_CHECKS entry of its kind,
+    (never from its `passed`): each must be present with every REQUIRED_CHECKS entry of its kind
+    (an fp16 model not converted `from_meta` here, an HF source, has no Meta checkpoint to match),
     and every check must have passed."""
     checks = report["checks"]
     problems = [] if checks else ["its check list is empty"]
@@ -213,6 +214,8 @@ def verdict_problems(report: dict[str, Any], names: list[str]) -> list[str]:
             continue
         done = {c["check"] for c in checks if c["artifact"] == name}
         required = REQUIRED_CHECKS[entry["kind"]]
+        if entry["kind"] == "fp16" and not from_meta:
+            required = tuple(c for c in required if c != "conversion_parity")
         if entry["kind"] == "gguf" and entry.get("type") == "F16":
             required += GGUF_F16_CHECKS
         missing = [c for c in required if c not in done]
@@ -221,9 +224,10 @@ def verdict_problems(report: dict[str, Any], names: list[str]) -> list[str]:
     return problems
 
 
-def check_verdict(report: dict[str, Any], names: list[str], path: Path) -> None:
+def check_verdict(report: dict[str, Any], names: list[str], path: Path,
+                  from_meta: bool = True) -> None:
     """CheckFailed (naming the report) unless its own checks prove every artifact in `names`."""
-    problems = verdict_problems(report, names)
+    problems = verdict_problems(report, names, from_meta)
     if problems:
         raise CheckFailed(f"{path}: does not prove the artifacts publishable ({'; '.join(problems)});"
                           " nothing is published: run verify again on these artifacts")
@@ -253,10 +257,12 @@ def run_inputs(artifacts: dict[str, Any], meta: Path | None, eval_sha256: str) -
             "eval_sha256": eval_sha256}
 
 
-def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any]) -> None:
+def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any] | None,
+                 from_meta: bool = True) -> None:
     """CheckFailed unless the report's recorded inputs belong to its fp16 artifact: the fp16
-    fingerprint matches its file hashes, and the Meta files verify hashed are those the fp16 was
-    converted from (`conversion`: fp16's conversion.json, itself one of the verified files)."""
+    fingerprint matches its file hashes, and, for an fp16 model converted `from_meta` here, the
+    Meta files verify hashed are those it was converted from (`conversion`: its conversion.json,
+    itself one of the verified files)."""
     inputs = report.get("inputs")
     if not isinstance(inputs, dict):
         raise CheckFailed(f"{path}: records no inputs (made by an older verify, or edited); "
@@ -264,6 +270,8 @@ def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any])
     if inputs.get("fp16") != hashes_digest(report["artifacts"]["fp16"]["files"]):
         raise CheckFailed(f"{path}: inputs.fp16 does not match the report's own fp16 file hashes "
                           "(edited?); run verify again")
+    if not from_meta:
+        return
     meta = inputs.get("meta")
     verified = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(verified, dict):

@@ -1,14 +1,15 @@
 """Every threshold verify judges by, and the comparison each check makes with it, in one place:
-conversion parity by compute dtype; per bit width the perplexity tolerance, KL divergence and top-1
-agreement against fp16, greedy-generation agreement and the module error factor; the runtimes'
-perplexity match; per GGUF type the same kinds and F16's parity. Recipes ([verify]) and the CLI
-override the per-bit-width and per-type ones. verify/metrics.py computes the numbers.
+conversion parity by compute dtype; per bit width the gates against references measured in the same
+run (round-to-nearest on the variant's own grid: perplexity and KL, each linear's output error) and
+the absolute bounds (perplexity tolerance, KL and top-1 against fp16, greedy agreement, weight
+error); the runtimes' perplexity match; per GGUF type the same absolute kinds and F16's parity.
+Recipes ([verify]) and the CLI override the per-bit-width and per-type ones. verify/metrics.py
+computes the numbers.
 
-Defaults are for real LLMs, from what llama.cpp's `perplexity --kl-divergence` reports for its
-quants (mean KLD ~0.01 at 6-8 bits, 0.03-0.08 at 4, 0.2+ at 3; same top token ~0.99 / 0.93-0.95 /
-0.85), with room above those values: a threshold catches a broken variant, not a slightly worse one.
-There are no 2-bit defaults for the absolute kinds (too model-dependent): a 2-bit variant needs
-them given; the relative module_output_error has one.
+Relative gates are on by default at every width: they hold on a 135M model as on a 70B one, where
+an absolute number cannot (RTN 4-bit costs a real 135M model +60% perplexity, and 7B-class ones a
+few percent). Absolute bounds are a user's option below 8 bits; at 8 bits, where round-to-nearest
+is lossless on any model, they stay on by default, from llama.cpp's Q8_0 figures with room above.
 """
 
 from __future__ import annotations
@@ -24,41 +25,52 @@ PARITY = {
 
 # kind -> (what it bounds, valid range of a value, default per bit width)
 KINDS: dict[str, tuple[str, tuple[float, float], dict[int, float]]] = {
+    # Same-run reference: a GPTQ variant against round-to-nearest on its own grid (bits, group
+    # size, symmetry), scored on the same windows. GPTQ exists to beat it: on a real 135M model
+    # (SmolLM2-135M, README) GPTQ's perplexity rise is 1/9-1/2 of RTN's at 4/3/2 bits, and on the
+    # demo model at most equal. The margin lets noise through where both are lossless (8 bits:
+    # ratios within 1.1 either way), and fails a variant that is clearly worse than rounding.
+    "rtn_margin": ("allowed excess of a GPTQ variant's perplexity and mean KL over round-to-"
+                   "nearest's on the same grid, as a fraction: ppl <= ppl_rtn x (1 + margin) and "
+                   "KL <= KL_rtn x (1 + margin), unless within RTN_FLOOR of fp16",
+                   (0.0, float("inf")), {2: 0.1, 3: 0.1, 4: 0.1, 8: 0.1}),
     "tolerance": ("allowed perplexity increase over fp16, ppl / ppl_fp16 - 1 (at most)",
-                  (0.0, float("inf")), {8: 0.01, 4: 0.05, 3: 0.15}),
+                  (0.0, float("inf")), {8: 0.01}),
     "kl_mean": ("mean KL(fp16 || variant) per evaluation position, nats (at most)",
-                (0.0, float("inf")), {8: 0.02, 4: 0.10, 3: 0.30}),
+                (0.0, float("inf")), {8: 0.02}),
     "kl_p99": ("99th percentile of the per-position KL, nats (at most)",
-               (0.0, float("inf")), {8: 0.25, 4: 1.5, 3: 3.0}),
+               (0.0, float("inf")), {8: 0.25}),
     "top1": ("fraction of positions where the variant's top token is fp16's (at least)",
-             (0.0, 1.0), {8: 0.97, 4: 0.90, 3: 0.80}),
+             (0.0, 1.0), {8: 0.97}),
     # Greedy decoding diverges for good at the first near-tie, so one prompt's agreement is
     # geometric-like: with a per-token flip rate p (about 1 - top1), it is 0 with probability p.
     # The bar only catches a variant that leaves fp16's path at once on every prompt (a broken
-    # one scores 0-0.03); 4-bit and 3-bit good variants average ~0.5, 8-bit ones ~1.
+    # one scores 0-0.03); 8-bit good variants average ~1. Below 8 bits a small real model's good
+    # 3-bit variant scores 0 too, so there it is a user's option.
     "agreement": ("mean over prompts of the greedy tokens equal to fp16's before the first "
                   "difference, as a fraction of the continuation (at least)",
-                  (0.0, 1.0), {8: 0.1, 4: 0.03, 3: 0.03}),
+                  (0.0, 1.0), {8: 0.1}),
     # GPTQ moves weights to compensate output error, so its weight error exceeds RTN's on the same
-    # grid: 1.2-1.3x on every module of the demo model's five variants, up to 1.8x with damp 0.01
-    # and 32 calibration windows on a smaller model. One randomised tensor of a module gives 16-18x
-    # (qweight, qzeros) and 5.8x (scales) at 4 bits, 8-9x and 2.9x at 3 bits (coarser grid, larger
-    # RTN error): hence 2.5 there. A randomised g_idx is caught by its structure instead.
+    # grid: 1.2-1.3x on the demo model, but up to 3.1x on good modules of a real 135M model at 3
+    # bits (down_proj, whose inputs carry a few huge channels). So it is reported, and a bound is
+    # a user's option; the output error below is the gate.
     "module_error": ("allowed ||W - W_q|| / ||W|| of each quantised linear, as a multiple of "
                      "round-to-nearest's at the same bits and group size (at most)",
-                     (1.0, float("inf")), {8: 3.0, 4: 3.0, 3: 2.5}),
+                     (1.0, float("inf")), {}),
     # GPTQ minimises each linear's output error on calibration text, so on evaluation text it sits
-    # below RTN's on the same grid: 0.20-0.66x on every module of the demo model's five variants
-    # (RTN variants: 1x). One act-order module whose g_idx is permuted (every group still of the
-    # right size, so its structure passes) gives 6.6x, where its weight error is 3.2x (about 2x on
-    # a real 135M model, under module_error). 1.5 sits 2.3x above the worst good module and 4.4x
-    # below the broken one. Relative to its own grid's baseline, it holds at any size and bit
-    # width, 2 bits included (the one default there).
+    # below RTN's on the same grid: 0.20-0.66x on every module of the demo model's five variants,
+    # at most 0.86x on a real 135M model at 3 bits (RTN variants: 1x). One act-order module whose
+    # g_idx is permuted (every group still of the right size, so its structure passes) gives 6.6x
+    # on the demo. 1.5 sits 1.7x above the worst good module seen. Relative to its own grid's
+    # baseline, it holds at any size and bit width.
     "module_output_error": ("allowed ||(W - W_q) X|| / ||W X|| of each quantised linear on the "
                             "fp16 model's activations of evaluation text, as a multiple of "
                             "round-to-nearest's at the same bits and group size (at most)",
                             (1.0, float("inf")), {8: 1.5, 4: 1.5, 3: 1.5, 2: 1.5}),
 }
+# Below these a variant is as good as fp16 whatever RTN scores: perplexity within 0.1% and mean KL
+# 0.001 nats (llama.cpp's Q8_0 on Llama models), the noise level of two lossless variants.
+RTN_FLOOR = {"ppl_rise": 0.001, "kl_mean": 0.001}
 CLI_OPTION = {kind: "--" + kind.replace("_", "-") for kind in KINDS}  # kl_mean -> --kl-mean
 
 Table = dict[str, dict[int, float]]  # kind -> bits -> value
@@ -83,14 +95,9 @@ def merged(overrides: Table | None = None) -> Table:
             for kind, (_, _, default) in KINDS.items()}
 
 
-def missing(table: Table, bits: int) -> list[str]:
-    """The kinds that have no value for `bits` in a merged table."""
-    return [kind for kind in KINDS if bits not in table[kind]]
-
-
-def for_bits(table: Table, bits: int) -> dict[str, float]:
-    """kind -> value for one bit width of a merged table (every kind must be present)."""
-    return {kind: table[kind][bits] for kind in KINDS}
+def for_bits(table: Table, bits: int) -> dict[str, float | None]:
+    """kind -> value for one bit width of a merged table; None where a kind is not set."""
+    return {kind: table[kind].get(bits) for kind in KINDS}
 
 
 # GGUF files (llama.cpp's quantiser), per file type: the same kinds as for GPTQ's bit widths, judged
@@ -112,7 +119,8 @@ GGUF_KINDS = ("tolerance", "kl_mean", "kl_p99", "top1")
 GGUF_FLOAT_REL = 1e-6
 GGUF: dict[str, dict[str, float]] = {
     "F16": {"tolerance": 0.002, "kl_mean": 0.001, "kl_p99": 0.01, "top1": 0.99},
-    "Q8_0": {"tolerance": 0.01, "kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.97},
+    # top-1: 96.1% on a real 135M model (SmolLM2-135M, KL mean 0.005), where 7B-class keep ~99%
+    "Q8_0": {"tolerance": 0.01, "kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.95},
     "Q6_K": {"tolerance": 0.02, "kl_mean": 0.02, "kl_p99": 0.2, "top1": 0.95},
     "Q5_K_M": {"tolerance": 0.04, "kl_mean": 0.04, "kl_p99": 0.4, "top1": 0.93},
     "Q4_K_M": {"tolerance": 0.08, "kl_mean": 0.1, "kl_p99": 1.0, "top1": 0.88},
@@ -151,14 +159,21 @@ def perplexity_passed(ppl: float, ppl_fp16: float, tolerance: float) -> bool:
 
 
 def kl_passed(metrics: dict[str, float], limits: dict[str, float]) -> bool:
-    """kl_mean and kl_p99 at most, top1 at least, the limits of the same names."""
-    return (metrics["kl_mean"] <= limits["kl_mean"] and metrics["kl_p99"] <= limits["kl_p99"]
-            and metrics["top1"] >= limits["top1"])
+    """kl_mean and kl_p99 at most, top1 at least, the limits of the same names that are given."""
+    return (all(metrics[k] <= limits[k] for k in ("kl_mean", "kl_p99") if k in limits)
+            and ("top1" not in limits or metrics["top1"] >= limits["top1"]))
 
 
 def agreement_passed(mean: float, agreement: float) -> bool:
     """The mean greedy agreement with fp16 at least the threshold."""
     return mean >= agreement
+
+
+def rtn_passed(value: float, rtn: float, margin: float, floor: float, fp16: float = 0.0) -> bool:
+    """A variant's perplexity or mean KL (`value`; fp16's is `fp16`) at most (1 + margin) times
+    RTN's on the same grid, or within `floor` of fp16 (relative for perplexity). NaN fails."""
+    near_fp16 = value - fp16 <= floor * (fp16 or 1.0)
+    return math.isfinite(value) and (value <= rtn * (1 + margin) or near_fp16)
 
 
 def module_passed(error: float, rtn_error: float, module_error: float) -> bool:
