@@ -80,7 +80,8 @@ publish: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(PY) bench/convert.py --layers 2 | tee bench/results/convert.txt
-	$(PY) bench/quantize.py | tee bench/results/quantize.txt
+	$(PY) bench/quantize.py --peer 7b,34b | tee bench/results/quantize.txt
+	$(PY) bench/real_model.py | tee bench/results/real_model.txt
 	$(PY) bench/gguf.py --layers 2 | tee bench/results/gguf.txt
 	$(PY) bench/scaleout.py | tee bench/results/scaleout.txt
 

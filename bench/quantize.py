@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024, help="width of the 2- vs 8-layer models (0: skip)")
     ap.add_argument("--wide", type=int, default=4096, help="width of the one-layer speed model (0: skip)")
     ap.add_argument("--peer", default="", help="real shapes timed against GPTQModel: 7b,34b")
+    ap.add_argument("--peer-grid", choices=("both", "mse", "min-max"), default="both",
+                    help="both tools with the MSE range search, with min-max ranges, or both runs")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
@@ -152,18 +154,19 @@ def main() -> None:
         for shape in filter(None, args.peer.split(",")):
             width, kv = PEER_SHAPES[shape]
             model = build(tmp / shape, width, 1, tok, vocab, kv)
-            spec = QuantSpec(4, 128, True)
-            t0 = time.perf_counter()
-            quantize(model, tmp / "ours", spec, calibration=CALIBRATION, nsamples=args.nsamples,
-                     seqlen=args.seqlen, device=args.device, force=True)
-            mine = time.perf_counter() - t0
-            theirs = peer.gptqmodel(model, tmp / "peer", 4, 128, True, CALIBRATION, args.nsamples,
-                                    args.seqlen, torch.get_num_threads())
-            results[f"1x{shape} peer"] = {"width": width, "ours_seconds": round(mine, 2),
-                                          "gptqmodel_seconds": round(theirs, 2),
-                                          "ratio": round(mine / theirs, 3)}
-            print(f"{shape:>8} 1 layer: ours {mine:7.1f} s, GPTQModel {theirs:7.1f} s "
-                  f"(ours/theirs {mine / theirs:.2f})", file=sys.stderr)
+            for mse in {"both": (True, False), "mse": (True,), "min-max": (False,)}[args.peer_grid]:
+                t0 = time.perf_counter()
+                quantize(model, tmp / "ours", QuantSpec(4, 128, True, mse=mse), calibration=CALIBRATION,
+                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, force=True)
+                mine = time.perf_counter() - t0
+                theirs = peer.gptqmodel(model, tmp / "peer", 4, 128, True, CALIBRATION, args.nsamples,
+                                        args.seqlen, torch.get_num_threads(), mse)
+                grid = "mse" if mse else "min-max"
+                results[f"1x{shape} {grid} peer"] = {"width": width, "ours_seconds": round(mine, 2),
+                                                     "gptqmodel_seconds": round(theirs, 2),
+                                                     "ratio": round(mine / theirs, 3)}
+                print(f"{shape:>8} 1 layer, {grid:7}: ours {mine:7.1f} s, GPTQModel {theirs:7.1f} s "
+                      f"(ours/theirs {mine / theirs:.2f})", file=sys.stderr)
             shutil.rmtree(tmp / shape)
     if args.json:
         print(json.dumps(results))

@@ -349,7 +349,7 @@ def fp16_link(recipe: Recipe, hub_url: str) -> str:
 def fp16_source(recipe: Recipe, hub_url: str) -> str:
     """How the GPTQ and GGUF cards name what they were made from."""
     if recipe.source.is_hf:
-        return f"the Hugging Face model {fp16_link(recipe, hub_url)}, as it is"
+        return f"the Hugging Face model {fp16_link(recipe, hub_url)}"
     return (f"the fp16 conversion in {fp16_link(recipe, hub_url)} (itself checked against "
             f"{recipe.model.creator}'s original checkpoint)")
 

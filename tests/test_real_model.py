@@ -5,6 +5,7 @@ gates, and fails a single corrupted module of a variant, naming it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -84,10 +85,12 @@ def test_the_whole_job_runs_from_an_hf_source_repository(job):
     assert report["artifacts"]["fp16"]["path"] == str(snapshot)
     runtimes = report["runtimes"]
     assert runtimes["gptqmodel"]["main"]["loaded"] and runtimes["transformers"]["main"]["loaded"]
-    plan = (work / "publish-plan" / "PLAN.md").read_text()
-    assert "SmolLM2-135M-Instruct-GPTQ" in plan and "-fp16" not in plan  # the source is not re-uploaded
-    card = next((work / "publish-plan").rglob("README.md")).read_text()
-    assert f"the Hugging Face model [{REPO}]" in card and "at revision `main`" in card
+    plan = json.loads((work / "publish-plan" / "plan.json").read_text())
+    assert sorted(plan["repos"]) == ["my-org/SmolLM2-135M-Instruct-GGUF",
+                                     "my-org/SmolLM2-135M-Instruct-GPTQ"]  # the source: not again
+    for card in (work / "publish-plan").rglob("README.md"):
+        assert f"from the Hugging Face model [{REPO}]" in card.read_text()
+        assert "at revision `main`" in card.read_text()
 
 
 def test_good_variants_of_the_real_model_beat_rtn_on_their_grid(job):
@@ -135,5 +138,10 @@ def test_one_corrupted_module_of_the_real_model_fails_named(job, tmp_path):
     for b in bad:
         c = next(c for c in report["checks"]
                  if c["check"] == "module_integrity" and c["artifact"] == b.name)
-        assert not c["passed"] and c["reason"].startswith(f"{MODULE}: output error"), c
-        assert c["reason"].count(": output error") == 1  # that module alone
+        assert not c["passed"] and c["reason"].startswith(f"{MODULE}: "), c
+        assert c["reason"].count("model.layers.") == 1, c  # that module alone
+    # the permuted g_idx by act-order's order, the others by their output error against RTN's
+    reasons = {c["artifact"]: c["reason"] for c in report["checks"]
+               if c["check"] == "module_integrity" and not c["passed"]}
+    assert "does not follow act-order" in reasons["bad-g_idx"]
+    assert "output error" in reasons["bad-scales"] and "output error" in reasons["bad-qzeros"]

@@ -213,7 +213,7 @@ BROKEN = ["gptq-2bit--1g", "gptq-4bit-zeros-moved", "gptq-4bit-mute"]
 SPECS = {"gptq-4bit-128g": QuantSpec(bits=4, group_size=128, act_order=False, damp=0.1),
          "gptq-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=True, damp=0.1),
          "gptq-8bit-128g": QuantSpec(bits=8, group_size=128, act_order=True, damp=0.1),
-         "rtn-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=False, method="rtn"),
+         "rtn-4bit-32g": QuantSpec(bits=4, group_size=32, act_order=False, mse=False, method="rtn"),
          "gptq-2bit--1g": QuantSpec(bits=2, group_size=-1, act_order=False, damp=0.1)}
 
 
