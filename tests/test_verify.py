@@ -485,3 +485,24 @@ def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):
 
 
 
+
+
+def test_act_order_g_idx_must_follow_falling_input_energy():
+    """GPTQ's act-order fills groups in order of falling Σx²: that order passes, the same group
+    sizes shuffled fail, static groups (i // group_size) pass, and too few inputs are not judged."""
+    from verify.integrity import ACT_ORDER_MIN_IN, g_idx_problem
+
+    g = torch.Generator().manual_seed(0)
+    n, group = 512, 64
+    energy = torch.rand(n, generator=g) ** 4  # a few strong channels, as in trained models
+    order = torch.argsort(energy, descending=True)
+    g_idx = torch.empty(n, dtype=torch.int32)
+    g_idx[order] = (torch.arange(n) // group).int()
+    noisy = energy * (1 + 0.5 * torch.rand(n, generator=g))  # other text: the order roughly kept
+    assert g_idx_problem(g_idx, group, True, noisy) is None
+    shuffled = g_idx[torch.randperm(n, generator=g)]
+    assert "does not follow act-order" in g_idx_problem(shuffled, group, True, noisy)
+    assert g_idx_problem((torch.arange(n) // group).int(), group, True, noisy) is None  # static
+    small = ACT_ORDER_MIN_IN // 2
+    few = (torch.arange(small) // 32)[torch.randperm(small, generator=g)].int()
+    assert g_idx_problem(few, 32, True, noisy[:small]) is None

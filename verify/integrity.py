@@ -25,6 +25,10 @@ OUTPUT_TOKENS = 512  # evaluation tokens whose activations measure each linear's
 # every module of a real 135M model's 3-bit variant (0.60 on the demo's), where a shuffled g_idx
 # gives |ρ| ≤ 0.17 in 200 draws (0 ± 1/√in): the bound sits between.
 ACT_ORDER_RHO = 0.3
+# ... judged from this many inputs: a shuffled g_idx's ρ has standard deviation 1/√(in − 1), so
+# the bound sits ≥ 4.7 of them above 0 (with 64 inputs it would be 2.4, and a random-weight
+# test model's genuine order reaches only 0.24 there)
+ACT_ORDER_MIN_IN = 256
 
 
 def rtn_grid(quantization: dict) -> Grid:
@@ -77,9 +81,9 @@ def g_idx_problem(g_idx: torch.Tensor, group_size: int, desc_act: bool,
     columns to each group (the last takes the rest), and without desc_act column i to group
     i // group_size, which runtimes such as ExLlama assume without reading g_idx. With desc_act,
     unless the groups are static (i // group_size), GPTQ fills groups in order of falling input
-    energy Σx² (its Hessian's diagonal): given `energy` [in] from evaluation activations, g_idx
-    must rise as it falls (rank correlation at least ACT_ORDER_RHO), which a permuted g_idx with
-    the right group sizes does not."""
+    energy Σx² (its Hessian's diagonal): given `energy` [in] from evaluation activations and at
+    least ACT_ORDER_MIN_IN inputs, g_idx must rise as it falls (rank correlation at least
+    ACT_ORDER_RHO), which a permuted g_idx with the right group sizes does not."""
     n = g_idx.numel()
     g = n if group_size == -1 else group_size
     idx = g_idx.long().cpu()
@@ -92,7 +96,7 @@ def g_idx_problem(g_idx: torch.Tensor, group_size: int, desc_act: bool,
     expected[-1] = n - g * (k - 1)
     if int(idx.min()) < 0 or int(idx.max()) >= k or not torch.equal(counts, expected):
         return f"g_idx does not give every group {g} columns"
-    if energy is not None and k > 1 and not in_order:
+    if energy is not None and k > 1 and n >= ACT_ORDER_MIN_IN and not in_order:
         rho = rank_correlation(-energy.cpu(), idx)
         if rho < ACT_ORDER_RHO:
             return (f"g_idx does not follow act-order: its rank correlation with falling input "
