@@ -9,7 +9,7 @@ SLURM_STAMP := $(VENV)/.slurm-installed
 RECIPE ?= demo
 ARGS   ?=
 
-.PHONY: install test demo all convert quantize gguf verify publish bench clean
+.PHONY: install test test-fast demo all convert quantize gguf verify publish bench clean
 
 install: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
 
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# The inner loop: every test not marked slow (tests/conftest.py), under a minute on 2 cores.
+test-fast: $(STAMP) $(TF4_STAMP)
+	$(PY) -m pytest -q --strict-markers -m "not slow" $(ARGS)
 
 # A real single-node Slurm for the scale-out tests (tests/slurm_cluster.py starts and stops it):
 # Debian's daemons, munge and MariaDB for the accounting submitit's sacct needs (as root).

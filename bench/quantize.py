@@ -2,10 +2,12 @@
 child processes. Reports peak RSS for 2 vs 8 layers of the same width (memory must not grow with
 depth), seconds per layer for GPTQ and the RTN baseline, and seconds per layer at width 4096.
 With --peer, one layer of real 7B and 34B shapes (4096 wide, FFN 11008; 8192 wide, FFN 22016, 8 KV
-heads) quantised by ours and by GPTQModel (bench/peer.py) at the same grid, calibration windows and
-threads, with the ratio of their seconds.
+heads) quantised by ours and by GPTQModel (bench/peer.py) with the same calibration windows and
+threads, at the same grid (both MSE-searched, both min-max) and each at its default, with the
+ratio of their seconds.
 
-    python bench/quantize.py [--width 1024] [--wide 4096] [--peer 7b,34b] [--dir /tmp] [--json]
+    python bench/quantize.py [--width 1024] [--wide 4096] [--peer 7b,34b] [--peer-grid all]
+                             [--dir /tmp] [--json]
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def demo_tokenizer(out: Path) -> tuple[Path, int]:
 # real shapes for --peer: (width, KV heads); FFN ≈ 8/3·width rounded up to 256 gives Llama's
 # 11008 and CodeLlama 34B's 22016
 PEER_SHAPES = {"7b": (4096, 32), "34b": (8192, 8)}
+# --peer-grid: (ours with the MSE search, GPTQModel with it) per comparison
+PAIRS = {"mse": (True, True), "min-max": (False, False), "defaults": (True, False)}
+PEER_GRIDS = {"all": tuple(PAIRS), **{k: (k,) for k in PAIRS}}
 
 
 def build(out: Path, width: int, n_layers: int, tokenizer: Path, vocab: int,
@@ -118,8 +123,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024, help="width of the 2- vs 8-layer models (0: skip)")
     ap.add_argument("--wide", type=int, default=4096, help="width of the one-layer speed model (0: skip)")
     ap.add_argument("--peer", default="", help="real shapes timed against GPTQModel: 7b,34b")
-    ap.add_argument("--peer-grid", choices=("both", "mse", "min-max"), default="both",
-                    help="both tools with the MSE range search, with min-max ranges, or both runs")
+    ap.add_argument("--peer-grid", choices=list(PEER_GRIDS), default="all",
+                    help="both tools with the MSE range search, both with min-max ranges, each "
+                         "with its default (ours MSE, GPTQModel min-max), or all three")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory")
@@ -154,18 +160,19 @@ def main() -> None:
         for shape in filter(None, args.peer.split(",")):
             width, kv = PEER_SHAPES[shape]
             model = build(tmp / shape, width, 1, tok, vocab, kv)
-            for mse in {"both": (True, False), "mse": (True,), "min-max": (False,)}[args.peer_grid]:
+            for grid in PEER_GRIDS[args.peer_grid]:
+                ours_mse, their_mse = PAIRS[grid]
                 t0 = time.perf_counter()
-                quantize(model, tmp / "ours", QuantSpec(4, 128, True, mse=mse), calibration=CALIBRATION,
-                         nsamples=args.nsamples, seqlen=args.seqlen, device=args.device, force=True)
+                quantize(model, tmp / "ours", QuantSpec(4, 128, True, mse=ours_mse),
+                         calibration=CALIBRATION, nsamples=args.nsamples, seqlen=args.seqlen,
+                         device=args.device, force=True)
                 mine = time.perf_counter() - t0
                 theirs = peer.gptqmodel(model, tmp / "peer", 4, 128, True, CALIBRATION, args.nsamples,
-                                        args.seqlen, torch.get_num_threads(), mse)
-                grid = "mse" if mse else "min-max"
+                                        args.seqlen, torch.get_num_threads(), their_mse)
                 results[f"1x{shape} {grid} peer"] = {"width": width, "ours_seconds": round(mine, 2),
                                                      "gptqmodel_seconds": round(theirs, 2),
                                                      "ratio": round(mine / theirs, 3)}
-                print(f"{shape:>8} 1 layer, {grid:7}: ours {mine:7.1f} s, GPTQModel {theirs:7.1f} s "
+                print(f"{shape:>8} 1 layer, {grid:8}: ours {mine:7.1f} s, GPTQModel {theirs:7.1f} s "
                       f"(ours/theirs {mine / theirs:.2f})", file=sys.stderr)
             shutil.rmtree(tmp / shape)
     if args.json:

@@ -309,6 +309,15 @@ def download(source: Source, cache: Path, endpoint: str | None) -> Path:
                          f"{source.revision!r}: {first_line(e)}") from None
 
 
+def pinned(recipe: Recipe, src: Path) -> Recipe:
+    """The recipe with a Hub source's revision replaced by the commit downloaded (the snapshot's
+    folder name), so that job.json and the cards name what was used, not a branch that moves."""
+    s = recipe.source
+    if s.repo is None or s.revision == src.name:
+        return recipe
+    return dataclasses.replace(recipe, source=dataclasses.replace(s, revision=src.name))
+
+
 def check_source_model(source: Source, src: Path) -> None:
     """A Meta checkpoint (params.json, shards, tokenizer) or an HF Llama model in fp16, bf16 or
     fp32 (config, every tensor's shape, tied or not, any head count), not quantised already."""
@@ -648,7 +657,8 @@ class Run:
 def run_levels(run: Run, executor: Executor, token: str | None) -> None:
     """The table's tasks up to the job's last stage, level by level (the executor waits for each
     level: that is the dependency graph); raises the first failure."""
-    job = run.job = dataclasses.replace(run.job, source=run.job.check_inputs())
+    src = run.job.check_inputs()
+    job = run.job = dataclasses.replace(run.job, source=src, recipe=pinned(run.job.recipe, src))
     for level in sorted({s.level for s in STAGES}):
         stages = [s for s in STAGES if s.level == level and job.wants(s.name)]
         tasks = [s.key(i) for s in stages if not s.on_driver for i in s.items(job)]

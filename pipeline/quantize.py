@@ -28,7 +28,7 @@ from pipeline.paths import PATH
 from pipeline import __version__
 from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from verify.errors import InputError
-from pipeline.gptq import METHODS, QuantSpec, gptq
+from pipeline.gptq import METHODS, QuantSpec, gptq, hessian_inverse
 from pipeline.tokenizer import load_tokenizer
 from verify.grid import QuantResult, rtn
 from verify.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack, packable,
@@ -121,12 +121,14 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
     log: dict[str, Any] = {}
 
     def quantise(group: tuple[str, ...], H: torch.Tensor | None) -> None:
-        for name in group:  # linears of a group share their input, so one H serves the group
+        # linears of a group share their input, so one H (and its inverse) serves the group
+        inv = hessian_inverse(H, spec) if H is not None else None
+        for name in group:
             t0 = time.perf_counter()
             W = state[f"{name}.weight"].to(dev, torch.float32)
             if not bool(torch.isfinite(W).all()):
                 raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
-            r: QuantResult = gptq(W, H, spec) if H is not None else rtn(W, spec.grid)
+            r: QuantResult = gptq(W, inv, spec) if inv is not None else rtn(W, spec.grid)
             layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
             packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
             tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})

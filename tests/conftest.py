@@ -14,3 +14,9 @@ torch.set_num_threads(1)
 # ... and the jobs' tasks the same (pipeline/job.py default_cpus), so their bytes match the
 # quantize and verify calls made directly; tests of the real default delete it.
 os.environ.setdefault("PIPELINE_TASK_CPUS", "1")
+
+
+def pytest_configure(config) -> None:
+    """The tiers: `make test` runs everything, `make test-fast` (-m "not slow") the inner loop."""
+    config.addinivalue_line("markers", "slow: runs a stage, a job, a runtime or a real model end "
+                                       "to end (left out by make test-fast)")

@@ -30,6 +30,8 @@ from pipeline.gguf import write_gguf
 from verify.bounded import gguf_reader
 from verify.errors import InputError
 
+pytestmark = pytest.mark.slow  # hypothesis over every input kind
+
 CANARY = "hf_" + "FuzzCanary0SecretValue1234567890abcdef"
 EXAMPLES = 60  # per kind: about a minute for all kinds on 2 idle cores
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

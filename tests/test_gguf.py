@@ -38,6 +38,8 @@ from verify.llamacpp import GGUFModel
 from verify.meta_reference import apply_scaling, meta_logits
 from verify.metrics import eval_tokens, logits_parity, windows
 
+pytestmark = pytest.mark.slow  # llama.cpp converts, quantises and runs models
+
 TOKEN = "hf_TESTwriteTOKENneverLEAK0123456789"
 SEQLEN = 256
 RECIPE = f"""

@@ -373,7 +373,8 @@ def fill(directory: Path, leave: int) -> None:
                 pass
 
 
-@pytest.mark.parametrize("stage", ["quantize", "verify", "publish", "convert", "gguf"])
+@pytest.mark.parametrize("stage", ["quantize", pytest.param("verify", marks=pytest.mark.slow), "publish",
+                                   "convert", "gguf"])
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(w, cli, tmp_path, stage):
     disk = tmp_path / "disk"
     with mounted(disk, "-t", "tmpfs", "-o", "size=2m", "tmpfs"):

@@ -22,6 +22,8 @@ from pipeline.gptq import QuantSpec, gptq
 from pipeline.quantize import LINEARS, quantize
 from demo_model import CALIBRATION, EVAL, demo_fp16
 
+pytestmark = pytest.mark.slow  # GPTQ runs on a model
+
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
 
 

@@ -23,6 +23,8 @@ from demo_model import TRIMMED_RECIPE
 from pipeline.recipe import RECIPES_DIR, load_recipe
 from ray_cluster import ENV, ray_cluster
 
+pytestmark = pytest.mark.slow  # a two-node Ray cluster
+
 RECIPE = TRIMMED_RECIPE
 BRANCHES = ("main", "gptq-8bit-128g-actorder_True")
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from verify.metrics import eval_tokens, perplexity, windows
 from verify.runtimes import RAGGED_REFUSED_BY, RUNTIMES, Runtime, run_runtime
 from verify.thresholds import PPL_MATCH
 
+pytestmark = pytest.mark.slow  # variants loaded in GPTQModel and transformers
+
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}  # as tests/test_quantize.py
 SEQLEN, MAX_WINDOWS = 256, 4  # fp16 matmuls on the CPU are slow (~1.5 s per window here)
 VARIANTS = {"4bit-128g": QuantSpec(4, 128, False), "4bit-32g-actorder": QuantSpec(4, 32, True),

@@ -28,6 +28,8 @@ from pipeline.recipe import RECIPES_DIR, load_recipe
 from slurm_cluster import slurm_cluster
 from verify.errors import InputError
 
+pytestmark = pytest.mark.slow  # jobs through Ray and a real Slurm
+
 RECIPE = TRIMMED_RECIPE
 V8 = "gptq-8bit-128g-actorder_True"
 TOKEN = "hf_" + "scaleOut" * 4

@@ -35,6 +35,8 @@ from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
 from verify.report import check_integrity, failed_checks, read_report
 
+pytestmark = pytest.mark.slow  # verify runs on quantised variants
+
 SEQLEN, WINDOWS = 64, 4
 
 

