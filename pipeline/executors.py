@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.credentials import SECRET_ENV
-from pipeline.job import (Executor, Job, LocalExecutor, TaskResult, execute, resources,
+from pipeline.job import (Executor, Job, LocalExecutor, TaskResult, execute, pinned, resources,
                           task_stage)
 from pipeline.recipe import TaskResources, load_recipe
 from verify.errors import InputError, PipelineError, first_line
@@ -85,8 +85,9 @@ def run_task(spec: TaskSpec) -> TaskResult:
                                  f"{socket.gethostname()}); run the job again")
         except PipelineError as e:
             return TaskResult(spec.key, None, error=str(e), exit_code=e.exit_code)
-        job = Job(recipe, Path(spec.workdir), spec.last_stage, spec.branches, device=spec.device,
-                  force=spec.force, source=Path(spec.source), cpus=spec.threads)
+        source = Path(spec.source)
+        job = Job(pinned(recipe, source), Path(spec.workdir), spec.last_stage, spec.branches,
+                  device=spec.device, force=spec.force, source=source, cpus=spec.threads)
         stage, item = task_stage(spec.key)
         result = execute(job, stage, item, spec.upstream)
     finally:

@@ -104,9 +104,9 @@ def hessian_inverse(H: torch.Tensor, spec: QuantSpec) -> HessianInverse:
     H = H.to(torch.float32, copy=True)
     dead = torch.diag(H) == 0  # inputs that never fire: any weight works, choose 0
     torch.diagonal(H).masked_fill_(dead, 1)
-    n = H.shape[0]
-    perm = torch.argsort(torch.diag(H), descending=True) if spec.act_order else torch.arange(n, device=H.device)
+    perm = torch.arange(H.shape[0], device=H.device)
     if spec.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
         H = H[perm][:, perm]
     Hinv, damp, retries = inverse_cholesky(H, spec.damp)
     return HessianInverse(perm, dead, Hinv, damp, retries)

@@ -65,7 +65,8 @@ class Quantizer:
         best = self._least_error(W, xmin, xmax, i)
         for wide, step in zip(MSE_STEPS, MSE_STEPS[1:]):
             near = torch.tensor([d for d in range(step - wide, wide, step) if d], device=W.device)
-            best = self._least_error(W, xmin, xmax, torch.cat([best[None], (best + near[:, None]).clamp(0, n - 1)]))
+            idx = torch.cat([best[None], (best + near[:, None]).clamp(0, n - 1)])  # best first
+            best = self._least_error(W, xmin, xmax, idx)
         p = self._shrink(best)
         return self._grid(p * xmin, p * xmax)
 
@@ -81,8 +82,7 @@ class Quantizer:
         for i in idx:
             p = self._shrink(i)
             s, z = self._grid(p * xmin, p * xmax)
-            e = torch.div(W, s).round_().add_(z).clamp_(0, self.maxq).sub_(z).mul_(s)  # quantize()
-            err = e.sub_(W).abs_().pow_(self.norm).sum(1)
+            err = self.quantize(W, s, z).sub_(W).abs_().pow_(self.norm).sum(1)
             if best_e is None:
                 best_e = err
                 continue
@@ -90,12 +90,10 @@ class Quantizer:
             best_i, best_e = torch.where(better, i, best_i), torch.where(better, err, best_e)
         return best_i
 
-    def ints(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
-
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Fake-quantise: the float value the runtime will compute for w."""
-        return scale * (self.ints(w, scale, zero) - zero)
+        """Fake-quantise: the float value the runtime will compute for w, s·(clamp(round(w/s) + z,
+        0, maxq) − z), in one new tensor (every step after the division in place)."""
+        return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale)
 
 
 @dataclass

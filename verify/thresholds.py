@@ -62,8 +62,8 @@ KINDS: dict[str, tuple[str, tuple[float, float], dict[int, float]]] = {
     # at most 0.98x on a real 135M model (3 and 4 bits, 32 calibration windows; RTN variants: 1x).
     # One act-order module whose g_idx is permuted (every group still of the right size) gives
     # 6.6x on the demo, 1.27x on the real model at 3 bits, where act-order's order catches it
-    # (verify/integrity.py ACT_ORDER_RHO). 1.5 sits 1.5x above the worst good module seen. Relative to its own grid's
-    # baseline, it holds at any size and bit width.
+    # (verify/integrity.py ACT_ORDER_RHO). 1.5 sits 1.5x above the worst good module seen.
+    # Relative to its own grid's baseline, it holds at any size and bit width.
     "module_output_error": ("allowed ||(W - W_q) X|| / ||W X|| of each quantised linear on the "
                             "fp16 model's activations of evaluation text, as a multiple of "
                             "round-to-nearest's at the same bits and group size (at most)",
