@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from meta_fixtures import padded_sentencepiece_model  # noqa: E402  (a 32000-piece tokenizer)
 
-from pipeline.meta import meta_names, shard_dim  # noqa: E402
+from pipeline.core.meta import meta_names, shard_dim  # noqa: E402
 
 CODELLAMA_34B = {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 256,
                  "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000}

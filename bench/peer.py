@@ -38,9 +38,9 @@ def main(model: str, out: str, bits: str, group: str, act: str, mse: str, calibr
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    from pipeline.calibration import load_calibration
-    from pipeline.tokenizer import load_tokenizer
-    from verify.grid import Quantizer
+    from pipeline.core.calibration import load_calibration
+    from pipeline.core.grid import Quantizer
+    from pipeline.core.tokenizer import load_tokenizer
 
     torch.set_num_threads(int(threads))
     tokens, _ = load_calibration(calibration, load_tokenizer(Path(model)), int(nsamples),

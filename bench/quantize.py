@@ -28,12 +28,12 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench import peer  # noqa: E402
 from demo_model import CALIBRATION, demo_fp16  # noqa: E402  (the shipped demo model)
 
+from bench import peer  # noqa: E402
+from pipeline.core.llama import LAYER_NORMS, LlamaArgs  # noqa: E402
 from pipeline.gptq import QuantSpec  # noqa: E402
 from pipeline.quantize import quantize  # noqa: E402
-from verify.llama import LAYER_NORMS, LlamaArgs  # noqa: E402
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template")  # files copied over
 

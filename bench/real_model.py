@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path[1:]]
 
 import torch  # noqa: E402
+from real_model import smollm2_fp16  # noqa: E402
 
 from bench import peer  # noqa: E402
-from real_model import smollm2_fp16  # noqa: E402
 
 CALIB, EVAL = ROOT / "recipes/smollm2/text/calib", ROOT / "recipes/smollm2/text/eval"
 NSAMPLES, SEQLEN, EVAL_SEQLEN = 128, 256, 256
@@ -63,8 +63,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from pipeline.judge import judge
     from verify.report import perplexity_rows
+    from verify.stage import judge
 
     grids = [tuple(map(int, g.split(":"))) for g in args.grids.split(",")]
     tools = args.tools.split(",")

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from pipeline.chat import chat_format
-from verify.errors import InputError
+from pipeline.core.bounded import read_json
+from pipeline.core.chat import chat_format
+from pipeline.core.errors import InputError
+from pipeline.core.llama import LlamaArgs
 from pipeline.recipe import Recipe, Variant
-from verify.thresholds import PPL_MATCH
-from verify.bounded import read_json
-from verify.llama import LlamaArgs
 from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
 from verify.runtimes import RAGGED_REFUSED_BY, RUNTIME_WINDOWS, RUNTIMES
+from verify.thresholds import PPL_MATCH
 
 TEMPLATES = Path(__file__).parent / "templates"
 PART = re.compile(r"^<!-- part: (\w+) -->\n", re.M)
@@ -266,7 +266,7 @@ def code_block(text: str) -> str:
 
 def prompt_notes(recipe: Recipe, facts: ModelFacts) -> str:
     """What follows the prompt template: the chat template the tokenizer carries (its format from
-    pipeline/chat.py, as the template above), the fill-in-the-middle prompt (or why there is
+    pipeline/core/chat.py, as the template above), the fill-in-the-middle prompt (or why there is
     none) and tied embeddings, where they apply."""
     fmt = chat_format(recipe.model.chat_format)
     notes = [part("chat_template", reference=fmt.reference)] if fmt.template is not None else []

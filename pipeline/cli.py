@@ -12,16 +12,16 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
+from pipeline.core.errors import InputError, PipelineError, SystemFailure, first_line, os_failure
+from pipeline.core.output import FAILURE_NOTES
 from pipeline.credentials import RedactingStream, redact, secret_labels
-from pipeline.output import FAILURE_NOTES
-from verify.errors import InputError, PipelineError, SystemFailure, first_line, os_failure
 
 # command name -> module defining `command`; imported only when invoked (torch is slow to import).
 COMMANDS = {
     "convert": "pipeline.convert",
     "quantize": "pipeline.quantize",
     "gguf": "pipeline.gguf",
-    "verify": "pipeline.judge",
+    "verify": "verify.stage",
     "publish": "pipeline.publish",
     "run": "pipeline.run",
     "demo": "pipeline.demo",

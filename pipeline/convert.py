@@ -17,18 +17,19 @@ import click
 import torch
 from tqdm import tqdm
 
-from pipeline.paths import PATH
 from pipeline import __version__
-from verify.errors import InputError, os_failure
-from pipeline.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS, ROTARY_HEADS,
-                           MetaCheckpoint, hf_name, load_shard, md5_files, meta_names, model_args,
-                           permute_rotary, prefetch, release, shard_dim, split_name,
-                           verify_checksums)
-from pipeline.output import check_target, staged_dir
-from verify.safetensors_stream import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, parse_size
-from pipeline.chat import FORMATS
-from pipeline.tokenizer import convert_tokenizer, load_source
-from verify.llama import LAYER_NORMS, LlamaArgs
+from pipeline.core.chat import FORMATS
+from pipeline.core.errors import InputError, os_failure
+from pipeline.core.llama import LAYER_NORMS, LlamaArgs
+from pipeline.core.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS,
+                                ROTARY_HEADS, MetaCheckpoint, hf_name, load_shard, md5_files,
+                                meta_names, model_args, permute_rotary, prefetch, release,
+                                shard_dim, split_name, verify_checksums)
+from pipeline.core.output import check_target, staged_dir
+from pipeline.core.paths import PATH
+from pipeline.core.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec,
+                                              parse_size)
+from pipeline.core.tokenizer import convert_tokenizer, load_source
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_DTYPE = "float16"

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from verify.bounded import gguf_reader
-from verify.errors import InputError
-from verify.safetensors_stream import header_bytes
+from pipeline.core.bounded import gguf_reader
+from pipeline.core.errors import InputError
+from pipeline.core.safetensors_stream import header_bytes
 
 # environment variables whose values are secrets, by name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, …)
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|APIKEY|(^|_)KEY$", re.I)

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.paths import PATH
 from pipeline import __version__
-from verify.bounded import read_json
-from verify.errors import InputError
-from pipeline.output import staged_dir
+from pipeline.core.bounded import read_json
+from pipeline.core.errors import InputError
+from pipeline.core.output import staged_dir
+from pipeline.core.paths import PATH
 
 SETTINGS_NAME = "settings.json"
 # Directories of the standard library that are not ordinary source: tests, data tables, docs.
@@ -244,7 +244,7 @@ def retrain_model(recipe, settings: DemoSettings, stdlib: Path | None = None) ->
     if root.exists() and not (root / SETTINGS_NAME).is_file():
         raise InputError(f"{root}: exists but holds no {SETTINGS_NAME}, so it is not a demo model "
                          "this tool wrote; move it away first")
-    from pipeline.meta import write_meta_checkpoint
+    from pipeline.core.meta import write_meta_checkpoint
 
     stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
     split = stdlib_split(stdlib, settings)

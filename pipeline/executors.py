@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import InputError, PipelineError, first_line
 from pipeline.credentials import SECRET_ENV
 from pipeline.job import (Executor, Job, LocalExecutor, TaskResult, execute, pinned, resources,
                           task_stage)
 from pipeline.recipe import TaskResources, load_recipe
-from verify.errors import InputError, PipelineError, first_line
 
 INSTALL = "pip install -e '.[scale]'"
 SLURM_CLUSTERS = ("slurm", "local")  # submitit's: Slurm itself, or processes on this machine

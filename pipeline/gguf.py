@@ -31,52 +31,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.paths import PATH
 from pipeline import __version__
-from verify.errors import InputError, PipelineError, os_failure
-from pipeline.output import staged_file
-from pipeline.tokenizer import INFILL, load_tokenizer, tokenizer_kind
-from verify.bounded import read_bytes, read_json
-from verify.checkpoint import HFCheckpoint
-from verify.llama import ROTARY_HEADS, LlamaArgs, inv_freq
+from pipeline.core.bounded import read_bytes, read_json
+from pipeline.core.checkpoint import HFCheckpoint
+from pipeline.core.errors import InputError, PipelineError, os_failure
+from pipeline.core.gguf_types import TYPES, GGUFType, file_name
+from pipeline.core.llama import ROTARY_HEADS, LlamaArgs, inv_freq
+from pipeline.core.output import staged_file
+from pipeline.core.paths import PATH
+from pipeline.core.tokenizer import INFILL, load_tokenizer, tokenizer_kind
 
 MAGIC = b"GGUF"
 MAX_TEMPLATE_BYTES = 1 << 20  # a chat template: a few KB in practice
 ARCH = gguf.MODEL_ARCH.LLAMA
 
 
-@dataclass(frozen=True)
-class GGUFType:
-    """One file type: llama.cpp's file type, its nominal bits per weight and what it is for."""
-
-    name: str
-    ftype: gguf.LlamaFileType
-    bits: int
-    use_case: str
-
-
-# TheBloke's set, with the use cases his cards gave (the quality loss measured on Llama models).
-TYPES = {t.name: t for t in (
-    GGUFType("F16", gguf.LlamaFileType.MOSTLY_F16, 16,
-             "unquantised fp16, as converted: the reference the others are measured against"),
-    GGUFType("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, 8,
-             "very large, extremely low quality loss - not recommended"),
-    GGUFType("Q6_K", gguf.LlamaFileType.MOSTLY_Q6_K, 6, "very large, extremely low quality loss"),
-    GGUFType("Q5_K_M", gguf.LlamaFileType.MOSTLY_Q5_K_M, 5,
-             "large, very low quality loss - recommended"),
-    GGUFType("Q4_K_M", gguf.LlamaFileType.MOSTLY_Q4_K_M, 4,
-             "medium, balanced quality - recommended"),
-    GGUFType("Q3_K_M", gguf.LlamaFileType.MOSTLY_Q3_K_M, 3, "very small, high quality loss"),
-    GGUFType("Q2_K", gguf.LlamaFileType.MOSTLY_Q2_K, 2,
-             "smallest, significant quality loss - not recommended for most purposes"),
-)}
-TYPE_OF_FTYPE = {int(t.ftype): t.name for t in TYPES.values()}
 QUANT_LOG_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")  # llama.cpp's quantiser: "[  3/ 39] name ..."
-
-
-def file_name(model: str, type_name: str) -> str:
-    """TheBloke's naming: `codellama-34b-instruct.Q4_K_M.gguf`."""
-    return f"{model.lower()}.{type_name}.gguf"
 
 
 def check_type(type_name: str) -> GGUFType:
@@ -87,7 +57,7 @@ def check_type(type_name: str) -> GGUFType:
 
 def interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of q/k per head from HF's halves (x0,x2..|x1,x3..) back to Meta's interleaved pairs
-    (x0,x1),(x2,x3)..: the inverse of pipeline.meta.permute_rotary, the layout llama.cpp rotates."""
+    (x0,x1),(x2,x3)..: the inverse of pipeline.core.meta.permute_rotary, the layout llama.cpp rotates."""
     d1, d2 = w.shape
     half = d1 // n_heads // 2
     return w.view(n_heads, 2, half, d2).transpose(1, 2).reshape(d1, d2)

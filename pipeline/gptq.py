@@ -1,5 +1,5 @@
 """GPTQ (Frantar et al., arXiv 2210.17323) for one linear layer, rounding to the grid of
-verify/grid.py (where RTN, the baseline, rounds too). Weights are W [out, in]."""
+pipeline/core/grid.py (where RTN, the baseline, rounds too). Weights are W [out, in]."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from verify.errors import InputError, PipelineError
-from verify.gptq_format import BITS, GROUP_SIZE_RULE, valid_group_size
-from verify.grid import Grid, Quantizer, QuantResult, group_width, stack
+from pipeline.core.errors import InputError, PipelineError
+from pipeline.core.gptq_format import BITS, GROUP_SIZE_RULE, valid_group_size
+from pipeline.core.grid import Grid, Quantizer, QuantResult, group_width, stack
 
 METHODS = ("gptq", "rtn")
 

@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pipeline import __version__
+from pipeline.core.bounded import checked_path, read_json, typed
+from pipeline.core.errors import (CheckFailed, InputError, OutputExistsError, PipelineError,
+                                  first_line, os_failure)
+from pipeline.core.output import overlap, partial_path
 from pipeline.credentials import RedactingFilter, secret_labels
-from verify.errors import (CheckFailed, InputError, OutputExistsError, PipelineError, first_line,
-                           os_failure)
-from pipeline.output import overlap, partial_path
 from pipeline.recipe import Recipe, Source, TaskResources
 from pipeline.workdir import WorkDir
-from verify.bounded import checked_path, read_json, typed
-from verify.report import SCHEMA as REPORT_SCHEMA, failed_checks, perplexity_rows, read_report
+from verify.report import SCHEMA as REPORT_SCHEMA
+from verify.report import failed_checks, perplexity_rows, read_report
 
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
 # A task's CPUs and torch threads when [resources] names none for its stage: $PIPELINE_TASK_CPUS,
@@ -91,7 +92,7 @@ def tree_fingerprint(path: Path) -> str | None:
 def text_fingerprint(source: str) -> str:
     """A text source (glob, directory, file, or hf:… dataset id) as a fingerprint: its files by
     name below the source's fixed folder, size and mtime, so a project moved whole keeps it."""
-    from pipeline.calibration import glob_root, local_files
+    from pipeline.core.calibration import glob_root, local_files
 
     if source.startswith("hf:"):
         return source
@@ -214,7 +215,7 @@ class Job:
         evaluation text must not surface after the quantisation); returns the source directory.
         The stages pass force=True: each replaces only an output of its own (its manifest), and
         `execute` only one that job.json records."""
-        from pipeline.calibration import local_files
+        from pipeline.core.calibration import local_files
 
         r = self.recipe
         src = r.source.resolve()
@@ -294,8 +295,12 @@ def download(source: Source, cache: Path, endpoint: str | None) -> Path:
     """The source repository at its revision, through huggingface_hub's cache in the work
     directory (resumable; a file appears only once whole): its model files only."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     from pipeline.publish import hub_settings
 
@@ -321,8 +326,8 @@ def pinned(recipe: Recipe, src: Path) -> Recipe:
 def check_source_model(source: Source, src: Path) -> None:
     """A Meta checkpoint (params.json, shards, tokenizer) or an HF Llama model in fp16, bf16 or
     fp32 (config, every tensor's shape, tied or not, any head count), not quantised already."""
-    from pipeline.meta import MetaCheckpoint
-    from verify.checkpoint import HFCheckpoint
+    from pipeline.core.checkpoint import HFCheckpoint
+    from pipeline.core.meta import MetaCheckpoint
 
     if not source.is_hf:
         MetaCheckpoint(src)
@@ -409,7 +414,7 @@ def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, An
 
 def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
     """The verify stage; CheckFailed (after verify.json is written) when a check failed."""
-    from pipeline.judge import judge
+    from verify.stage import judge
 
     r, vo, d = job.recipe, job.recipe.verify, job.dirs
     report = judge(fp16=d.fp16, quants=[d.gptq(b) for b in job.branches],

@@ -33,17 +33,16 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Revisio
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
-from pipeline.paths import PATH
 from pipeline import __version__, card
 from pipeline.convert import MANIFEST
+from pipeline.core.bounded import read_json
+from pipeline.core.errors import CheckFailed, InputError, OutputExistsError, PipelineError
+from pipeline.core.output import staged_dir
+from pipeline.core.paths import PATH
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
-from verify.bounded import read_json
-from verify.errors import CheckFailed, InputError, OutputExistsError, PipelineError
-from pipeline.output import staged_dir
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
-from verify.report import (check_inputs, check_integrity, check_verdict, failed_checks,
-                           read_report)
+from verify.report import check_inputs, check_integrity, check_verdict, failed_checks, read_report
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -206,7 +205,7 @@ def gguf_plan(recipe: Recipe, report: dict, fp16: Path, ggufs: dict[str, Path],
               hub_url: str) -> BranchPlan:
     """`main` of the GGUF repository: one verified file per [[gguf]] type (the file's own type,
     and the one verify recorded), and the card."""
-    from pipeline.gguf import TYPE_OF_FTYPE, TYPES
+    from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
     from verify.llamacpp import file_type
 
     want = [g.type for g in recipe.gguf]

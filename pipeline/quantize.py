@@ -13,8 +13,8 @@ import math
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,23 +24,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from pipeline.paths import PATH
 from pipeline import __version__
-from pipeline.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
-from verify.errors import InputError
+from pipeline.core.bounded import loads_json, read_json
+from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
+from pipeline.core.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
+from pipeline.core.errors import InputError
+from pipeline.core.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack,
+                                       packable, packed_shapes, ragged, write_configs)
+from pipeline.core.grid import QuantResult, rtn
+from pipeline.core.llama import (LAYER_NORMS, LINEAR_GROUPS, LINEARS, DecoderLayer, LlamaArgs,
+                                 compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
+from pipeline.core.output import check_target, staged_dir
+from pipeline.core.paths import PATH
+from pipeline.core.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec,
+                                              header_bytes, parse_size, read_header)
+from pipeline.core.tokenizer import load_tokenizer
 from pipeline.gptq import METHODS, QuantSpec, gptq, hessian_inverse
-from pipeline.tokenizer import load_tokenizer
-from verify.grid import QuantResult, rtn
-from verify.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack, packable,
-                                packed_shapes, ragged, write_configs)
-from pipeline.output import check_target, staged_dir
-from verify.bounded import loads_json, read_json
-from verify.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, header_bytes,
-                                       parse_size, read_header)
-from verify.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
 from verify.runtimes import RAGGED_REFUSED_BY
-from verify.llama import (LAYER_NORMS, LINEARS, DecoderLayer, LINEAR_GROUPS, LlamaArgs,
-                          compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")

@@ -22,27 +22,28 @@ import json
 import os
 import re
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import click
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from pipeline.paths import PATH
-from pipeline import chat
-from pipeline.calibration import (MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN, glob_paths,
-                                  glob_root)
 from pipeline.convert import DEFAULT_DTYPE, DTYPES
+from pipeline.core import chat
+from pipeline.core.bounded import (checked_path, existing_dir, path_problem, read_bytes, read_toml,
+                                   shown)
+from pipeline.core.calibration import (MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN, glob_paths,
+                                       glob_root)
+from pipeline.core.errors import InputError
+from pipeline.core.gguf_types import TYPES
+from pipeline.core.gptq_format import BITS
+from pipeline.core.paths import PATH
+from pipeline.core.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.gptq import QuantSpec, SpecError
-from verify.bounded import (checked_path, existing_dir, path_problem, read_bytes, read_toml,
-                            shown)
-from verify.errors import InputError
 from verify import metrics, thresholds
-from verify.gptq_format import BITS
 from verify.runtimes import RUNTIMES
-from verify.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 
 # a branch (git's ref rules, narrowed to what the Hub and file names take) and a model name (a
 # plain file name: it names GGUF files and repositories); re.ASCII: \w is [A-Za-z0-9_]
@@ -62,7 +63,7 @@ class ModelInfo:
     creator: str = "Meta"
     license: str = ""
     base_model: str = ""
-    chat_format: str = "none"  # pipeline/chat.py: the tokenizer's chat template, stop tokens, card
+    chat_format: str = "none"  # pipeline/core/chat.py: the tokenizer's chat template, stop tokens, card
     prompt_template: str | None = None  # only with chat_format "none"; else derived, always filled
     description: str = ""
     original_card: Path | None = None
@@ -177,7 +178,7 @@ class VerifyOptions:
     runtimes: list[str] = field(default_factory=list)  # verify/runtimes.py RUNTIMES names
 
     def thresholds(self) -> dict[str, dict[int, float]]:
-        """The threshold tables the recipe sets (kind → bits → value), for pipeline.judge."""
+        """The threshold tables the recipe sets (kind → bits → value), for verify.stage."""
         return {kind: getattr(self, kind) for kind in thresholds.KINDS if getattr(self, kind)}
 
 
@@ -194,7 +195,7 @@ class GGUFFile:
     top1: float | None = None
 
     def thresholds(self) -> dict[str, float]:
-        """The thresholds this entry sets (kind → value), for pipeline.judge."""
+        """The thresholds this entry sets (kind → value), for verify.stage."""
         return {k: getattr(self, k) for k in thresholds.GGUF_KINDS if getattr(self, k) is not None}
 
 
@@ -719,9 +720,9 @@ def check_gguf(r: Recipe) -> None:
     seen: dict[str, int] = {}
     for i, g in enumerate(r.gguf, 1):
         where = f"{r.path}: [[gguf]] #{i}"
-        if g.type not in thresholds.GGUF:
+        if g.type not in TYPES:
             raise InputError(f"{where}: type = {g.type!r}: must be one of "
-                             f"{', '.join(thresholds.GGUF)}")
+                             f"{', '.join(TYPES)}")
         if g.type in seen:
             raise InputError(f"{where}: type {g.type!r} is also [[gguf]] #{seen[g.type]}")
         seen[g.type] = i

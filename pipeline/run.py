@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
-from pipeline.paths import PATH
+from pipeline.core.errors import InputError
+from pipeline.core.paths import PATH
 from pipeline.executors import EXECUTORS, SLURM_CLUSTERS, make_executor
 from pipeline.job import STAGE_NAMES, JobFailed, check_resources, plan, run_job
 from pipeline.recipe import allow_dir_option, find_recipe, load_recipe
-from verify.errors import InputError
 from verify.report import render_perplexity
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import InputError
 from pipeline.recipe import Recipe
-from verify.errors import InputError
 from verify.report import REPORT_NAME, TABLE_NAME
 
 ROOT = Path("work")  # the default work directories' folder, relative to where the job runs
@@ -50,7 +50,7 @@ class WorkDir:
         return self.path / "gptq" / plain(branch)
 
     def gguf(self, type_name: str) -> Path:
-        from pipeline.gguf import file_name  # the gguf library is slow to import
+        from pipeline.core.gguf_types import file_name  # the gguf library is slow to import
 
         return self.path / "gguf" / plain(file_name(self.model, type_name))
 

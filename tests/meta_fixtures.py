@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipeline.meta import write_meta_checkpoint
+from pipeline.core.meta import write_meta_checkpoint
 
 UNICODE_LINES = (
     "Größe naïve café — façade, señor, smörgåsbord",

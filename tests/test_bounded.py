@@ -1,4 +1,4 @@
-"""The input boundary (verify/bounded.py), by class: nesting, sizes and counts larger than the file,
+"""The input boundary (pipeline/core/bounded.py), by class: nesting, sizes and counts larger than the file,
 types that are not what they claim, and paths. Each hostile input is built here and must give an
 InputError naming the file, in bounded time and memory; the well-formed twin of each is read."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from verify.bounded import (MAX_DEPTH, check_gguf, checked_path, gguf_reader, loads_json,
-                            read_bytes, read_json, read_toml, typed)
-from verify.errors import InputError
+from pipeline.core.bounded import (MAX_DEPTH, check_gguf, checked_path, gguf_reader, loads_json,
+                                   read_bytes, read_json, read_toml, typed)
+from pipeline.core.errors import InputError
 
 
 def deep_json(depth: int, open_: str = "[", close: str = "]") -> str:

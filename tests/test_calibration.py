@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from demo_model import demo_fp16
 from transformers import AutoTokenizer
 
-from pipeline.calibration import load_calibration
-from verify.errors import InputError
-from demo_model import demo_fp16
+from pipeline.core.calibration import load_calibration
+from pipeline.core.errors import InputError
 
 NAMES = ["x", "y", "n", "total", "count", "items", "value", "key", "result", "data", "index"]
 OPS = ["+", "-", "*", "//", "%"]
@@ -125,7 +125,7 @@ def test_hf_source_keeps_dataset_order_for_eval_and_shuffles_for_calibration(mon
     """The `datasets` path: evaluation text in the split's order, calibration seeded-shuffled."""
     from types import SimpleNamespace
 
-    from pipeline.calibration import hf_documents
+    from pipeline.core.calibration import hf_documents
 
     records = _Stream({"text": f"doc {i}"} for i in range(20))
     calls = []

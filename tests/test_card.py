@@ -12,7 +12,7 @@ import yaml
 from markdown_it import MarkdownIt
 
 from pipeline import card
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.recipe import load_recipe
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -107,7 +107,7 @@ REPORT = {
 
 def runtime_result(version: str | None, ppl: float | None = None, ours: float = 6.3, top1: float = 0.95,
                    reason: str | None = None, error: str | None = None, expected: bool = False) -> dict:
-    """One verify.json `runtimes` entry (pipeline/judge.py runtime_checks) for the card."""
+    """One verify.json `runtimes` entry (verify/stage.py runtime_checks) for the card."""
     return {"version": version, "checked": reason is None, "reason": reason, "loaded": reason is None,
             "error": error, "kernels": ["TorchLinear"], "ppl": ppl, "ppl_ours": ours,
             "ratio": None if ppl is None else ppl / ours - 1, "top1": None if ppl is None else top1,
@@ -305,6 +305,7 @@ def test_a_round_to_nearest_variant_has_a_card_row_without_calibration(recipe, t
     import dataclasses
 
     from demo_model import demo_fp16
+
     from pipeline.gptq import QuantSpec
     from pipeline.quantize import quantize
 

@@ -1,6 +1,6 @@
 """Chat formats and infilling against Meta's own encodings.
 
-The references below are written from Meta's code, not from pipeline/chat.py: Llama 2's
+The references below are written from Meta's code, not from pipeline/core/chat.py: Llama 2's
 `chat_completion` (llama/generation.py), Llama 3's `ChatFormat.encode_dialog_prompt`
 (llama3/llama/tokenizer.py) and Code Llama's `infilling_prompt_tokens` / `encode_infilling`
 (codellama/llama/generation.py, tokenizer.py), run on sentencepiece and tiktoken directly. The
@@ -19,20 +19,21 @@ import pytest
 import sentencepiece as spm
 import tiktoken
 from click.testing import CliRunner
-from sentencepiece import sentencepiece_model_pb2 as pb
-from tiktoken.load import load_tiktoken_bpe
-from transformers import AutoTokenizer
-
 from meta_chat import meta_codellama70b_dialog
 from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, STEP_ID, build_checkpoint,
                            padded_sentencepiece_model, sentencepiece_model,
                            step_sentencepiece_model, tiktoken_model)
-from pipeline import card, chat
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tiktoken.load import load_tiktoken_bpe
+from transformers import AutoTokenizer
+
+from pipeline import card
 from pipeline.cli import cli
 from pipeline.convert import convert
-from verify.errors import InputError
+from pipeline.core import chat
+from pipeline.core.errors import InputError
+from pipeline.core.tokenizer import convert_tokenizer
 from pipeline.recipe import load_recipe
-from pipeline.tokenizer import convert_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TF4_PYTHON = ROOT / ".venv-tf4" / "bin" / "python"
@@ -502,7 +503,8 @@ def test_verify_sends_chat_prompts_through_the_template(tmp_path):
     """verify's generation check gets each chat prompt as the chat template renders it (the
     prompt recorded is that text; tokenised it is Meta's dialog encoding)."""
     from meta_fixtures import corpus
-    from pipeline.judge import judge
+
+    from verify.stage import judge
 
     src = build_checkpoint(tmp_path / "meta", "llama2", 1)
     convert(src, tmp_path / "fp16", chat_format="llama2")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from meta_fixtures import SPECS, build_checkpoint, edit_shard, random_state, refresh_checklist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -19,8 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pipeline import cli
 from pipeline import convert as convert_module
 from pipeline.convert import convert
-from verify.errors import InputError, OutputExistsError, PipelineError
-from meta_fixtures import SPECS, build_checkpoint, edit_shard, random_state, refresh_checklist
+from pipeline.core.errors import InputError, OutputExistsError, PipelineError
 from verify.meta_reference import meta_logits
 
 # (family fixture, model-parallel shards): every family, every shard count.

@@ -14,14 +14,14 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from demo_model import DEMO, EVAL, META
 from sentencepiece import sentencepiece_model_pb2 as pb
 
+from pipeline.core.errors import InputError
 from pipeline.demo import (DemoSettings, retrain_model, shipped_model, stdlib_split, token_stream,
                            train, train_tokenizer)
-from verify.errors import InputError
 from pipeline.recipe import load_recipe
 from verify.meta_reference import meta_logits
-from demo_model import DEMO, EVAL, META
 
 CODE = textwrap.dedent('''
     import os

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import verify.forward as forward
-from verify.errors import InputError
-from verify.checkpoint import HFCheckpoint
+from pipeline.core.checkpoint import HFCheckpoint
+from pipeline.core.errors import InputError
+from pipeline.core.llama import LlamaArgs
 from verify.forward import LayerwiseModel
-from verify.llama import LlamaArgs
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -190,9 +190,9 @@ def test_missing_gptq_part_is_named(fp16_dir, tmp_path):
     (None, r"config\.json: file not found$"), (b"[1, 2]", r"config\.json: expected a JSON object, got list"),
     (b"{", r"config\.json: invalid JSON"), (b"\xff{}", r"config\.json: not UTF-8 text")])
 def test_json_files_are_read_by_one_reader_naming_the_file(tmp_path, data, message):
-    """verify/bounded.py read_json reads every small JSON file (configs, the index, the stages'
+    """pipeline/core/bounded.py read_json reads every small JSON file (configs, the index, the stages'
     records for the cards): its errors fit any of them (no "GPTQ artifact" for an fp16 file)."""
-    from verify.bounded import read_json
+    from pipeline.core.bounded import read_json
 
     path = tmp_path / "config.json"
     if data is not None:

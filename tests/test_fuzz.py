@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from meta_fixtures import build_checkpoint, refresh_checklist
 from cli_runner import run_cli
+from meta_fixtures import build_checkpoint, refresh_checklist
+
 from pipeline.convert import convert
-from pipeline.meta import PARAMS_KEYS
+from pipeline.core.meta import PARAMS_KEYS
 
 SEED = 20261201
 MUTANTS = 30  # per kind: params.json, config.json, safetensors header
@@ -124,6 +124,7 @@ def check_fp16_output(out: Path) -> None:
 def check_gptq_output(out: Path) -> None:
     """transformers reads its config, our reader opens it, its dequantised forward is finite."""
     from transformers import AutoConfig
+
     from verify.forward import LayerwiseModel
 
     AutoConfig.from_pretrained(out)

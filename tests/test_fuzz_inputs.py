@@ -20,15 +20,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
 from tiny_project import RTN, build_project
+
+from pipeline.core.bounded import gguf_reader
+from pipeline.core.errors import InputError
 from pipeline.gguf import write_gguf
-from verify.bounded import gguf_reader
-from verify.errors import InputError
 
 pytestmark = pytest.mark.slow  # hypothesis over every input kind
 

@@ -13,30 +13,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import demo_model
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, TokenType
-from huggingface_hub import constants, snapshot_download
-
-import demo_model
 from hub_server import HubServer
+from huggingface_hub import constants, snapshot_download
 from meta_fixtures import CODELLAMA_INFILL, SPECS, build_checkpoint, corpus
-from pipeline import chat
+
 from pipeline.convert import convert
-from pipeline.gguf import TYPES, write_gguf
+from pipeline.core import chat
+from pipeline.core.gguf_types import TYPES
+from pipeline.core.meta import permute_rotary
+from pipeline.core.tokenizer import PROBES, load_source
+from pipeline.gguf import write_gguf
 from pipeline.job import run_job
-from pipeline.meta import permute_rotary
 from pipeline.publish import publish
 from pipeline.recipe import load_recipe
-from pipeline.tokenizer import PROBES, load_source
-from pipeline.judge import eval_documents, load_tokenizer, judge
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.llamacpp import GGUFModel
 from verify.meta_reference import apply_scaling, meta_logits
 from verify.metrics import eval_tokens, logits_parity, windows
+from verify.stage import eval_documents, judge, load_tokenizer
 
 pytestmark = pytest.mark.slow  # llama.cpp converts, quantises and runs models
 
@@ -268,9 +269,9 @@ def test_verify_reports_and_gates_each_file(job, tmp_path):
         for name in ("gguf_metadata", "perplexity", "kl_divergence"):
             assert check(report, name, path.name)["passed"]
         kl = check(report, "kl_divergence", path.name)
-        assert kl["thresholds"] == {k: th.GGUF[type_name][k] for k in ("kl_mean", "kl_p99", "top1")}
+        assert kl["thresholds"] == {k: TYPES[type_name].thresholds[k] for k in ("kl_mean", "kl_p99", "top1")}
     q4 = check(report, "perplexity", job["gguf"]["Q4_K_M"].name)
-    assert q4["thresholds"] == {"tolerance": th.GGUF["Q4_K_M"]["tolerance"]}
+    assert q4["thresholds"] == {"tolerance": TYPES["Q4_K_M"].thresholds["tolerance"]}
     rise = q4["metrics"]["ratio"] - 1
     assert rise > 0, q4  # measured +0.1% on 64 windows; positive on these 16 as well
     gated = judge(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
@@ -495,8 +496,8 @@ def test_gguf_card_matches_golden_and_its_yaml_reads_back(tmp_path):
 
 
 def test_every_type_has_default_thresholds_and_a_llama_cpp_file_type():
-    assert list(TYPES) == list(th.GGUF) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M",
-                                            "Q2_K"]
+    assert list(TYPES) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    assert all(set(t.thresholds) == set(th.GGUF_KINDS) for t in TYPES.values())
     import llama_cpp
 
     for t in TYPES.values():  # the quantiser is called with llama_cpp's own constant
@@ -515,7 +516,7 @@ def test_every_type_has_default_thresholds_and_a_llama_cpp_file_type():
      "unknown key(s) bits"),
 ])
 def test_recipe_gguf_entries_are_validated(edit, message, tmp_path):
-    from verify.errors import InputError
+    from pipeline.core.errors import InputError
 
     (tmp_path / "r.toml").write_text(edit(RECIPE))
     with pytest.raises(InputError, match=re.escape(message)):
@@ -525,8 +526,8 @@ def test_recipe_gguf_entries_are_validated(edit, message, tmp_path):
 def test_a_credential_in_gguf_metadata_is_refused(job, tmp_path):
     """GGUF files are binary, but their string metadata is free text (name, chat template): the
     publish scan reads it."""
+    from pipeline.core.errors import InputError
     from pipeline.credentials import refuse_credentials
-    from verify.errors import InputError
 
     write_gguf(job["work"] / "fp16", tmp_path / "t.gguf", name=f"model {TOKEN}")
     with pytest.raises(InputError, match="t.gguf: a Hugging Face token"):
@@ -537,7 +538,7 @@ def test_a_credential_in_gguf_metadata_is_refused(job, tmp_path):
 def test_publish_refuses_a_report_that_misstates_a_files_type(job, tmp_path):
     """An F16 file recorded as Q8_0, its gguf_parity dropped (Q8_0 needs none): the verdict alone
     would pass; publish reads the type from the file and refuses."""
-    from verify.errors import CheckFailed
+    from pipeline.core.errors import CheckFailed
 
     report = json.loads(json.dumps(job["report"]))
     f16 = job["gguf"]["F16"].name

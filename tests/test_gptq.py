@@ -4,9 +4,9 @@ shrunk one column at a time, float64); reconstruction error against RTN; the gri
 import pytest
 import torch
 
-from verify.errors import InputError, PipelineError
+from pipeline.core.errors import InputError, PipelineError
+from pipeline.core.grid import Quantizer, rtn
 from pipeline.gptq import QuantSpec, gptq
-from verify.grid import Quantizer, rtn
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from verify.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.core.gptq_format import (dequantize, n_groups, pack, pack_rows, quantize_config,
+                                       ragged, unpack_rows, write_configs)
 from pipeline.gptq import QuantSpec
-from verify.gptq_format import (dequantize, n_groups, pack, pack_rows, quantize_config, ragged, unpack_rows,
-                                  write_configs)
 
 
 def python_pack_column(values: list[int], bits: int) -> list[int]:

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
 from tiny_project import RTN, build_project, recipe_text
@@ -420,7 +419,7 @@ def test_a_read_only_file_system_for_run(w, cli, tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from pipeline.output import exclusive
+from pipeline.core.output import exclusive
 with exclusive(Path(sys.argv[1])):
     Path(sys.argv[2]).touch()
     time.sleep(60)

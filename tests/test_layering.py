@@ -1,7 +1,8 @@
-"""The package layering (DESIGN.md "Layers"): verify/ is the lower layer and never imports
-pipeline/; verify/meta_reference.py, the independent Meta forward, imports none of our modules but
-verify.errors; and no import cycle among our modules. Every import is read with `ast`,
-function-level and importlib ones included."""
+"""The package layering (DESIGN.md "Layers"): pipeline.core, the base, imports nothing of ours
+above it; verify/ (judging) imports only the core and itself; the stages and the driver are above
+both. verify/meta_reference.py, the independent Meta forward, imports none of our modules but the
+errors; and no import cycle among our modules. Every import is read with `ast`, function-level and
+importlib ones included."""
 
 from __future__ import annotations
 
@@ -10,8 +11,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ("pipeline", "verify")
+# Lowest first: a module may import its own layer and those before it. A module's layer is the
+# longest prefix of its name listed here ("pipeline" alone, its __init__, holds only __version__).
+LAYERS = (("core", ("pipeline.core", "pipeline.__init__", "pipeline.__version__")),
+          ("methods", ("pipeline.methods",)),
+          ("verify", ("verify",)),
+          ("stages", ("pipeline",)))
 REFERENCE = "verify.meta_reference"
-REFERENCE_MAY_IMPORT = frozenset({"verify.errors"})
+REFERENCE_MAY_IMPORT = frozenset({"pipeline.core.errors"})
+
+
+def layer(name: str) -> int:
+    """The index in LAYERS of a dotted module (or imported) name: its longest listed prefix."""
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+                if name == p or name.startswith(p + ".")), default=(0, len(LAYERS) - 1))
+    return best[1]
 
 
 def imported(tree: ast.AST, module: str) -> list[tuple[int, str]]:
@@ -42,11 +56,15 @@ def violations(source: str, module: str, filename: str) -> list[str]:
     """`file:line: module imports name (why)` for each import that breaks the layering."""
     out = []
     for line, name in imported(ast.parse(source, filename), module):
-        top = name.split(".")[0]
-        if module.startswith("verify.") and top == "pipeline":
-            out.append(f"{filename}:{line}: {module} imports {name} (verify/ is the lower layer: "
-                       "it never imports pipeline/)")
-        elif (module == REFERENCE and top in OURS
+        if name.split(".")[0] not in OURS:
+            continue
+        if name == "pipeline":  # `import pipeline`: the package, whose __init__ is the core's
+            name = "pipeline.__init__"
+        here, there = layer(module), layer(name)
+        if there > here:
+            out.append(f"{filename}:{line}: {module} imports {name} ({LAYERS[here][0]} is below "
+                       f"{LAYERS[there][0]}: imports run one way, {' <- '.join(n for n, _ in LAYERS)})")
+        elif (module == REFERENCE
               and not any(name == m or name.startswith(m + ".") for m in REFERENCE_MAY_IMPORT)):
             out.append(f"{filename}:{line}: {module} imports {name} (the Meta reference shares "
                        f"nothing with the converter; only {sorted(REFERENCE_MAY_IMPORT)})")
@@ -66,21 +84,28 @@ def test_layers_hold():
 
 def test_checker_finds_bad_imports():
     """The checker itself can fail: synthetic sources with each kind of bad import."""
-    bad = "import torch\n\ndef f():\n    from pipeline.meta import ffn_dim\n    return ffn_dim\n"
-    assert violations(bad, "verify.checkpoint", "verify/checkpoint.py") == [
-        "verify/checkpoint.py:4: verify.checkpoint imports pipeline.meta.ffn_dim (verify/ is the "
-        "lower layer: it never imports pipeline/)"]
-    for source in ("import pipeline\n", "from ..pipeline import job\n",
-                   "import importlib\nimportlib.import_module('pipeline.cli')\n"):
+    bad = "import torch\n\ndef f():\n    from pipeline.convert import ffn_dim\n    return ffn_dim\n"
+    assert violations(bad, "pipeline.core.checkpoint", "pipeline/core/checkpoint.py") == [
+        "pipeline/core/checkpoint.py:4: pipeline.core.checkpoint imports pipeline.convert.ffn_dim "
+        "(core is below stages: imports run one way, core <- methods <- verify <- stages)"]
+    for source in ("from verify.report import sha\n", "from ..job import Job\n",
+                   "import importlib\nimportlib.import_module('pipeline.cli')\n",
+                   "from pipeline.methods import METHODS\n"):
+        assert len(violations(source, "pipeline.core.meta", "pipeline/core/meta.py")) == 1, source
+    for source in ("import pipeline.job\n", "from pipeline import card\n",
+                   "from pipeline.gguf import write_gguf\n"):
         assert len(violations(source, "verify.report", "verify/report.py")) == 1, source
-    assert violations("from verify.errors import InputError\nfrom verify import errors\n",
+    for source in ("from pipeline.core.llama import rms_norm\n", "from pipeline import __version__\n",
+                   "from pipeline.methods import METHODS\n", "from . import metrics\n"):
+        assert violations(source, "verify.stage", "verify/stage.py") == [], source
+    assert violations("from pipeline.core.errors import InputError\nfrom pipeline.core import errors\n",
                       REFERENCE, "verify/meta_reference.py") == []
-    for source in ("from verify.llama import rms_norm\n", "from . import llama\n",
-                   "import pipeline.meta\n"):
+    for source in ("from pipeline.core.llama import rms_norm\n", "from . import metrics\n",
+                   "import pipeline.core.meta\n"):
         found = violations(source, REFERENCE, "verify/meta_reference.py")
         assert len(found) == 1 and found[0].startswith("verify/meta_reference.py:1:"), source
-    assert violations("from verify.llama import rms_norm\n", "pipeline.convert",
-                      "pipeline/convert.py") == []
+    assert violations("from verify.stage import judge\nfrom pipeline.core.llama import rms_norm\n",
+                      "pipeline.job", "pipeline/job.py") == []
 
 
 def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:

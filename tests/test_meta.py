@@ -1,4 +1,4 @@
-"""pipeline/meta.py: params.json, shard discovery and loading, checklist.chk, family detection,
+"""pipeline/core/meta.py: params.json, shard discovery and loading, checklist.chk, family detection,
 FFN width and RoPE rules (against published model configs), the q/k permutation (against index
 arithmetic) and write_meta_checkpoint's split (against fairscale's rules written out here)."""
 
@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
-
 from meta_fixtures import SPECS, random_state, sentencepiece_model, tiktoken_model
-from verify.errors import InputError
-from pipeline.meta import (detect_family, ffn_dim, hf_name, load_shard, meta_names, permute_rotary,
-                           prefetch, read_params, release, rope_scaling, shard_paths,
-                           verify_checksums, write_meta_checkpoint)
+
+from pipeline.core.errors import InputError
+from pipeline.core.meta import (detect_family, ffn_dim, hf_name, load_shard, meta_names,
+                                permute_rotary, prefetch, read_params, release, rope_scaling,
+                                shard_paths, verify_checksums, write_meta_checkpoint)
 
 
 def test_read_params_unwraps_and_validates(tmp_path):

@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
+from meta_fixtures import SPECS, random_state, tokenizer_for
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meta_fixtures import SPECS, random_state, tokenizer_for
-from pipeline.meta import write_meta_checkpoint
-from verify.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.core.meta import write_meta_checkpoint
 from verify.meta_reference import (MetaTransformer, ModelArgs, apply_rotary_emb, meta_logits,
                                    precompute_freqs_cis)
 
@@ -222,14 +222,14 @@ def test_conversion_parity_catches_a_wrong_converter_default(tmp_path, monkeypat
     the broken one and ~1000x above float noise on any CPU."""
     from transformers import AutoModelForCausalLM
 
-    import pipeline.meta
+    import pipeline.core.meta
     from pipeline.convert import convert
 
-    build = pipeline.meta.rope_scaling
+    build = pipeline.core.meta.rope_scaling
     spec = SPECS["llama3.1"]
     write_meta_checkpoint(tmp_path / "meta", params_with_vocab("llama3.1"), bf16_state("llama3.1"),
                           2, tokenizer_for(spec))
-    monkeypatch.setattr(pipeline.meta, "rope_scaling",
+    monkeypatch.setattr(pipeline.core.meta, "rope_scaling",
                         lambda p, tied=False: {**build(p, tied), "factor": 4.0})
     convert(tmp_path / "meta", tmp_path / "hf")
     tokens = tokens_for("llama3.1", T=256)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from demo_model import EVAL, demo_fp16
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from demo_model import EVAL, demo_fp16
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 from verify.forward import LayerwiseModel
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, kl_top1, logits_parity,
                             perplexity, windows)

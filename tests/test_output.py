@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from verify.errors import InputError, OutputExistsError
-from pipeline.output import check_target, partial_path, staged_dir, staged_file
+from pipeline.core.errors import InputError, OutputExistsError
+from pipeline.core.output import check_target, partial_path, staged_dir, staged_file
 
 MANIFEST = "made.json"  # what the stage under test always writes
 

@@ -5,9 +5,9 @@ rate limits, network and permission failures."""
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hub_server import Fault, HubServer
 from huggingface_hub import constants, snapshot_download
 from safetensors.numpy import save_file
 
-from verify.errors import CheckFailed, InputError, PipelineError
+from pipeline.core.errors import CheckFailed, InputError, PipelineError
 from pipeline.publish import command, publish
 from pipeline.recipe import load_recipe
-from hub_server import Fault, HubServer
 
 TOKEN = "hf_TESTwriteTOKENneverLEAK0123456789"
 READ_TOKEN = "hf_TESTreadONLYtoken0123456789"

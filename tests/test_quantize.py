@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from demo_model import CALIBRATION, EVAL, demo_fp16
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 import pipeline.quantize as stage
 from pipeline.cli import main
-from verify.errors import InputError, OutputExistsError
+from pipeline.core.errors import InputError, OutputExistsError
 from pipeline.gptq import QuantSpec, gptq
 from pipeline.quantize import LINEARS, quantize
-from demo_model import CALIBRATION, EVAL, demo_fp16
 
 pytestmark = pytest.mark.slow  # GPTQ runs on a model
 

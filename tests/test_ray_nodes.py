@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cli_runner import run_cli
-from pipeline.job import read_records, run_job
-from pipeline.output import partial_path
 from demo_model import TRIMMED_RECIPE
-from pipeline.recipe import RECIPES_DIR, load_recipe
 from ray_cluster import ENV, ray_cluster
+
+from pipeline.core.output import partial_path
+from pipeline.job import read_records, run_job
+from pipeline.recipe import RECIPES_DIR, load_recipe
 
 pytestmark = pytest.mark.slow  # a two-node Ray cluster
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer
+from real_model import RECIPE, REPO, serve, smollm2_fp16
 from safetensors.torch import load_file, save_file
 
-from hub_server import HubServer
 from pipeline.job import run_job
-from pipeline.judge import judge
 from pipeline.recipe import load_recipe
-from real_model import RECIPE, REPO, serve, smollm2_fp16
 from verify.report import failed_checks, read_report
+from verify.stage import judge
 
 pytestmark = pytest.mark.slow  # the whole job on a real 135M model (about 5 minutes)
 

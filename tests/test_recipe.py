@@ -7,9 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from cli_runner import run_cli
-from verify.errors import InputError
+
+from pipeline.core.errors import InputError
 from pipeline.gptq import QuantSpec
 from pipeline.recipe import find_recipe, load_recipe
 
@@ -210,7 +210,7 @@ def stops_at(call, prefix: str) -> bool:
 def test_calibration_window_rule_is_the_stages(tmp_path, nsamples, seqlen, accepted):
     from types import SimpleNamespace
 
-    from pipeline.calibration import load_calibration
+    from pipeline.core.calibration import load_calibration
 
     path = write(tmp_path, edited('source = "calib/*.py"',
                                   f'source = "calib/*.py"\nnsamples = {nsamples}\nseqlen = {seqlen}'))
@@ -228,7 +228,7 @@ def test_calibration_window_rule_is_the_stages(tmp_path, nsamples, seqlen, accep
 # seqlen is refused exactly when the verify stage refuses it
 @pytest.mark.parametrize("seqlen,accepted", [(0, False), (1, False), (2, True), (3, True)])
 def test_verify_seqlen_rule_is_the_stages(tmp_path, seqlen, accepted):
-    from pipeline.judge import judge
+    from verify.stage import judge
 
     path = write(tmp_path, edited('eval = "eval"', f'eval = "eval"\nseqlen = {seqlen}'))
     if accepted:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from verify.safetensors_stream import INDEX_NAME, ShardedWriter, TensorSpec, parse_size
+from pipeline.core.safetensors_stream import INDEX_NAME, ShardedWriter, TensorSpec, parse_size
 
 
 def _tensors() -> dict[str, torch.Tensor]:

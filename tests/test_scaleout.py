@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_runner import run_cli
+from demo_model import TRIMMED_RECIPE
+from slurm_cluster import slurm_cluster
+
+from pipeline.core.errors import InputError
+from pipeline.core.output import partial_path
 from pipeline.executors import RayExecutor
 from pipeline.job import CPUS_CAP, CPUS_ENV, JobFailed, default_cpus, read_records, run_job
-from pipeline.output import partial_path
-from demo_model import TRIMMED_RECIPE
 from pipeline.recipe import RECIPES_DIR, load_recipe
-from slurm_cluster import slurm_cluster
-from verify.errors import InputError
 
 pytestmark = pytest.mark.slow  # jobs through Ray and a real Slurm
 

@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 
 import pytest
-
-from meta_fixtures import build_checkpoint
 from cli_runner import run_cli
+from meta_fixtures import build_checkpoint
+
+from pipeline.core.errors import CheckFailed, InputError
 from pipeline.credentials import PATTERNS, find_credentials, masked_url, strip_url
-from verify.errors import CheckFailed, InputError
 from pipeline.recipe import ALLOW_ENV, MAX_CARD_BYTES, load_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -340,9 +340,10 @@ def test_verify_records_its_inputs_and_publish_matches_them_to_the_conversion(tm
     here with hashlib) and the fp16 files by fingerprint; publish's checks accept them, and refuse
     the same fp16 verified against another checkpoint."""
     from meta_fixtures import corpus
+
     from pipeline.convert import convert
-    from pipeline.judge import judge
     from verify.report import check_inputs, check_verdict, read_report
+    from verify.stage import judge
 
     meta = build_checkpoint(tmp_path / "meta", "llama2", 2)
     other = build_checkpoint(tmp_path / "other", "llama2", 2, seed=1)

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import tiktoken
+from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, padded_sentencepiece_model,
+                           sentencepiece_model, tiktoken_model)
 from sentencepiece import sentencepiece_model_pb2 as pb
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from meta_fixtures import (CODELLAMA_INFILL, LLAMA3_PATTERN, padded_sentencepiece_model,
-                           sentencepiece_model, tiktoken_model)
-from verify.errors import InputError, PipelineError
-from pipeline.tokenizer import check_ids, convert_tokenizer, load_source, tokenizer_kind
+from pipeline.core.errors import InputError, PipelineError
+from pipeline.core.tokenizer import check_ids, convert_tokenizer, load_source, tokenizer_kind
 
 TEXTS = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n-1) + fibonacci(n-2)\n",

@@ -14,26 +14,26 @@ import json
 import shutil
 from pathlib import Path
 
+import cli_runner
 import pytest
 import torch
 import torch.nn.functional as F
+from demo_model import CALIBRATION, EVAL, demo_fp16
+from meta_fixtures import build_checkpoint, corpus
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from demo_model import CALIBRATION, EVAL, demo_fp16
-from meta_fixtures import build_checkpoint, corpus
-import cli_runner
 from pipeline.convert import convert
-from verify.errors import CheckFailed, InputError, OutputExistsError
+from pipeline.core.errors import CheckFailed, InputError, OutputExistsError
+from pipeline.core.gptq_format import dequantize
 from pipeline.gptq import QuantSpec
-from verify.gptq_format import dequantize
 from pipeline.quantize import quantize
 from pipeline.recipe import load_recipe
-from pipeline.judge import judge
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
 from verify.report import check_integrity, failed_checks, read_report
+from verify.stage import judge
 
 pytestmark = pytest.mark.slow  # verify runs on quantised variants
 

@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
+
 from pipeline.gptq import QuantSpec
 from pipeline.quantize import quantize
-from pipeline.judge import judge
-from verify.runtimes import RUNTIME_WINDOWS
 from verify.report import TABLE_NAME, failed_checks
+from verify.runtimes import RUNTIME_WINDOWS
+from verify.stage import judge
 from verify.thresholds import PPL_MATCH
 
 pytestmark = pytest.mark.slow  # verify with the runtimes

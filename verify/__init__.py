@@ -1,4 +1,4 @@
-"""The lower layer: the Llama model math (llama, meta_reference, forward), the formats read and
-written (checkpoint, safetensors_stream, gptq_format) with the quantisation grid (grid), the
-measurements that gate publishing (metrics, thresholds, integrity, runtimes, llamacpp) and the
-verify report (report); the exceptions of both layers (errors). Nothing here imports pipeline/."""
+"""Judging: the verify stage (stage), its checks and metrics (metrics, integrity, forward),
+thresholds, the runtimes that load an artifact (runtimes, llamacpp), the report that gates
+publishing (report) and the independent Meta forward (meta_reference). It builds on pipeline.core
+and imports nothing else of pipeline/."""

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from verify.errors import InputError
-from verify.gptq_format import SUFFIXES, dequantize
-from verify.checkpoint import HFCheckpoint
-from verify.llama import LINEARS, DecoderLayer, fits_in_memory, load_layer, rms_norm, rotary
+from pipeline.core.checkpoint import HFCheckpoint
+from pipeline.core.errors import InputError
+from pipeline.core.gptq_format import SUFFIXES, dequantize
+from pipeline.core.llama import LINEARS, DecoderLayer, fits_in_memory, load_layer, rms_norm, rotary
 from verify.metrics import kl_top1
 
 HEAD_ELEMENTS = 2**26  # logits computed at once at the head: rows × vocab (256 MiB in float32)

@@ -13,12 +13,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-from verify.errors import InputError
-from verify.gptq_format import dequantize, n_groups
-from verify.grid import Grid, rtn
-from verify.checkpoint import IGNORED, HFCheckpoint
+from pipeline.core.checkpoint import IGNORED, HFCheckpoint
+from pipeline.core.errors import InputError
+from pipeline.core.gptq_format import dequantize, n_groups
+from pipeline.core.grid import Grid, rtn
+from pipeline.core.llama import LINEARS, LlamaArgs, load_layer, rotary
 from verify.forward import packed_linears
-from verify.llama import LINEARS, LlamaArgs, load_layer, rotary
 
 OUTPUT_TOKENS = 512  # evaluation tokens whose activations measure each linear's output error
 # Act-order's g_idx against falling input energy on those tokens, Spearman's ρ: at least 0.44 on

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from verify.errors import InputError, PipelineError
-from verify.bounded import check_gguf, gguf_reader, read_json
-from verify.llama import LlamaArgs
+from pipeline.core.bounded import check_gguf, gguf_reader, read_json
+from pipeline.core.errors import InputError, PipelineError
+from pipeline.core.llama import LlamaArgs
 from verify.metrics import kl_top1, logits_parity
 from verify.thresholds import GGUF_FLOAT_REL
 

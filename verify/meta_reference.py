@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 
 LAYER_KEYS = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
               "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",

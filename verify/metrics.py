@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 
 MIN_SEQLEN = 2  # an evaluation window scores seqlen − 1 predicted tokens: at least one
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from verify.bounded import read_json
-from verify.errors import CheckFailed, InputError
+from pipeline.core.bounded import read_json
+from pipeline.core.errors import CheckFailed, InputError
 
 SCHEMA = 3  # 2: artifacts record their relpath from the report; 3: GPTQ judged against RTN
 REPORT_NAME = "verify.json"

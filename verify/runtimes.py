@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from verify.llama import pick_device
+from pipeline.core.llama import pick_device
 from verify.metrics import kl_summary, kl_top1, perplexity
 from verify.thresholds import runtime_matched
 
@@ -128,7 +128,7 @@ RUNTIMES: dict[str, Runtime] = {
     "vllm": Runtime("vLLM", ("vllm",), True, VLLMModel, refuses_ragged=True),
 }
 # Runtimes and kernels that refuse a linear whose input width is not a multiple of the group size
-# (verify/gptq_format.py ragged): those of RUNTIMES that do, then kernels that are no runtime here.
+# (pipeline/core/gptq_format.py ragged): those of RUNTIMES that do, then kernels that are no runtime here.
 RAGGED_REFUSED_BY = (*(rt.label for rt in RUNTIMES.values() if rt.refuses_ragged),
                      "Marlin", "ExLlama")
 RUNTIME_WINDOWS = 4  # evaluation windows each runtime check scores (the first ones): a bounded cost

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+from pipeline.core.gguf_types import TYPES
+
 # Conversion parity (logits against Meta's reference), by compute dtype: float32 on the CPU,
 # fp16 on CUDA (fp16 rounding of activations dominates there).
 PARITY = {
@@ -101,12 +103,9 @@ def for_bits(table: Table, bits: int) -> dict[str, float | None]:
     return {kind: table[kind].get(bits) for kind in KINDS}
 
 
-# GGUF files (llama.cpp's quantiser), per file type: the same kinds as for GPTQ's bit widths, judged
-# in llama.cpp against fp16. From llama.cpp's published KL and perplexity for Llama models (Q8_0
-# mean KLD ~0.001, Q6_K ~0.005, Q5_K_M ~0.01, Q4_K_M ~0.03, Q3_K_M ~0.09, Q2_K ~0.3; same top token
-# 99% / 98% / 97% / 94% / 90% / 83%), with room above. F16 holds fp16's weights exactly: its bounds
-# are fp16 round-off in llama.cpp's kernels, and its logits must also pass GGUF_PARITY (the
-# gguf_parity check). Recipes override them per [[gguf]] entry.
+# GGUF files, per file type: the same kinds as for GPTQ's bit widths, judged in llama.cpp against
+# fp16; the defaults are the type's (pipeline/core/gguf_types.py TYPES), recipes override them per
+# [[gguf]] entry.
 #
 # GGUF_PARITY: llama.cpp's F16 kernels round activations to fp16 before every product and keep the
 # KV cache in f16, so a few positions stray further than in PARITY["float16"]'s CUDA runs: on the
@@ -118,16 +117,6 @@ GGUF_KINDS = ("tolerance", "kl_mean", "kl_p99", "top1")
 # gguf_metadata: a float key (rope θ, norm ε) is stored as float32, whose spacing is 6e-8 relative:
 # it matches config.json's value within GGUF_FLOAT_REL
 GGUF_FLOAT_REL = 1e-6
-GGUF: dict[str, dict[str, float]] = {
-    "F16": {"tolerance": 0.002, "kl_mean": 0.001, "kl_p99": 0.01, "top1": 0.99},
-    # top-1: 96.1% on a real 135M model (SmolLM2-135M, KL mean 0.005), where 7B-class keep ~99%
-    "Q8_0": {"tolerance": 0.01, "kl_mean": 0.01, "kl_p99": 0.1, "top1": 0.95},
-    "Q6_K": {"tolerance": 0.02, "kl_mean": 0.02, "kl_p99": 0.2, "top1": 0.95},
-    "Q5_K_M": {"tolerance": 0.04, "kl_mean": 0.04, "kl_p99": 0.4, "top1": 0.93},
-    "Q4_K_M": {"tolerance": 0.08, "kl_mean": 0.1, "kl_p99": 1.0, "top1": 0.88},
-    "Q3_K_M": {"tolerance": 0.2, "kl_mean": 0.3, "kl_p99": 3.0, "top1": 0.80},
-    "Q2_K": {"tolerance": 0.5, "kl_mean": 1.0, "kl_p99": 8.0, "top1": 0.65},
-}
 
 
 def gguf_thresholds(type_name: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
@@ -136,7 +125,7 @@ def gguf_thresholds(type_name: str, overrides: dict[str, float] | None = None) -
     if unknown:
         raise ValueError(f"unknown GGUF threshold kind(s) {', '.join(unknown)} "
                          f"(known: {', '.join(GGUF_KINDS)})")
-    return {**GGUF[type_name], **(overrides or {})}
+    return {**TYPES[type_name].thresholds, **(overrides or {})}
 
 
 # A GPTQ variant passes a runtime (verify/runtimes.py) when |ppl there / our dequantised ppl - 1|

@@ -1,4 +1,4 @@
-"""Paths from the command line, checked as click parses them (verify/bounded.py path_problem: NUL
+"""Paths from the command line, checked as click parses them (pipeline/core/bounded.py path_problem: NUL
 bytes, undecodable bytes, names over the system's limits, symbolic-link loops), so a bad path is
 one line naming it and exit 2 before any stage starts."""
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from verify.bounded import checked_path
+from pipeline.core.bounded import checked_path
 
 
 class CheckedPath(click.ParamType):

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from verify.bounded import MAX_LINE_BYTES, checked_path, loads_json
-from verify.errors import InputError
+from pipeline.core.bounded import MAX_LINE_BYTES, checked_path, loads_json
+from pipeline.core.errors import InputError
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
 NSAMPLES, SEQLEN, SEED = 128, 2048, 0  # GPTQ's calibration: 128 random 2048-token windows

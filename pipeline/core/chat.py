@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from verify.errors import InputError, PipelineError
+from pipeline.core.errors import InputError, PipelineError
 
 # Whitespace control ({%- -%}) everywhere: only the {{ }} expressions produce text.
 LLAMA2_TEMPLATE = r"""{#- Meta's Llama 2 chat_completion (also CodeLlama-Instruct) -#}

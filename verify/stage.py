@@ -25,26 +25,25 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.paths import PATH
 from pipeline import __version__
-from pipeline.calibration import file_documents, hf_documents, local_files
-from pipeline.chat import chat_prompt
-from pipeline.tokenizer import load_tokenizer
-from verify.errors import CheckFailed, InputError
-from pipeline.output import check_target, staged_dir
-from verify.grid import rtn
-from verify.gptq_format import ragged
+from pipeline.core.calibration import file_documents, hf_documents, local_files
+from pipeline.core.chat import chat_prompt
+from pipeline.core.errors import CheckFailed, InputError
+from pipeline.core.gptq_format import ragged
+from pipeline.core.grid import rtn
+from pipeline.core.llama import compute_dtype, pick_device
+from pipeline.core.output import check_target, staged_dir
+from pipeline.core.paths import PATH
+from pipeline.core.tokenizer import load_tokenizer
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import OUTPUT_TOKENS, module_errors, rtn_grid
-from verify.llama import compute_dtype, pick_device
 from verify.meta_reference import meta_logits
 from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_summary,
                             logits_parity, perplexity, windows)
-from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, Reference, run_runtime
 from verify.report import (REPORT_NAME, SCHEMA, artifact_entry, failed_checks, run_inputs,
-                           with_relpaths,
-                           write_report)
+                           with_relpaths, write_report)
+from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, Reference, run_runtime
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of the eval text
@@ -253,7 +252,7 @@ def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_
 
 def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
     """A GGUF file's type (pipeline/gguf.py TYPES, read from the file) and its thresholds."""
-    from pipeline.gguf import TYPE_OF_FTYPE, TYPES
+    from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
     from verify.llamacpp import file_type
 
     ftype = file_type(path)
@@ -273,7 +272,7 @@ def gguf_checks(path: Path, ref: LayerwiseModel, h_fp16: torch.Tensor, win: torc
     hidden states h_fp16 and head `ref`): metadata and tokenisation, perplexity and KL/top-1 at
     its type's thresholds (`overrides`: type -> kind -> value), and for F16 logits parity to fp16
     round-off. Returns its artifacts entry and checks; adds its perplexity to `ppl`."""
-    from pipeline.gguf import TYPES
+    from pipeline.core.gguf_types import TYPES
     from verify import llamacpp
     from verify.report import sha256_file
 
@@ -508,8 +507,8 @@ def parse_gguf_thresholds(ctx, param, values: tuple[str, ...]) -> dict[str, dict
         except ValueError:
             raise click.BadParameter(f"{v!r}: expected TYPE.KIND=VALUE, e.g. "
                                      "Q4_K_M.tolerance=0.1") from None
-        if kind_type not in th.GGUF or kind not in th.GGUF_KINDS:
-            raise click.BadParameter(f"{v!r}: TYPE one of {', '.join(th.GGUF)}, KIND one of "
+        if kind_type not in TYPES or kind not in th.GGUF_KINDS:
+            raise click.BadParameter(f"{v!r}: TYPE one of {', '.join(TYPES)}, KIND one of "
                                      f"{', '.join(th.GGUF_KINDS)}")
         problem = th.invalid(kind, number)
         if problem:

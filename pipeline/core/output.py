@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from verify.errors import InputError, OutputExistsError, PipelineError
-
+from pipeline.core.errors import InputError, OutputExistsError, PipelineError
 
 FAILURE_NOTES: list[str] = []  # what failed builds did with their partial outputs (the CLI says it)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 MSE_STEPS = (16, 4, 1)  # the MSE search's strides over shrink factors, coarse to fine
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,7 +1,7 @@
 """Tokenizer conversion through transformers: a SentencePiece model (Llama 1/2, Code Llama with its
 infilling pieces) or a tiktoken ranks file (Llama 3.x) becomes tokenizer.json,
 tokenizer_config.json and special_tokens_map.json, checked id for id against the source, plus the
-chat template of the model's chat format (pipeline/chat.py)."""
+chat template of the model's chat format (pipeline/core/chat.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import chat
-from verify.bounded import read_bytes, read_json
-from verify.errors import InputError, PipelineError, first_line
+from pipeline.core import chat
+from pipeline.core.bounded import read_bytes, read_json
+from pipeline.core.errors import InputError, PipelineError, first_line
 
 # Meta's Llama 3 pre-tokenisation pattern and special tokens (256 after the BPE ranks).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"

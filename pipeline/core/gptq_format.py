@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from verify.errors import InputError
+from pipeline.core.errors import InputError
 
 BITS = (2, 3, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # tensors of one quantised linear

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from verify.bounded import read_bytes, read_json
-from verify.errors import InputError
-from pipeline.tokenizer import tokenizer_kind
-from verify import llama
-from verify.llama import LlamaArgs, check_heads, config_float, config_int
+from pipeline.core import llama
+from pipeline.core.bounded import read_bytes, read_json
+from pipeline.core.errors import InputError
+from pipeline.core.llama import LlamaArgs, check_heads, config_float, config_int
+from pipeline.core.tokenizer import tokenizer_kind
 
 PARAMS = "params.json"
 TOKENIZER = "tokenizer.model"

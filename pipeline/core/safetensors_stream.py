@@ -9,15 +9,15 @@ import math
 import os
 import re
 import struct
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from verify.bounded import checked_path, loads_json
-from verify.errors import InputError
+from pipeline.core.bounded import checked_path, loads_json
+from pipeline.core.errors import InputError
 
 DTYPES = {
     torch.float16: "F16",

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from verify.bounded import read_json
-from verify.errors import InputError
-from verify.gptq_format import BITS, GROUP_SIZE_RULE, n_groups, packed_shapes, valid_group_size
-from verify.safetensors_stream import DTYPES, FLOAT_DTYPES, INDEX_NAME, StoredTensor, read_header
-from verify.llama import LAYER_NORMS, LlamaArgs
+from pipeline.core.bounded import read_json
+from pipeline.core.errors import InputError
+from pipeline.core.gptq_format import (BITS, GROUP_SIZE_RULE, n_groups, packed_shapes,
+                                       valid_group_size)
+from pipeline.core.llama import LAYER_NORMS, LlamaArgs
+from pipeline.core.safetensors_stream import (DTYPES, FLOAT_DTYPES, INDEX_NAME, StoredTensor,
+                                              read_header)
 
 SINGLE_NAME = "model.safetensors"
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; not weights
