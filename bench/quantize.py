@@ -32,7 +32,7 @@ from demo_model import CALIBRATION, demo_fp16  # noqa: E402  (the shipped demo m
 
 from bench import peer  # noqa: E402
 from pipeline.core.llama import LAYER_NORMS, LlamaArgs  # noqa: E402
-from pipeline.gptq import QuantSpec  # noqa: E402
+from pipeline.methods import QuantSpec  # noqa: E402
 from pipeline.quantize import quantize  # noqa: E402
 
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template")  # files copied over

@@ -30,7 +30,7 @@ NSAMPLES, SEQLEN, EVAL_SEQLEN = 128, 256, 256
 
 def ours(model: Path, out: Path, bits: int, group: int, act_order: bool) -> float:
     """Our quantize stage with its defaults at this grid; seconds."""
-    from pipeline.gptq import QuantSpec
+    from pipeline.methods import QuantSpec
     from pipeline.quantize import quantize
 
     t0 = time.perf_counter()
@@ -40,7 +40,7 @@ def ours(model: Path, out: Path, bits: int, group: int, act_order: bool) -> floa
 
 
 def rtn(model: Path, out: Path, bits: int, group: int, act_order: bool) -> float:
-    from pipeline.gptq import QuantSpec
+    from pipeline.methods import QuantSpec
     from pipeline.quantize import quantize
 
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from pipeline.core.bounded import read_json
 from pipeline.core.chat import chat_format
 from pipeline.core.errors import InputError
 from pipeline.core.llama import LlamaArgs
+from pipeline.methods import METHODS
 from pipeline.recipe import Recipe, Variant
 from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
 from verify.runtimes import RAGGED_REFUSED_BY, RUNTIME_WINDOWS, RUNTIMES
@@ -60,7 +61,7 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
         if qc.get(key) != want:
             raise InputError(f"{path / 'quantize_config.json'}: {key} = {qc.get(key)!r}, but the recipe's "
                              f"variant {variant.branch!r} has {want!r}; this directory is not that variant")
-    calibrated = variant.method != "rtn"  # round-to-nearest reads no calibration text
+    calibrated = METHODS[variant.method].calibrated  # RTN reads no calibration text
     try:
         seqlen = int(log["calibration"]["seqlen"]) if calibrated else None
     except (KeyError, TypeError, ValueError):

@@ -34,6 +34,7 @@ from pipeline.core.errors import (CheckFailed, InputError, OutputExistsError, Pi
                                   first_line, os_failure)
 from pipeline.core.output import overlap, partial_path
 from pipeline.credentials import RedactingFilter, secret_labels
+from pipeline.methods import METHODS
 from pipeline.recipe import Recipe, Source, TaskResources
 from pipeline.workdir import WorkDir
 from verify.report import SCHEMA as REPORT_SCHEMA
@@ -230,7 +231,7 @@ class Job:
         texts = []
         if self.wants("quantize"):
             texts += [(f"[[variants]] {b}: calibration", r.variant(b).calibration)
-                      for b in self.branches if r.variant(b).method == "gptq"]
+                      for b in self.branches if METHODS[r.variant(b).method].calibrated]
         if self.wants("verify"):
             texts.append(("[verify] eval", r.verify.eval))
         for where, source in texts:

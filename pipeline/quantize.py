@@ -31,7 +31,7 @@ from pipeline.core.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
 from pipeline.core.errors import InputError
 from pipeline.core.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack,
                                        packable, packed_shapes, ragged, write_configs)
-from pipeline.core.grid import QuantResult, rtn
+from pipeline.core.grid import QuantResult
 from pipeline.core.llama import (LAYER_NORMS, LINEAR_GROUPS, LINEARS, DecoderLayer, LlamaArgs,
                                  compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
 from pipeline.core.output import check_target, staged_dir
@@ -39,7 +39,7 @@ from pipeline.core.paths import PATH
 from pipeline.core.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec,
                                               header_bytes, parse_size, read_header)
 from pipeline.core.tokenizer import load_tokenizer
-from pipeline.gptq import METHODS, QuantSpec, gptq, hessian_inverse
+from pipeline.methods import METHODS, QuantSpec
 from verify.runtimes import RAGGED_REFUSED_BY
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -120,15 +120,18 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
     tensors: dict[str, torch.Tensor] = {}
     log: dict[str, Any] = {}
 
+    algorithm = METHODS[spec.method].algorithm()
+
     def quantise(group: tuple[str, ...], H: torch.Tensor | None) -> None:
-        # linears of a group share their input, so one H (and its inverse) serves the group
-        inv = hessian_inverse(H, spec) if H is not None else None
+        # linears of a group share their input, so one H (and what the method makes of it, GPTQ's
+        # inverse) serves the group
+        prepared = algorithm.prepare(H, spec)
         for name in group:
             t0 = time.perf_counter()
             W = state[f"{name}.weight"].to(dev, torch.float32)
             if not bool(torch.isfinite(W).all()):
                 raise InputError(f"{prefix}{name}.weight: contains NaN/inf")
-            r: QuantResult = gptq(W, inv, spec) if inv is not None else rtn(W, spec.grid)
+            r: QuantResult = algorithm.quantize(W, prepared, spec)
             layer.get_submodule(name).weight.data = r.Q.to(layer.get_submodule(name).weight.dtype)
             packed = pack(r.ints(spec.bits), r.zeros.to(torch.int32), r.scales, r.g_idx, spec.bits)
             tensors.update({f"{prefix}{name}.{k}": v.cpu() for k, v in packed.items()})
@@ -138,7 +141,7 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
                 tqdm.write(f"{prefix}{name}: Cholesky failed with damp {r.damp_retries}, "
                            f"used {r.damp}", file=sys.stderr)
 
-    if X is None or Y is None:  # RTN: no calibration, no forward
+    if X is None or Y is None:  # a method without calibration: no forward
         for group in LINEAR_GROUPS:
             quantise(group, None)
         return tensors, log
@@ -228,7 +231,7 @@ def write_model(ck: HFCheckpoint, tmp: Path, spec: QuantSpec, max_shard_bytes: i
     """Stream the final shards: fp16 tensors from the input, packed ones from the layer files."""
     plan = output_plan(ck, spec)
     layer_file: dict[int, Any] = {}  # the one open layer file
-    writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"quantization": "gptq"})
+    writer = ShardedWriter(tmp, plan, max_shard_bytes, metadata={"quantization": METHODS[spec.method].format})
     for s in plan:
         if s.name in ck:  # shapes checked against config.json when the checkpoint was opened
             writer.write(s.name, ck.tensor(s.name).to(torch.float16))
@@ -260,11 +263,13 @@ def finished_layers(layers: Path, n_layers: int) -> int:
 
 def calibration_tokens(model: Path, a: LlamaArgs, spec: QuantSpec, calibration: str | None,
                        nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor | None, dict | None]:
-    """Token windows [nsamples, seqlen] and their record; (None, None) for RTN, which needs none."""
-    if spec.method != "gptq":
+    """Token windows [nsamples, seqlen] and their record; (None, None) for a method that reads
+    none (RTN)."""
+    if not METHODS[spec.method].calibrated:
         return None, None
     if not calibration:
-        raise InputError("GPTQ needs calibration text: pass --calibration GLOB|DIR|FILE|hf:…")
+        raise InputError(f"{spec.method.upper()} needs calibration text: pass "
+                         "--calibration GLOB|DIR|FILE|hf:…")
     if seqlen > a.max_seq_len:
         raise InputError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings "
                          f"{a.max_seq_len} ({model / 'config.json'})")
@@ -382,8 +387,8 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
 
 
 def calibration_files(spec: QuantSpec, calibration: str | None) -> list[Path]:
-    """The local calibration files GPTQ will read (none for RTN or a hf: dataset)."""
-    if spec.method != "gptq" or not calibration or calibration.startswith("hf:"):
+    """The local calibration files the method will read (none for RTN or a hf: dataset)."""
+    if not METHODS[spec.method].calibrated or not calibration or calibration.startswith("hf:"):
         return []
     return local_files(calibration)
 
@@ -441,7 +446,7 @@ def resume_mismatch(run_file: Path, run: dict) -> str | None:
 @click.option("--mse/--no-mse", default=DEFAULT.mse, show_default=True,
               help="search shrunk ranges for the least-error grid (--no-mse: min-max)")
 @click.option("--blocksize", type=int, default=DEFAULT.blocksize, show_default=True)
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT.method, show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT.method, show_default=True)
 @click.option("--calibration", help="glob, directory, file, or hf:DATASET[:CONFIG]:SPLIT:FIELD")
 @click.option("--nsamples", type=int, default=NSAMPLES, show_default=True)
 @click.option("--seqlen", type=int, default=SEQLEN, show_default=True)

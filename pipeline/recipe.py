@@ -41,7 +41,7 @@ from pipeline.core.gguf_types import TYPES
 from pipeline.core.gptq_format import BITS
 from pipeline.core.paths import PATH
 from pipeline.core.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
-from pipeline.gptq import QuantSpec, SpecError
+from pipeline.methods import QuantSpec, SpecError
 from verify import metrics, thresholds
 from verify.runtimes import RUNTIMES
 
@@ -139,7 +139,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Variant(QuantSpec):
-    """One GPTQ artifact, published on its own branch: a pipeline.gptq QuantSpec (its fields are
+    """One GPTQ artifact, published on its own branch: a pipeline.methods QuantSpec (its fields are
     the table's quantisation keys, validated there as for the CLI) plus the branch, a description
     and the calibration, whose fields are always filled."""
 

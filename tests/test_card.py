@@ -306,7 +306,7 @@ def test_a_round_to_nearest_variant_has_a_card_row_without_calibration(recipe, t
 
     from demo_model import demo_fp16
 
-    from pipeline.gptq import QuantSpec
+    from pipeline.methods import QuantSpec
     from pipeline.quantize import quantize
 
     out = tmp_path / "rtn"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
-
 from cli_runner import run_cli
 from meta_chat import meta_codellama70b_dialog
 from meta_fixtures import STEP_ID, build_checkpoint
+from transformers import AutoTokenizer
+
 from pipeline import card
 from pipeline.convert import convert
 from pipeline.recipe import load_recipe

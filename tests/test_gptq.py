@@ -6,7 +6,8 @@ import torch
 
 from pipeline.core.errors import InputError, PipelineError
 from pipeline.core.grid import Quantizer, rtn
-from pipeline.gptq import QuantSpec, gptq
+from pipeline.methods import QuantSpec
+from pipeline.methods.gptq import gptq
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:

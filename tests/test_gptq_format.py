@@ -9,7 +9,7 @@ import torch
 from pipeline.core.errors import InputError
 from pipeline.core.gptq_format import (dequantize, n_groups, pack, pack_rows, quantize_config,
                                        ragged, unpack_rows, write_configs)
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 
 
 def python_pack_column(values: list[int], bits: int) -> list[int]:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import pipeline.quantize as stage
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint, refresh_checklist
+from safetensors.torch import load_file, save_file
 from tiny_project import recipe_text
+
+import pipeline.quantize as stage
 from pipeline.convert import convert
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
 
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu"]

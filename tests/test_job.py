@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from cli_runner import run_cli
 from meta_fixtures import build_checkpoint
+from safetensors.torch import load_file, save_file
+
 from pipeline.job import JobFailed, run_job, tree_fingerprint
 from pipeline.recipe import load_recipe
 

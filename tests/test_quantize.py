@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 import pipeline.quantize as stage
 from pipeline.cli import main
 from pipeline.core.errors import InputError, OutputExistsError
-from pipeline.gptq import QuantSpec, gptq
+from pipeline.methods import QuantSpec
+from pipeline.methods.gptq import gptq
 from pipeline.quantize import LINEARS, quantize
 
 pytestmark = pytest.mark.slow  # GPTQ runs on a model

@@ -10,7 +10,7 @@ import pytest
 from cli_runner import run_cli
 
 from pipeline.core.errors import InputError
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 from pipeline.recipe import find_recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

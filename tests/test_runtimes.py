@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
 from verify import runtimes
 from verify.forward import LayerwiseModel
@@ -161,6 +161,7 @@ def test_a_tied_model_loads_in_every_cpu_runtime(tmp_path):
     loads in GPTQModel and transformers at our perplexity; loaders have failed on checkpoints that
     carry both (KeyError: lm_head.weight)."""
     from meta_fixtures import build_checkpoint
+
     from pipeline.convert import convert
 
     convert(build_checkpoint(tmp_path / "meta", "llama3.2-output", 2), tmp_path / "fp16")

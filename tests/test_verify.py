@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from pipeline.convert import convert
 from pipeline.core.errors import CheckFailed, InputError, OutputExistsError
 from pipeline.core.gptq_format import dequantize
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
 from pipeline.recipe import load_recipe
 from verify import thresholds as th

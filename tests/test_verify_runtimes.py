@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 
-from pipeline.gptq import QuantSpec
+from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
 from verify.report import TABLE_NAME, failed_checks
 from verify.runtimes import RUNTIME_WINDOWS

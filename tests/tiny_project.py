@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from meta_fixtures import build_checkpoint
+
 from pipeline.convert import convert
 
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32", "--device", "cpu"]

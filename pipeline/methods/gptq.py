@@ -3,65 +3,13 @@ pipeline/core/grid.py (where RTN, the baseline, rounds too). Weights are W [out,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.core.errors import InputError, PipelineError
-from pipeline.core.gptq_format import BITS, GROUP_SIZE_RULE, valid_group_size
-from pipeline.core.grid import Grid, Quantizer, QuantResult, group_width, stack
-
-METHODS = ("gptq", "rtn")
-
-
-class SpecError(InputError):
-    """A QuantSpec field GPTQ cannot use: `key` (the field), its `value` and the `rule` it breaks.
-    The message names the CLI option; the recipe re-words it with its file and key."""
-
-    def __init__(self, key: str, value: Any, rule: str) -> None:
-        self.key, self.value, self.rule = key, value, rule
-        shown = "" if isinstance(value, bool) else f" {value!r}"
-        super().__init__(f"--{key.replace('_', '-')}{shown}: {rule}")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """What to quantise to and how; the same spec means the same output. Validated here, once,
-    for the CLI and the recipe alike (a recipe variant is a QuantSpec with more fields)."""
-
-    bits: int
-    group_size: int = 128
-    act_order: bool = False
-    sym: bool = True
-    damp: float = 0.01
-    static_groups: bool = False
-    true_sequential: bool = True
-    mse: bool = True  # the least-error grid: on real weights it halves GPTQ's 3-bit loss (README)
-    blocksize: int = 128
-    method: str = "gptq"
-
-    def __post_init__(self) -> None:
-        rules = (
-            ("bits", self.bits in BITS, f"must be one of {', '.join(map(str, BITS))} (GPTQ packing)"),
-            ("group_size", valid_group_size(self.group_size), GROUP_SIZE_RULE),
-            ("damp", 0 < self.damp < 1, "must be in (0, 1) (a fraction of mean diag H)"),
-            ("static_groups", not (self.static_groups and self.group_size == -1),
-             "needs a group size other than -1"),
-            ("blocksize", self.blocksize > 0, "must be positive"),
-            ("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
-        )
-        for key, ok, rule in rules:
-            if not ok:
-                raise SpecError(key, getattr(self, key), rule)
-
-    def as_dict(self) -> dict[str, Any]:
-        """QuantSpec's fields only (a recipe variant's others are not part of the spec)."""
-        return {f.name: getattr(self, f.name) for f in fields(QuantSpec)}
-
-    @property
-    def grid(self) -> Grid:
-        return Grid(self.bits, self.group_size, self.sym, self.mse)
+from pipeline.core.errors import PipelineError
+from pipeline.core.grid import Quantizer, QuantResult, group_width, stack
+from pipeline.methods import QuantSpec
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, list[float]]:
@@ -161,3 +109,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor | HessianInverse, spec: QuantSpec) -> 
     scales, zeros = stack(static or fitted)
     return QuantResult(Qt[invperm].t().contiguous(), scales, zeros, g_idx.to(torch.int32),
                        float(Losses.sum()), inv.damp, inv.retries)
+
+
+def prepare(H: torch.Tensor, spec: QuantSpec) -> HessianInverse:
+    """Once per group of linears sharing an input: its order and damped chol(H⁻¹)."""
+    return hessian_inverse(H, spec)
+
+
+def quantize(W: torch.Tensor, prepared: HessianInverse, spec: QuantSpec) -> QuantResult:
+    return gptq(W, prepared, spec)
