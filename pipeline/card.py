@@ -19,9 +19,9 @@ from pipeline.core.bounded import read_json
 from pipeline.core.chat import chat_format
 from pipeline.core.errors import InputError
 from pipeline.core.llama import LlamaArgs
-from pipeline.methods import METHODS
+from pipeline.methods import METHODS, QUANT_LOG
 from pipeline.recipe import Recipe, Variant
-from verify.report import NONE, check_metrics, perplexity_cells, perplexity_rows
+from verify.report import NONE, Report, perplexity_cells, perplexity_rows
 from verify.runtimes import RAGGED_REFUSED_BY, RUNTIME_WINDOWS, RUNTIMES
 from verify.thresholds import PPL_MATCH
 
@@ -54,7 +54,7 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
     """The card row of a GPTQ artifact; InputError when its quantize_config disagrees with the
     recipe's variant (the directory would be published under the wrong branch)."""
     qc = read_json(path / "quantize_config.json")
-    log = read_json(path / "quant_log.json")
+    log = read_json(path / QUANT_LOG)
     expected = {"bits": variant.bits, "group_size": variant.group_size, "desc_act": variant.act_order,
                 "sym": variant.sym}
     for key, want in expected.items():
@@ -65,7 +65,7 @@ def read_branch(recipe: Recipe, variant: Variant, path: Path, size: int) -> Bran
     try:
         seqlen = int(log["calibration"]["seqlen"]) if calibrated else None
     except (KeyError, TypeError, ValueError):
-        raise InputError(f"{path / 'quant_log.json'}: no calibration.seqlen") from None
+        raise InputError(f"{path / QUANT_LOG}: no calibration.seqlen") from None
     return Branch(name=variant.branch, artifact=path.name, bits=qc["bits"], group_size=qc["group_size"],
                   desc_act=qc["desc_act"], damp_percent=float(qc.get("damp_percent", variant.damp)),
                   dataset=variant.calibration if calibrated else "", seqlen=seqlen, size=size, description=variant.description,
@@ -89,11 +89,11 @@ class ModelFacts:
                    detected.get("tie_word_embeddings") is True)
 
 
-def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: str, hub_url: str,
+def gptq_card(recipe: Recipe, branches: list[Branch], report: Report, model_type: str, hub_url: str,
               facts: ModelFacts = ModelFacts()) -> str:
     """README.md of the GPTQ repository: one table row and one perplexity per branch; `facts`:
     what the conversion recorded (the fill-in-the-middle prompt, tied embeddings)."""
-    pub, ppl = recipe.publish, report["perplexity"]
+    pub, ppl = recipe.publish, report.perplexity
     rows = [[f"[{b.name}]({repo_url(hub_url, pub.gptq_repo)}/tree/{b.name})", str(b.bits),
              "None" if b.group_size == -1 else str(b.group_size), "Yes" if b.desc_act else "No",
              f"{b.damp_percent:g}",
@@ -117,13 +117,12 @@ def gptq_card(recipe: Recipe, branches: list[Branch], report: dict, model_type: 
                   compatibility=compatibility(report, branches), example_branch=example, local_dir=pub.gptq_repo.split("/")[1])
 
 
-def fp16_card(recipe: Recipe, files: dict[str, int], report: dict, model_type: str, hub_url: str,
+def fp16_card(recipe: Recipe, files: dict[str, int], report: Report, model_type: str, hub_url: str,
               facts: ModelFacts = ModelFacts()) -> str:
     """README.md of the fp16 repository; `files` maps each file to its measured size, `facts` as
     for gptq_card."""
-    pub, ppl = recipe.publish, report["perplexity"]
-    parity = next((c["metrics"] for c in report["checks"]
-                   if c["check"] == "conversion_parity" and c.get("artifact") == "fp16"), None)
+    pub, ppl = recipe.publish, report.perplexity
+    parity = report.metrics("conversion_parity").get("fp16")
     parity_text = (part("parity", creator=recipe.model.creator, max_rel_err=f"{parity['max_rel_err']:.3g}",
                         top1_agreement=f"{parity['top1_agreement']:.4f}")
                    if parity else part("parity_missing"))
@@ -154,12 +153,12 @@ def kv_cache(config: dict) -> tuple[int, int]:
     return a.max_seq_len, 2 * a.n_layers * a.kv_dim * 2
 
 
-def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, hub_url: str) -> str:
+def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict, hub_url: str) -> str:
     """README.md of the GGUF repository: one row per file with its measured size and the RAM it
     needs at the full context (`config`: the fp16 config.json), and what llama.cpp measured."""
     from shlex import quote
 
-    pub, ppl, m = recipe.publish, report["perplexity"], recipe.model
+    pub, ppl, m = recipe.publish, report.perplexity, recipe.model
     context, per_token = kv_cache(config)
     url = repo_url(hub_url, pub.gguf_repo)
     files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type, str(r.bits), human_size(r.size),
@@ -167,12 +166,12 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, h
     measured = [("fp16", f"fp16 ({fp16_link(recipe, hub_url)})"),
                 *((r.name, f"`{r.name}`") for r in rows)]
     ppl_rows = perplexity_table(report, measured)
-    parity = check_metrics(report, "gguf_parity")
+    parity = report.metrics("gguf_parity")
     parity = next(iter(parity.values()), None)
     example = next((r.name for r in rows if r.type == "Q4_K_M"), rows[0].name)
     fmt = chat_format(m.chat_format)
     chat = fmt.template is not None
-    runtime = next((a.get("runtime") for a in report["artifacts"].values() if a.get("kind") == "gguf"),
+    runtime = next((a.get("runtime") for a in report.artifacts.values() if a.get("kind") == "gguf"),
                    None) or "llama-cpp-python"
     meta = metadata(recipe, "llama", pub.gguf_repo, [(r.type, ppl[r.name]) for r in rows if r.name in ppl])
     return render("gguf", recipe, report, hub_url, metadata=meta, file_rows=table(files),
@@ -187,12 +186,12 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: dict, config: dict, h
                   prompt_shell=quote(m.prompt_template.replace("{prompt}", EXAMPLE_PROMPT)))
 
 
-def compatibility(report: dict, branches: list[Branch]) -> str:
+def compatibility(report: Report, branches: list[Branch]) -> str:
     """The compatibility section as measured: each branch in each runtime verify loaded it in
     (verify.json `runtimes`), at which perplexity and ratio to ours; the runtimes not checked,
     with the reason; and for branches with partial last groups, which runtimes refuse them."""
     rows, unchecked = [], {}
-    for rt, results in (report.get("runtimes") or {}).items():
+    for rt, results in report.runtimes.items():
         label = RUNTIMES[rt].label if rt in RUNTIMES else rt
         for b in (b for b in branches if b.artifact in results):
             r = results[b.artifact]
@@ -206,7 +205,7 @@ def compatibility(report: dict, branches: list[Branch]) -> str:
             else:
                 rows.append([name, branch, "yes", f"{r['ppl']:.4f}", f"{r['ratio'] * 100:+.3f}%",
                              "—" if r["top1"] is None else f"{r['top1']:.1%}"])
-    windows = min(RUNTIME_WINDOWS, report["eval"]["windows"])
+    windows = min(RUNTIME_WINDOWS, report.eval["windows"])
     text = part("runtimes", windows=str(windows), match=f"{PPL_MATCH:.1%}", rows=table(rows)) \
         if rows else part("no_runtimes")
     if unchecked:
@@ -218,7 +217,7 @@ def compatibility(report: dict, branches: list[Branch]) -> str:
     return text
 
 
-def perplexity_table(report: dict, measured: list[tuple[str, str]],
+def perplexity_table(report: Report, measured: list[tuple[str, str]],
                      rtn: dict[str, str] | None = None) -> list[list[str]]:
     """The card's perplexity rows, built from verify/report.py's rows and cells: each measured
     (artifact, label) with its perplexity, change against fp16, KL mean / p99 and top-1, then
@@ -235,10 +234,10 @@ def perplexity_table(report: dict, measured: list[tuple[str, str]],
     return out
 
 
-def generation(report: dict, shown: list[tuple[str, str]], note: str) -> str:
+def generation(report: Report, shown: list[tuple[str, str]], note: str) -> str:
     """The generation-samples section: for each prompt the greedy continuation of every artifact
     in `shown` ((report name, label)), as the report's generation checks recorded them."""
-    gen = {c["artifact"]: c["samples"] for c in report["checks"] if c["check"] == "generation"}
+    gen = {c.artifact: c.samples for c in report.checks if c.check == "generation"}
     shown = [(name, label) for name, label in shown if name in gen]
     if not shown:
         return ""
@@ -311,9 +310,9 @@ def metadata(recipe: Recipe, model_type: str, repo: str, ppl: list[tuple[str, fl
     return to_yaml({k: v for k, v in meta.items() if v not in ("", None, [])})
 
 
-def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str) -> str:
+def render(name: str, recipe: Recipe, report: Report, hub_url: str, **fields: str) -> str:
     """Fill template `name` with the fields both cards share plus `fields`."""
-    m, pub, ev = recipe.model, recipe.publish, report["eval"]
+    m, pub, ev = recipe.model, recipe.publish, report.eval
     original = (f"[{m.base_model}]({repo_url(hub_url, m.base_model)})" if m.base_model
                 else f"{m.name} (original checkpoint)")
     original_card = ""
@@ -329,7 +328,7 @@ def render(name: str, recipe: Recipe, report: dict, hub_url: str, **fields: str)
         "gptq_repo": pub.gptq_repo, "gptq_url": repo_url(hub_url, pub.gptq_repo),
         "eval_name": dataset_label(recipe, recipe.verify.eval, hub_url), "eval_windows": str(ev["windows"]),
         "eval_seqlen": str(ev["seqlen"]), "eval_tokens": str(ev["tokens"]),
-        "eval_dtype": str(report["dtype"]), "eval_device": str(report["device"]),
+        "eval_dtype": str(report.dtype), "eval_device": str(report.device),
         "original_card": original_card,
     }
     text = Template((TEMPLATES / f"{name}.md").read_text()).substitute(common | fields)

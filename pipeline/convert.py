@@ -18,7 +18,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
+from pipeline.core.bounded import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.core.chat import FORMATS
+from pipeline.core.dtypes import DEFAULT_DTYPE, STORAGE_DTYPES
 from pipeline.core.errors import InputError, os_failure
 from pipeline.core.llama import LAYER_NORMS, LlamaArgs
 from pipeline.core.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS, PARAMS,
@@ -27,12 +29,10 @@ from pipeline.core.meta import (CHECKLIST, FAMILIES, HF_LAYER_NAMES, NOT_WEIGHTS
                                 shard_dim, split_name, verify_checksums)
 from pipeline.core.output import check_target, staged_dir
 from pipeline.core.paths import PATH
-from pipeline.core.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec,
-                                              parse_size)
+from pipeline.core.safetensors_stream import ShardedWriter, TensorSpec
 from pipeline.core.tokenizer import convert_tokenizer, load_source
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_DTYPE = "float16"
+DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 MANIFEST = "conversion.json"
 EMBEDDING_SPLIT = {0: "VocabParallelEmbedding (vocab split, dim 0)",
                    1: "ParallelEmbedding (width split, dim 1)"}

@@ -35,7 +35,7 @@ from pipeline import __version__
 from pipeline.core.bounded import read_bytes, read_json
 from pipeline.core.checkpoint import HFCheckpoint
 from pipeline.core.errors import InputError, PipelineError, os_failure
-from pipeline.core.gguf_types import TYPES, GGUFType, file_name
+from pipeline.core.gguf_types import TYPES, GGUFType
 from pipeline.core.llama import ROTARY_HEADS, LlamaArgs, inv_freq
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
@@ -312,7 +312,25 @@ def write_f16(ckpt: HFCheckpoint, path: Path, name: str) -> dict[str, Any]:
                 bar.update(t.nbytes)
     finally:
         writer.close()
+    return described(vocab, plan)
+
+
+def described(vocab: Vocab, plan: list[Planned]) -> dict[str, Any]:
+    """What a GGUF file of the model holds, for the summary: tensors and tokenizer."""
     return {"tensors": len(plan), "tokenizer": vocab.model, "infill": vocab.infill}
+
+
+def check_f16(f16: Path, fp16: Path) -> None:
+    """`f16` is an F16 GGUF file (the F16 task's output, or --f16): what quantised types are
+    made from."""
+    from verify.llamacpp import file_type
+
+    if not f16.is_file():
+        raise InputError(f"{f16}: F16 GGUF file missing (make it first: --type F16)")
+    ftype = file_type(f16)
+    if ftype != int(TYPES["F16"].ftype):
+        raise InputError(f"{f16}: not an F16 GGUF file (general.file_type {ftype}); quantised "
+                         f"types are made from the F16 file of {fp16}")
 
 
 def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
@@ -341,9 +359,11 @@ def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
 
 
 def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | None = None,
-               force: bool = False, threads: int | None = None) -> dict[str, Any]:
-    """Convert the fp16 directory `fp16` to the GGUF file `out` of type `type_name` (quantised
-    types by llama.cpp from an F16 file made first, beside the output); returns the summary."""
+               force: bool = False, threads: int | None = None,
+               f16: Path | None = None) -> dict[str, Any]:
+    """Convert the fp16 directory `fp16` to the GGUF file `out` of type `type_name`; quantised
+    types by llama.cpp from `f16`, the model's F16 GGUF file, or from one made first beside the
+    output. Returns the summary."""
     t0 = time.perf_counter()
     fp16, out = Path(fp16), Path(out)
     t = check_type(type_name)
@@ -352,10 +372,16 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
         raise InputError(f"{fp16}: a quantised (GPTQ) model; convert the fp16 model instead")
     name = name or fp16.name
     threads = None if t.name == "F16" else threads or os.cpu_count() or 1  # F16: no quantiser
-    with staged_file(out, force, magic=MAGIC, inputs=[fp16]) as tmp:
+    f16 = None if t.name == "F16" or f16 is None else Path(f16)
+    if f16 is not None:
+        check_f16(f16, fp16)
+    with staged_file(out, force, magic=MAGIC, inputs=[fp16, *([f16] if f16 else [])]) as tmp:
         try:
             if t.name == "F16":
                 info = write_f16(ckpt, tmp, name)
+            elif f16 is not None:
+                info = described(read_vocab(ckpt.path, ckpt.args.vocab_size), plan_tensors(ckpt))
+                quantize_file(f16, tmp, t, threads)
             else:
                 fd, f16 = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f16", dir=out.parent)
                 os.close(fd)
@@ -384,13 +410,17 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
 @click.option("--name", default=None, help="general.name [default: the fp16 directory's name].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Quantiser threads [default: all cores].")
+@click.option("--f16", type=PATH, default=None,
+              help="Quantise this F16 GGUF file of FP16 (written before with --type F16) instead "
+                   "of writing one first.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a GGUF file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def command(fp16: Path, out: Path, type_name: str, name: str | None, threads: int | None,
-            force: bool, as_json: bool) -> None:
+            f16: Path | None, force: bool, as_json: bool) -> None:
     """Convert the fp16 directory FP16 (the convert stage's output) to one GGUF file OUT for
     llama.cpp, streamed tensor by tensor."""
-    s = write_gguf(fp16, out, type_name=type_name, name=name, force=force, threads=threads)
+    s = write_gguf(fp16, out, type_name=type_name, name=name, force=force, threads=threads,
+                   f16=f16)
     if as_json:
         click.echo(json.dumps(s))
     click.echo(f"wrote {out}: GGUF {s['type']}, {s['tensors']} tensors, "

@@ -38,7 +38,7 @@ from pipeline.methods import METHODS
 from pipeline.recipe import Recipe, Source, TaskResources
 from pipeline.workdir import WorkDir
 from verify.report import SCHEMA as REPORT_SCHEMA
-from verify.report import failed_checks, perplexity_rows, read_report
+from verify.report import Report, perplexity_rows, read_report
 
 JOB_NAME, LOG_NAME, LOCKS = "job.json", "job.log", ".locks"
 # A task's CPUs and torch threads when [resources] names none for its stage: $PIPELINE_TASK_CPUS,
@@ -383,9 +383,20 @@ def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
                     resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size)
 
 
+def from_f16(job: Job, type_name: str) -> bool:
+    """Whether a GGUF file is quantised from the F16 task's file: a quantised type, when the
+    recipe also makes F16 (else its task writes an F16 file of its own, beside the output)."""
+    return type_name != "F16" and any(g.type == "F16" for g in job.recipe.gguf)
+
+
+def gguf_needs(job: Job, type_name: str) -> list[str]:
+    return [*fp16_tasks(job), *(["gguf/F16"] if from_f16(job, type_name) else [])]
+
+
 def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str, Any]:
     return {"fp16": fp16_input(job, upstream), "type": type_name, "name": job.recipe.model.name,
-            "tool": __version__}
+            "tool": __version__,
+            **({"f16": upstream["gguf/F16"]} if from_f16(job, type_name) else {})}
 
 
 def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
@@ -396,7 +407,8 @@ def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
     from pipeline.gguf import write_gguf
 
     return write_gguf(job.dirs.fp16, job.dirs.gguf(type_name), type_name=type_name,
-                      name=job.recipe.model.name, force=True, threads=torch.get_num_threads())
+                      name=job.recipe.model.name, force=True, threads=torch.get_num_threads(),
+                      f16=job.dirs.gguf("F16") if from_f16(job, type_name) else None)
 
 
 def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
@@ -428,9 +440,9 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
                    ggufs=[d.gguf(g.type) for g in r.gguf],
                    gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
                    runtimes=vo.runtimes)
-    if not report["passed"]:
+    if not report.passed:
         raise CheckFailed(f"{d.table}: verify failed: "
-                          f"{', '.join(failed_checks(report))}; nothing is published")
+                          f"{', '.join(report.failed())}; nothing is published")
     return {"passed": True}
 
 
@@ -451,15 +463,18 @@ def run_publish(job: Job, item: str, resume: bool, token: str | None = None) -> 
 
 @dataclass(frozen=True)
 class Stage:
-    """One entry of the job's table: how the stage fans out into tasks, each task's output, its
-    inputs (fingerprints) and the function that makes it."""
+    """One entry of the job's table: the stages whose outputs it reads (`after`), how it fans out
+    into tasks, each task's output, its inputs (fingerprints) and the function that makes it. A
+    task needs every task of the `after` stages, or the task keys `needs` gives; the job derives
+    the order and the levels from that graph (task_levels)."""
 
     name: str
-    level: int  # levels run in order; the tasks of one level are independent of each other
+    after: tuple[str, ...]
     items: Callable[[Job], Sequence[str]]  # one task per item; ("",): the stage runs once
     output: Callable[[Job, str], Path]
     inputs: Callable[[Job, str, dict[str, Any]], dict[str, Any]]
     run: Callable[..., dict[str, Any]]
+    needs: Callable[[Job, str], Sequence[str]] | None = None
     always: bool = False  # no reuse: runs every time (publish uploads only what changed)
     on_driver: bool = False  # never sent to a worker: runs where the job runs, with the Hub token
     gpu: bool = False  # computes on --device: a cluster task asks for a GPU by default on CUDA
@@ -473,19 +488,44 @@ def once(job: Job) -> Sequence[str]:
     return ("",)
 
 
+def fp16_tasks(job: Job) -> list[str]:
+    """The task making the fp16 model: the conversion, none for an HF source."""
+    return [] if job.recipe.source.is_hf else ["convert"]
+
+
 STAGES = (
-    Stage("convert", 0, lambda job: () if job.recipe.source.is_hf else ("",),
+    Stage("convert", (), lambda job: () if job.recipe.source.is_hf else ("",),
           lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
-    Stage("quantize", 1, lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
+    Stage("quantize", ("convert",), lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
           quantize_inputs, run_quantize, gpu=True),
-    Stage("gguf", 1, lambda job: [g.type for g in job.recipe.gguf],
-          lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf),
-    Stage("verify", 2, once, lambda job, _: job.dirs.verify, verify_inputs, run_verify, gpu=True),
-    Stage("publish", 3, once, lambda job, _: job.dirs.plan, publish_inputs, run_publish,
+    Stage("gguf", ("convert",), lambda job: [g.type for g in job.recipe.gguf],
+          lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf, needs=gguf_needs),
+    Stage("verify", ("convert", "quantize", "gguf"), once, lambda job, _: job.dirs.verify,
+          verify_inputs, run_verify, gpu=True),
+    Stage("publish", ("verify",), once, lambda job, _: job.dirs.plan, publish_inputs, run_publish,
           always=True, on_driver=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def task_levels(job: Job) -> list[list[tuple[Stage, str]]]:
+    """The job's tasks (its stages up to the last) grouped by level: a task's level is one more
+    than the highest of the tasks it needs, so the tasks of a level are independent of each
+    other and every level needs only those before it. Within a level, table order."""
+    tasks = [(s, i) for s in STAGES if job.wants(s.name) for i in s.items(job)]
+    needs = {s.key(i): s.needs(job, i) if s.needs else
+             [t.key(j) for name in s.after for t in [BY_NAME[name]] for j in t.items(job)]
+             for s, i in tasks}
+    level: dict[str, int] = {}
+
+    def of(key: str) -> int:
+        if key not in level:
+            level[key] = 1 + max((of(k) for k in needs[key] if k in needs), default=-1)
+        return level[key]
+
+    depth = 1 + max(map(of, needs), default=-1)
+    return [[(s, i) for s, i in tasks if level[s.key(i)] == n] for n in range(depth)]
 
 
 def task_stage(key: str) -> tuple[Stage, str]:
@@ -632,7 +672,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)
     outputs: dict[str, str | None] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    report: dict[str, Any] | None = None
+    report: Report | None = None
 
     def add(self, res: TaskResult) -> None:
         if res.row is not None:
@@ -665,13 +705,12 @@ def run_levels(run: Run, executor: Executor, token: str | None) -> None:
     level: that is the dependency graph); raises the first failure."""
     src = run.job.check_inputs()
     job = run.job = dataclasses.replace(run.job, source=src, recipe=pinned(run.job.recipe, src))
-    for level in sorted({s.level for s in STAGES}):
-        stages = [s for s in STAGES if s.level == level and job.wants(s.name)]
-        tasks = [s.key(i) for s in stages if not s.on_driver for i in s.items(job)]
+    for level in task_levels(job):
+        tasks = [s.key(i) for s, i in level if not s.on_driver]
         results = executor.run(job, tasks, dict(run.outputs)) if tasks else []
         if not any(r.error for r in results):
             results += [execute(job, s, i, dict(run.outputs), token)
-                        for s in stages if s.on_driver for i in s.items(job)]
+                        for s, i in level if s.on_driver]
         for r in results:
             run.add(r)
         failed = next((r for r in results if r.error), None)
@@ -690,8 +729,7 @@ def plan(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",
         recipe.variant(b)
     job = Job(recipe, WorkDir.of(recipe, workdir).path, stage, tuple(branches))
     return [{"task": s.key(i), "output": str(s.output(job, i))}
-            for level in sorted({s.level for s in STAGES})
-            for s in STAGES if s.level == level and job.wants(s.name) for i in s.items(job)]
+            for level in task_levels(job) for s, i in level]
 
 
 def run_job(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",

@@ -42,7 +42,7 @@ from pipeline.core.paths import PATH
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
-from verify.report import check_inputs, check_integrity, check_verdict, failed_checks, read_report
+from verify.report import Report, check_inputs, check_integrity, check_verdict, read_report
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -92,9 +92,9 @@ def publish(recipe: Recipe, *, fp16: Path, variants: dict[str, Path], report: Pa
         check_plan_dir(Path(plan_dir))
     report = Path(report)
     rep = read_report(report)
-    if rep["passed"] is not True:
+    if rep.passed is not True:
         raise CheckFailed(f"{report}: verify did not pass; nothing is published "
-                          f"(failed: {', '.join(failed_checks(rep)) or 'see verify.txt'})")
+                          f"(failed: {', '.join(rep.failed()) or 'see verify.txt'})")
     ggufs = {t: Path(p) for t, p in (ggufs or {}).items()}
     from_meta = not recipe.source.is_hf  # an HF source is published as it is: no parity to prove
     check_verdict(rep, ["fp16", *(Path(p).name for p in variants.values()),
@@ -153,26 +153,26 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def verified_files(report: dict, name: str, path: Path, kind: str) -> dict[str, str]:
+def verified_files(report: Report, name: str, path: Path, kind: str) -> dict[str, str]:
     """relative path -> sha256 of an artifact the report covers, at this path, unchanged since
     (whether its checks prove it is check_verdict's question)."""
     if not (path.is_file() if kind == "gguf" else path.is_dir()):
         raise InputError(f"{path}: artifact missing (run the job up to verify first)")
-    entry = report["artifacts"].get(name)
+    entry = report.artifacts.get(name)
     if entry is None:
         raise CheckFailed(f"{path}: artifact {name!r} is not in the verify report; verify it first "
-                          f"(verified: {', '.join(report['artifacts'])})")
+                          f"(verified: {', '.join(report.artifacts)})")
     if entry.get("kind") != kind or Path(entry["path"]).resolve() != path.resolve():
         raise CheckFailed(f"{path}: the verify report's {name!r} is the {entry.get('kind')} artifact "
                           f"{entry['path']}; verify this directory first")
-    if name not in report["perplexity"]:
+    if name not in report.perplexity:
         raise CheckFailed(f"{path}: the verify report measured no perplexity for {name!r}; verify it first")
     click.echo(f"checking {len(entry['files'])} files of {path} against the verify report", err=True)
     check_integrity(report, name)
     return entry["files"]
 
 
-def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path],
+def make_plan(recipe: Recipe, report: Report, fp16: Path, variants: dict[str, Path],
               hub_url: str) -> list[BranchPlan]:
     """The branches to publish, fp16 first (a Meta source's conversion), then GPTQ `main`, then
     the other variants."""
@@ -201,7 +201,7 @@ def make_plan(recipe: Recipe, report: dict, fp16: Path, variants: dict[str, Path
     return plans
 
 
-def gguf_plan(recipe: Recipe, report: dict, fp16: Path, ggufs: dict[str, Path],
+def gguf_plan(recipe: Recipe, report: Report, fp16: Path, ggufs: dict[str, Path],
               hub_url: str) -> BranchPlan:
     """`main` of the GGUF repository: one verified file per [[gguf]] type (the file's own type,
     and the one verify recorded), and the card."""
@@ -216,7 +216,7 @@ def gguf_plan(recipe: Recipe, report: dict, fp16: Path, ggufs: dict[str, Path],
     for g in recipe.gguf:
         path = ggufs[g.type]
         hashes = verified_files(report, path.name, path, "gguf")
-        recorded = report["artifacts"][path.name].get("type")
+        recorded = report.artifacts[path.name].get("type")
         actual = TYPE_OF_FTYPE.get(file_type(path))
         if recorded != g.type or actual != g.type:  # the checks required depend on the type
             raise CheckFailed(f"{path}: its GGUF type is {actual} (the verify report says "

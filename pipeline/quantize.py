@@ -25,27 +25,25 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.core.bounded import loads_json, read_json
+from pipeline.core.bounded import DEFAULT_SHARD_SIZE, loads_json, parse_size, read_json
 from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from pipeline.core.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import (BITS, PACK_RUN, SUFFIXES, dequantize, n_groups, pack,
-                                       packable, packed_shapes, ragged, write_configs)
+from pipeline.core.gptq_format import dequantize, pack, packable, packed_shapes, write_configs
+from pipeline.core.gptq_layout import BITS, PACK_RUN, SUFFIXES, n_groups, ragged
 from pipeline.core.grid import QuantResult
 from pipeline.core.llama import (LAYER_NORMS, LINEAR_GROUPS, LINEARS, DecoderLayer, LlamaArgs,
                                  compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
 from pipeline.core.output import check_target, staged_dir
 from pipeline.core.paths import PATH
-from pipeline.core.safetensors_stream import (DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec,
-                                              header_bytes, parse_size, read_header)
+from pipeline.core.safetensors_stream import ShardedWriter, TensorSpec, header_bytes, read_header
 from pipeline.core.tokenizer import load_tokenizer
-from pipeline.methods import METHODS, QuantSpec
+from pipeline.methods import METHODS, QUANT_LOG, QuantSpec
 from verify.runtimes import RAGGED_REFUSED_BY
 
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 LAYERS_DIR, RUN_FILE = "layers", "run.json"  # resume state inside the partial directory
-LOG_NAME = "quant_log.json"  # the stage's manifest: an output holding it is ours to replace
 DEFAULT = QuantSpec(bits=4)  # the CLI's defaults: QuantSpec's, at 4 bits
 
 
@@ -337,7 +335,7 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
     except ValueError as e:
         raise InputError(f"--max-shard-size: {e}") from e
     inputs = [model, *calibration_files(spec, calibration)]
-    check_target(out, force, manifest=LOG_NAME, inputs=inputs)
+    check_target(out, force, manifest=QUANT_LOG, inputs=inputs)
     ck = HFCheckpoint(model)
     partial_groups = check_model(ck, spec)
     if partial_groups:
@@ -358,7 +356,7 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
                        file=sys.stderr)
         return why is None
 
-    with staged_dir(out, force, True, manifest=LOG_NAME, inputs=inputs, reuse=reuse) as tmp:
+    with staged_dir(out, force, True, manifest=QUANT_LOG, inputs=inputs, reuse=reuse) as tmp:
         (tmp / LAYERS_DIR).mkdir(exist_ok=True)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         modules, done, store = quantize_layers(ck, spec, tokens, tmp / LAYERS_DIR, dev)
@@ -375,14 +373,14 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
                                   "refused_by": list(RAGGED_REFUSED_BY) if partial_groups else []},
                "device": dev.type, "threads": run["threads"], "activations": store,
                "tool_version": __version__}
-        (tmp / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+        (tmp / QUANT_LOG).write_text(json.dumps(log, indent=2) + "\n")
         shutil.rmtree(tmp / LAYERS_DIR)
         (tmp / RUN_FILE).unlink()
     n = ck.args.n_layers
     return {"out": str(out), "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
             "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
             "seconds": round(seconds, 3), "seconds_per_layer": round(seconds / n, 3),
-            "files": sorted(files + ["config.json", "quantize_config.json", LOG_NAME]),
+            "files": sorted(files + ["config.json", "quantize_config.json", QUANT_LOG]),
             "calibration": cal_info}
 
 

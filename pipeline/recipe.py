@@ -30,19 +30,18 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import click
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from pipeline.convert import DEFAULT_DTYPE, DTYPES
+from pipeline.core.dtypes import DEFAULT_DTYPE, STORAGE_DTYPES
 from pipeline.core import chat
-from pipeline.core.bounded import (checked_path, existing_dir, path_problem, read_bytes, read_toml,
-                                   shown)
+from pipeline.core.bounded import (DEFAULT_SHARD_SIZE, checked_path, existing_dir, parse_size,
+                                   path_problem, read_bytes, read_toml, shown)
 from pipeline.core.calibration import (MIN_NSAMPLES, MIN_SEQLEN, NSAMPLES, SEED, SEQLEN, glob_paths,
                                        glob_root)
 from pipeline.core.errors import InputError
 from pipeline.core.gguf_types import TYPES
-from pipeline.core.gptq_format import BITS
+from pipeline.core.gptq_layout import BITS
 from pipeline.core.paths import PATH
-from pipeline.core.safetensors_stream import DEFAULT_SHARD_SIZE, parse_size
 from pipeline.methods import QuantSpec, SpecError
-from verify import metrics, thresholds
+from verify import thresholds
 from verify.runtimes import RUNTIMES
 
 # a branch (git's ref rules, narrowed to what the Hub and file names take) and a model name (a
@@ -607,9 +606,9 @@ def check_source(r: Recipe) -> None:
 
 def check_convert(r: Recipe) -> None:
     c = r.convert
-    if c.dtype not in DTYPES:
+    if c.dtype not in STORAGE_DTYPES:
         raise InputError(f"{r.path}: [convert] dtype = {c.dtype!r}: must be one of "
-                         f"{', '.join(DTYPES)}")
+                         f"{', '.join(STORAGE_DTYPES)}")
     try:
         parse_size(c.max_shard_size)
     except ValueError as e:  # the CLI's rule (--max-shard-size), worded with the recipe's key
@@ -658,9 +657,9 @@ def check_verify(r: Recipe) -> None:
     if unknown:
         raise InputError(f"{r.path}: [verify] runtimes: {', '.join(map(repr, unknown))} unknown "
                          f"(known: {', '.join(RUNTIMES)})")
-    if v.seqlen < metrics.MIN_SEQLEN:
+    if v.seqlen < MIN_SEQLEN:
         raise InputError(f"{r.path}: [verify] seqlen = {v.seqlen}: must be at least "
-                         f"{metrics.MIN_SEQLEN}")
+                         f"{MIN_SEQLEN}")
     if v.max_windows is not None and v.max_windows < 1:
         raise InputError(f"{r.path}: [verify] max_windows = {v.max_windows}: must be at least 1")
     for kind, table in v.thresholds().items():

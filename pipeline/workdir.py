@@ -50,7 +50,9 @@ class WorkDir:
         return self.path / "gptq" / plain(branch)
 
     def gguf(self, type_name: str) -> Path:
-        from pipeline.core.gguf_types import file_name  # the gguf library is slow to import
+        from pipeline.core.gguf_types import (
+            file_name,  # the gguf library is slow to import
+        )
 
         return self.path / "gguf" / plain(file_name(self.model, type_name))
 

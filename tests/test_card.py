@@ -14,6 +14,7 @@ from markdown_it import MarkdownIt
 from pipeline import card
 from pipeline.core.errors import InputError
 from pipeline.recipe import load_recipe
+from verify.report import Report
 
 GOLDEN = Path(__file__).parent / "golden"
 RECIPE = """
@@ -77,6 +78,12 @@ language:
 
 Code Llama is a collection of pretrained and fine-tuned generative text models.
 """
+
+def typed(report: dict) -> Report:
+    """A report object from its verify.json form, as publish reads it."""
+    return Report.from_dict(report, "REPORT")
+
+
 REPORT = {
     "schema": 3, "tool_version": "0.1.0", "passed": True, "device": "cuda", "dtype": "float16",
     "eval": {"source": "hf", "files": [], "sha256": "ab" * 32, "seqlen": 2048, "windows": 64, "tokens": 131072},
@@ -107,11 +114,11 @@ REPORT = {
 
 def runtime_result(version: str | None, ppl: float | None = None, ours: float = 6.3, top1: float = 0.95,
                    reason: str | None = None, error: str | None = None, expected: bool = False) -> dict:
-    """One verify.json `runtimes` entry (verify/stage.py runtime_checks) for the card."""
+    """One verify.json `runtimes` entry (verify/stage.py judge_runtimes) for the card."""
     return {"version": version, "checked": reason is None, "reason": reason, "loaded": reason is None,
             "error": error, "kernels": ["TorchLinear"], "ppl": ppl, "ppl_ours": ours,
             "ratio": None if ppl is None else ppl / ours - 1, "top1": None if ppl is None else top1,
-            "expected_refusal": expected}
+            "kl_mean": None if ppl is None else 0.01, "expected_refusal": expected}
 
 
 NAMES = ["main", "gptq-4bit-32g-actorder_True", "gptq-8bit--1g-actorder_True"]
@@ -158,7 +165,7 @@ def front_matter(text: str) -> dict:
 
 
 def test_gptq_card_matches_golden(recipe, branches):
-    text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
+    text = card.gptq_card(recipe, branches, typed(REPORT), "llama", "https://huggingface.co")
     assert text == (GOLDEN / "gptq_README.md").read_text()
 
 
@@ -172,7 +179,7 @@ def test_card_compatibility_is_what_verify_measured(recipe, branches):
     from verify.runtimes import RAGGED_REFUSED_BY
 
     bare = {k: v for k, v in REPORT.items() if k != "runtimes"}
-    section = compatibility_section(card.gptq_card(recipe, branches, bare, "llama", "https://huggingface.co"))
+    section = compatibility_section(card.gptq_card(recipe, branches, typed(bare), "llama", "https://huggingface.co"))
     assert "No runtime was checked" in section
     assert not any(n in section for n in ("GPTQModel", "vLLM", "ExLlama", "Transformers", "TGI"))
 
@@ -181,7 +188,7 @@ def test_card_compatibility_is_what_verify_measured(recipe, branches):
     refusal = "RuntimeError: _weight_int4pack_mm_cpu: expect K to be divisible by qGroupSize"
     report = {**REPORT, "runtimes": {**REPORT["runtimes"], "transformers": {
         "main": {**runtime_result("5.24.0"), "error": "scoring: " + refusal, "expected_refusal": True}}}}
-    section = compatibility_section(card.gptq_card(recipe, ragged, report, "llama", "https://huggingface.co"))
+    section = compatibility_section(card.gptq_card(recipe, ragged, typed(report), "llama", "https://huggingface.co"))
     assert "In `main`, some layers have an input width that is not a multiple of the group size" in section
     assert ", ".join(RAGGED_REFUSED_BY) in section
     assert f"| Transformers 5.24.0 | `main` | refused, as expected: `scoring: {refusal}` | — | — | — |" in section
@@ -199,17 +206,17 @@ def test_a_runtime_is_named_on_cards_by_its_runtimes_entry(recipe, branches, mon
     new = runtimes.Runtime("Text Generation Inference", ("text_generation",), True, None)
     monkeypatch.setitem(runtimes.RUNTIMES, "tgi", new)
     report = {**REPORT, "runtimes": {"tgi": {"main": runtime_result("3.0.0", 6.3002, 6.3001)}}}
-    section = compatibility_section(card.gptq_card(recipe, branches, report, "llama", "https://huggingface.co"))
+    section = compatibility_section(card.gptq_card(recipe, branches, typed(report), "llama", "https://huggingface.co"))
     assert "| Text Generation Inference 3.0.0 | `main` | yes | 6.3002 |" in section
 
 
 def test_fp16_card_matches_golden(recipe):
-    text = card.fp16_card(recipe, FP16_FILES, REPORT, "llama", "https://huggingface.co")
+    text = card.fp16_card(recipe, FP16_FILES, typed(REPORT), "llama", "https://huggingface.co")
     assert text == (GOLDEN / "fp16_README.md").read_text()
 
 
 def test_gptq_metadata_read_back_by_yaml(recipe, branches):
-    meta = front_matter(card.gptq_card(recipe, branches, REPORT, "llama", "https://hub.example"))
+    meta = front_matter(card.gptq_card(recipe, branches, typed(REPORT), "llama", "https://hub.example"))
     assert {k: meta[k] for k in ("license", "base_model", "base_model_relation", "model_name", "model_creator",
                                   "model_type", "pipeline_tag", "library_name", "inference", "quantized_by",
                                   "prompt_template")} == {
@@ -229,13 +236,13 @@ def test_gptq_metadata_read_back_by_yaml(recipe, branches):
 
 
 def test_fp16_metadata_has_no_quantisation_fields(recipe):
-    meta = front_matter(card.fp16_card(recipe, FP16_FILES, REPORT, "llama", "https://huggingface.co"))
+    meta = front_matter(card.fp16_card(recipe, FP16_FILES, typed(REPORT), "llama", "https://huggingface.co"))
     assert "base_model_relation" not in meta and "quantized_by" not in meta and "gptq" not in meta["tags"]
     assert [m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]] == [6.1234]
 
 
 def test_gptq_table_rows_carry_parameters_sizes_and_perplexities(recipe, branches):
-    text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
+    text = card.gptq_card(recipe, branches, typed(REPORT), "llama", "https://huggingface.co")
     rows = [line for line in text.splitlines() if line.startswith("| [")]
     cells = [re.split(r"(?<!\\)\|", row)[1:-1] for row in rows]
     assert [c[0].strip().split("]")[0][1:] for c in cells] == [v.branch for v in recipe.variants]
@@ -256,19 +263,19 @@ def fences(text: str) -> list[str]:
 
 def test_cards_show_every_generation_sample_verbatim(recipe, branches):
     gen = {c["artifact"]: c["samples"] for c in REPORT["checks"] if c["check"] == "generation"}
-    text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
+    text = card.gptq_card(recipe, branches, typed(REPORT), "llama", "https://huggingface.co")
     section = text[text.index("## Generation samples"):text.index("## How to download")]
     expected = [gen[name][i]["text"].rstrip("\n") + "\n" for i in range(2)
                 for name in ["fp16", *(b.artifact for b in branches)]]  # per prompt, fp16 first
     assert fences(section) == expected  # backticks in a sample do not end its block
     assert section.count("Prompt ") == 2 and '`"import os\\n\\n\\ndef "`' in section
     assert "`main` (matches fp16 for the first 5 of 32 tokens)" in section
-    fp16 = card.fp16_card(recipe, FP16_FILES, REPORT, "llama", "https://huggingface.co")
+    fp16 = card.fp16_card(recipe, FP16_FILES, typed(REPORT), "llama", "https://huggingface.co")
     assert fences(fp16) == [s["text"].rstrip("\n") + "\n" for s in gen["fp16"]]
 
 
 def test_original_card_appended_without_its_front_matter(recipe, branches):
-    text = card.gptq_card(recipe, branches, REPORT, "llama", "https://huggingface.co")
+    text = card.gptq_card(recipe, branches, typed(REPORT), "llama", "https://huggingface.co")
     assert text.count("\n---\n") == 1  # only the closing line of our own front matter
     assert text.endswith("# **Code Llama**\n\nCode Llama is a collection of pretrained and fine-tuned "
                          "generative text models.\n")
@@ -314,7 +321,7 @@ def test_a_round_to_nearest_variant_has_a_card_row_without_calibration(recipe, t
     variant = dataclasses.replace(recipe.variant("main"), method="rtn", damp=0.1)
     branch = card.read_branch(recipe, variant, out, 1)
     assert (branch.dataset, branch.seqlen) == ("", None)
-    text = card.gptq_card(recipe, [branch], REPORT, "llama", "https://huggingface.co")
+    text = card.gptq_card(recipe, [branch], typed(REPORT), "llama", "https://huggingface.co")
     row = next(line for line in text.splitlines() if line.startswith("| [main]"))
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert cells[5:7] == ["none (round-to-nearest)", "—"]

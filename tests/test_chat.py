@@ -34,6 +34,7 @@ from pipeline.core import chat
 from pipeline.core.errors import InputError
 from pipeline.core.tokenizer import convert_tokenizer
 from pipeline.recipe import load_recipe
+from verify.report import Report
 
 ROOT = Path(__file__).resolve().parent.parent
 TF4_PYTHON = ROOT / ".venv-tf4" / "bin" / "python"
@@ -479,9 +480,9 @@ def test_demo_converts_with_its_chat_format(tmp_path):
         assert chat_ids(tok, dialog) == meta_llama2_dialog(sp, dialog), dialog
 
 
-REPORT = {"schema": 3, "passed": True, "device": "cpu", "dtype": "float32",
-          "eval": {"windows": 4, "seqlen": 256, "tokens": 1024}, "checks": [],
-          "perplexity": {"fp16": 7.5}}
+REPORT = Report(passed=True, device="cpu", dtype="float32", checks=[], artifacts={},
+                eval={"source": "eval.py", "files": [], "windows": 4, "seqlen": 256, "tokens": 1024},
+                perplexity={"fp16": 7.5}, tokens_per_second=1.0)
 
 
 @pytest.mark.parametrize("fmt", ["none", "llama2", "llama3"])
@@ -512,11 +513,11 @@ def test_verify_sends_chat_prompts_through_the_template(tmp_path):
     report = judge(fp16=tmp_path / "fp16", eval_text=str(tmp_path / "eval.txt"),
                     out=tmp_path / "v", seqlen=64, max_windows=2, prompts=["def main():"],
                     chat_prompts=[" Reverse a string."])
-    (gen,) = [c for c in report["checks"] if c["check"] == "generation"]
-    assert [s["prompt"] for s in gen["samples"]] == ["def main():", "[INST] Reverse a string. [/INST]"]
+    (gen,) = [c for c in report.checks if c.check == "generation"]
+    assert [s["prompt"] for s in gen.samples] == ["def main():", "[INST] Reverse a string. [/INST]"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "fp16")
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-    assert tok(gen["samples"][1]["prompt"])["input_ids"] == \
+    assert tok(gen.samples[1]["prompt"])["input_ids"] == \
         meta_llama2_dialog(sp, [{"role": "user", "content": " Reverse a string."}])
     convert(src, tmp_path / "plain")
     with pytest.raises(InputError, match="no chat template"):

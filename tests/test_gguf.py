@@ -118,7 +118,7 @@ def llama_cpp_logits(path: Path, win: torch.Tensor) -> torch.Tensor:
 
 
 def check(report: dict, name: str, artifact: str) -> dict:
-    (c,) = [c for c in report["checks"] if c["check"] == name and c["artifact"] == artifact]
+    (c,) = [c for c in report.checks if c.check == name and c.artifact == artifact]
     return c
 
 
@@ -140,7 +140,7 @@ def test_f16_logits_equal_ours_and_metas_within_fp16_round_off(job):
         assert p["max_rel_err"] <= th.GGUF_PARITY["max_rel_err"], p
         assert p["top1_agreement"] >= th.GGUF_PARITY["top1_agreement"], p
     c = check(job["report"], "gguf_parity", job["gguf"]["F16"].name)
-    assert c["passed"] and c["thresholds"] == th.GGUF_PARITY
+    assert c.passed and c.thresholds == th.GGUF_PARITY
 
 
 @pytest.mark.parametrize("family", ["codellama-7b", "codellama-34b", "llama3.1", "codellama-70b",
@@ -263,23 +263,23 @@ def test_verify_reports_and_gates_each_file(job, tmp_path):
     top-1, and F16's parity, at the type's thresholds; a tolerance below the measured rise fails
     the Q4_K_M file."""
     report = job["report"]
-    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    assert report.passed, [c for c in report.checks if not c.passed]
     for type_name, path in job["gguf"].items():
-        assert report["artifacts"][path.name]["type"] == type_name
+        assert report.artifacts[path.name]["type"] == type_name
         for name in ("gguf_metadata", "perplexity", "kl_divergence"):
-            assert check(report, name, path.name)["passed"]
+            assert check(report, name, path.name).passed
         kl = check(report, "kl_divergence", path.name)
-        assert kl["thresholds"] == {k: TYPES[type_name].thresholds[k] for k in ("kl_mean", "kl_p99", "top1")}
+        assert kl.thresholds == {k: TYPES[type_name].thresholds[k] for k in ("kl_mean", "kl_p99", "top1")}
     q4 = check(report, "perplexity", job["gguf"]["Q4_K_M"].name)
-    assert q4["thresholds"] == {"tolerance": TYPES["Q4_K_M"].thresholds["tolerance"]}
-    rise = q4["metrics"]["ratio"] - 1
+    assert q4.thresholds == {"tolerance": TYPES["Q4_K_M"].thresholds["tolerance"]}
+    rise = q4.metrics["ratio"] - 1
     assert rise > 0, q4  # measured +0.1% on 64 windows; positive on these 16 as well
     gated = judge(fp16=job["work"] / "fp16", eval_text=demo_model.EVAL, out=tmp_path / "v",
                    seqlen=SEQLEN, max_windows=16, device="cpu", ggufs=[job["gguf"]["Q4_K_M"]],
                    gguf_thresholds={"Q4_K_M": {"tolerance": rise / 2}})
     c = check(gated, "perplexity", job["gguf"]["Q4_K_M"].name)
-    assert not gated["passed"] and not c["passed"]
-    assert c["metrics"]["ratio"] == pytest.approx(q4["metrics"]["ratio"], rel=1e-9)
+    assert not gated.passed and not c.passed
+    assert c.metrics["ratio"] == pytest.approx(q4.metrics["ratio"], rel=1e-9)
 
 
 def broken(source: Path, dest: Path, edit: str) -> Path:
@@ -308,9 +308,9 @@ def test_a_broken_conversion_fails_gguf_parity(job, tmp_path):
                     seqlen=SEQLEN, max_windows=4, device="cpu", ggufs=files)
     for f in files:
         c = check(report, "gguf_parity", f.name)
-        assert not c["passed"] and c["metrics"]["max_rel_err"] > 5 * th.GGUF_PARITY["max_rel_err"], c
-    assert "llama.rope.freq_base = 10000.0" in check(report, "gguf_metadata", files[0].name)["reason"]
-    assert check(report, "gguf_metadata", files[1].name)["passed"]  # only the logits show it
+        assert not c.passed and c.metrics["max_rel_err"] > 5 * th.GGUF_PARITY["max_rel_err"], c
+    assert "llama.rope.freq_base = 10000.0" in check(report, "gguf_metadata", files[0].name).reason
+    assert check(report, "gguf_metadata", files[1].name).passed  # only the logits show it
 
 
 # ---------------------------------------------------------------- bad input

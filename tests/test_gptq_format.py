@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import (dequantize, n_groups, pack, pack_rows, quantize_config,
-                                       ragged, unpack_rows, write_configs)
+from pipeline.core.gptq_format import (dequantize, pack, pack_rows, quantize_config, unpack_rows,
+                                       write_configs)
+from pipeline.core.gptq_layout import n_groups, ragged
 from pipeline.methods import QuantSpec
 
 

@@ -13,7 +13,8 @@ from cli_runner import run_cli
 from meta_fixtures import build_checkpoint
 from safetensors.torch import load_file, save_file
 
-from pipeline.job import JobFailed, run_job, tree_fingerprint
+from pipeline.job import (STAGE_NAMES, STAGES, Job, JobFailed, gguf_needs, plan, run_job,
+                          task_levels, tree_fingerprint)
 from pipeline.recipe import load_recipe
 
 RECIPE = """
@@ -195,3 +196,34 @@ def test_missing_source_is_an_input_error(project, tmp_path, monkeypatch):
     monkeypatch.setenv("TINY_META_DIR", str(project / "meta"))
     result = run_job(load_recipe(project / "env.toml"), workdir=project / "w", stage="convert")
     assert statuses(result) == {"convert": "ran"} and result["ok"]
+
+
+def test_levels_follow_the_task_graph_not_the_table(tmp_path):
+    """A quantised GGUF file needs the F16 task (it is quantised from its file), so it runs a
+    level after it, whatever the recipe's order; verify needs every artifact, publish verify."""
+    (tmp_path / "meta").mkdir()
+    for d in ("calib", "eval"):
+        (tmp_path / "text" / d).mkdir(parents=True)
+        (tmp_path / "text" / d / "a.py").write_text("x = 1\n")
+    gguf = '\n[[gguf]]\ntype = "Q4_K_M"\n\n[[gguf]]\ntype = "F16"\n'
+    (tmp_path / "tiny.toml").write_text(RECIPE.replace("[publish]", gguf + "\n[publish]")
+                                        + 'gguf_repo = "org/Tiny-GGUF"\n')
+    recipe = load_recipe(tmp_path / "tiny.toml")
+    job = Job(recipe, tmp_path / "work", "publish", ("main", V8))
+    levels = [[s.key(i) for s, i in level] for level in task_levels(job)]
+    assert levels == [["convert"], ["quantize/main", f"quantize/{V8}", "gguf/F16"], ["gguf/Q4_K_M"],
+                      ["verify"], ["publish"]]
+    assert [t["task"] for t in plan(recipe, workdir=tmp_path / "w")] == sum(levels, [])
+    assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16"] and gguf_needs(job, "F16") == ["convert"]
+    # without an F16 file in the recipe a quantised type makes its own: no edge, one level earlier
+    (tmp_path / "tiny.toml").write_text(RECIPE.replace("[publish]", gguf.split("\n\n")[0] + "\n\n[publish]")
+                                        + 'gguf_repo = "org/Tiny-GGUF"\n')
+    job = Job(load_recipe(tmp_path / "tiny.toml"), tmp_path / "work", "gguf", ("main",))
+    assert [[s.key(i) for s, i in level] for level in task_levels(job)] == [
+        ["convert"], ["quantize/main", "gguf/Q4_K_M"]]
+
+
+def test_the_stage_table_is_a_graph_in_order():
+    """Each stage reads only stages listed before it, so the table order is a topological one."""
+    for n, s in enumerate(STAGES):
+        assert set(s.after) <= set(STAGE_NAMES[:n]), s.name

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.job import run_job
 from pipeline.recipe import load_recipe
-from verify.report import failed_checks, read_report
+from verify.report import read_report
 from verify.stage import judge
 
 pytestmark = pytest.mark.slow  # the whole job on a real 135M model (about 5 minutes)
@@ -84,9 +84,9 @@ def test_the_whole_job_runs_from_an_hf_source_repository(job):
     snapshot = next((work / "hub-cache").glob(f"models--*/snapshots/{job['commit']}"))
     assert (snapshot / "config.json").is_file()
     report = read_report(work / "verify")
-    assert report["passed"] and not failed_checks(report)
-    assert report["artifacts"]["fp16"]["path"] == str(snapshot)
-    runtimes = report["runtimes"]
+    assert report.passed and not report.failed()
+    assert report.artifacts["fp16"]["path"] == str(snapshot)
+    runtimes = report.runtimes
     assert runtimes["gptqmodel"]["main"]["loaded"] and runtimes["transformers"]["main"]["loaded"]
     plan = json.loads((work / "publish-plan" / "plan.json").read_text())
     assert sorted(plan["repos"]) == ["my-org/SmolLM2-135M-Instruct-GGUF",
@@ -98,11 +98,11 @@ def test_the_whole_job_runs_from_an_hf_source_repository(job):
 
 def test_good_variants_of_the_real_model_beat_rtn_on_their_grid(job):
     report = read_report(job["work"] / "verify")
-    for c in (c for c in report["checks"] if c["check"] == "against_rtn"):
-        m = c["metrics"]
-        assert c["passed"] and m["ppl"] < m["ppl_rtn"] and m["kl_mean"] < m["kl_mean_rtn"], c
-    three = next(c for c in report["checks"]
-                 if c["check"] == "against_rtn" and c["artifact"] == BRANCH3)["metrics"]
+    for c in (c for c in report.checks if c.check == "against_rtn"):
+        m = c.metrics
+        assert c.passed and m["ppl"] < m["ppl_rtn"] and m["kl_mean"] < m["kl_mean_rtn"], c
+    three = next(c for c in report.checks
+                 if c.check == "against_rtn" and c.artifact == BRANCH3)["metrics"]
     assert three["ppl"] < 0.5 * three["ppl_rtn"]  # at 3 bits rounding alone loses far more
 
 
@@ -132,19 +132,19 @@ CORRUPTIONS = {"g_idx": BRANCH3, "scales": "main", "qzeros": "main"}
 def test_one_corrupted_module_of_the_real_model_fails_named(job, tmp_path):
     gptq = job["work"] / "gptq"
     bad = [corrupt(gptq / b, tmp_path / f"bad-{how}", how) for how, b in CORRUPTIONS.items()]
-    snapshot = Path(read_report(job["work"] / "verify")["artifacts"]["fp16"]["path"])
+    snapshot = Path(read_report(job["work"] / "verify").artifacts["fp16"]["path"])
     report = judge(fp16=snapshot, quants=[gptq / "main", gptq / BRANCH3, *bad],
                    eval_text=str(RECIPE.parent / "smollm2/text/eval"), out=tmp_path / "v",
                    seqlen=256, max_windows=4, prompts=["The capital of France is"])
-    failed = failed_checks(report)
+    failed = report.failed()
     assert not [f for f in failed if not f.split(":")[1].startswith("bad-")], failed  # good: pass
     for b in bad:
-        c = next(c for c in report["checks"]
-                 if c["check"] == "module_integrity" and c["artifact"] == b.name)
-        assert not c["passed"] and c["reason"].startswith(f"{MODULE}: "), c
-        assert c["reason"].count("model.layers.") == 1, c  # that module alone
+        c = next(c for c in report.checks
+                 if c.check == "module_integrity" and c.artifact == b.name)
+        assert not c.passed and c.reason.startswith(f"{MODULE}: "), c
+        assert c.reason.count("model.layers.") == 1, c  # that module alone
     # the permuted g_idx by act-order's order, the others by their output error against RTN's
-    reasons = {c["artifact"]: c["reason"] for c in report["checks"]
-               if c["check"] == "module_integrity" and not c["passed"]}
+    reasons = {c.artifact: c.reason for c in report.checks
+               if c.check == "module_integrity" and not c.passed}
     assert "does not follow act-order" in reasons["bad-g_idx"]
     assert "output error" in reasons["bad-scales"] and "output error" in reasons["bad-qzeros"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.core.safetensors_stream import INDEX_NAME, ShardedWriter, TensorSpec, parse_size
+from pipeline.core.bounded import parse_size
+from pipeline.core.safetensors_stream import INDEX_NAME, ShardedWriter, TensorSpec
 
 
 def _tensors() -> dict[str, torch.Tensor]:

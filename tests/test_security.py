@@ -355,13 +355,13 @@ def test_verify_records_its_inputs_and_publish_matches_them_to_the_conversion(tm
     judge(meta=meta, out=tmp_path / "v", **args)
     path = tmp_path / "v" / "verify.json"
     report = read_report(path)
-    files = report["inputs"]["meta"]["files"]
+    files = report.inputs["meta"]["files"]
     for name in ("consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"):
         data = (meta / name).read_bytes()
         assert files[name] == {"bytes": len(data), "md5": hashlib.md5(data).hexdigest()}
-    assert report["inputs"]["eval_sha256"] == report["eval"]["sha256"]
-    fp16_files = sorted(report["artifacts"]["fp16"]["files"].items())
-    assert report["inputs"]["fp16"] == hashlib.sha256(json.dumps(fp16_files).encode()).hexdigest()
+    assert report.inputs["eval_sha256"] == report.eval["sha256"]
+    fp16_files = sorted(report.artifacts["fp16"]["files"].items())
+    assert report.inputs["fp16"] == hashlib.sha256(json.dumps(fp16_files).encode()).hexdigest()
     conversion = json.loads((tmp_path / "fp16" / "conversion.json").read_text())
     check_verdict(report, ["fp16"], path)
     check_inputs(report, path, conversion)

@@ -32,7 +32,7 @@ from pipeline.recipe import load_recipe
 from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
-from verify.report import check_integrity, failed_checks, read_report
+from verify.report import Check, Report, check_integrity, read_report
 from verify.stage import judge
 
 pytestmark = pytest.mark.slow  # verify runs on quantised variants
@@ -45,8 +45,8 @@ def verify_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return cli_runner.run_cli(["verify", *args], monkeypatch, capsys)
 
 
-def checks(report: dict) -> dict[tuple[str, str], bool]:
-    return {(c["check"], c["artifact"]): c["passed"] for c in report["checks"]}
+def checks(report: Report) -> dict[tuple[str, str], bool]:
+    return {(c.check, c.artifact): c.passed for c in report.checks}
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +81,18 @@ def test_good_conversion_passes(converted, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert report == read_report(tmp_path / "v")
-    assert report["passed"] and all(checks(report).values())
-    parity = next(c for c in report["checks"] if c["check"] == "conversion_parity")
-    assert parity["metrics"]["top1_agreement"] == 1.0
-    assert parity["metrics"]["max_rel_err"] < 1e-5
-    assert report["eval"]["windows"] == WINDOWS and report["eval"]["tokens"] == WINDOWS * SEQLEN
-    assert report["eval"]["files"] == sorted(glob.glob(converted["eval"]))
-    files = report["artifacts"]["fp16"]["files"]
+    assert report.passed and all(checks(report).values())
+    parity = next(c for c in report.checks if c.check == "conversion_parity")
+    assert parity.metrics["top1_agreement"] == 1.0
+    assert parity.metrics["max_rel_err"] < 1e-5
+    assert report.eval["windows"] == WINDOWS and report.eval["tokens"] == WINDOWS * SEQLEN
+    assert report.eval["files"] == sorted(glob.glob(converted["eval"]))
+    files = report.artifacts["fp16"]["files"]
     on_disk = sorted(p.name for p in Path(converted["fp16"]).iterdir())
     assert sorted(files) == on_disk
     for name, digest in files.items():
         assert digest == hashlib.sha256((Path(converted["fp16"]) / name).read_bytes()).hexdigest()
-    assert report["tokens_per_second"] > 0
+    assert report.tokens_per_second > 0
     assert "tokens/s" in err.splitlines()[-1] and "PASSED" in err.splitlines()[-1]
     table = (tmp_path / "v" / "verify.txt").read_text()
     assert "conversion_parity" in table and "def main():" in table
@@ -154,16 +154,16 @@ def test_broken_conversion_fails_parity(converted, tmp_path, monkeypatch, capsys
     assert code == 3
     assert "conversion_parity:fp16" in err
     report = read_report(tmp_path / "v")
-    assert not report["passed"]
+    assert not report.passed
     assert checks(report)[("conversion_parity", "fp16")] is False
-    parity = next(c for c in report["checks"] if c["check"] == "conversion_parity")
-    assert parity["metrics"]["max_rel_err"] > 1e-2
+    parity = next(c for c in report.checks if c.check == "conversion_parity")
+    assert parity.metrics["max_rel_err"] > 1e-2
 
 
 def test_integrity_detects_changed_missing_and_new_files(converted, tmp_path):
     fp16 = broken_copy(converted, tmp_path, lambda d: None)
     report = judge(**{**meta_args(converted, tmp_path / "v"), "fp16": fp16, "meta": None})
-    assert "conversion_parity" not in {c["check"] for c in report["checks"]}
+    assert "conversion_parity" not in {c.check for c in report.checks}
     check_integrity(tmp_path / "v", "fp16")
     (fp16 / "generation_config.json").write_text("{}")
     with pytest.raises(CheckFailed, match="generation_config.json: changed"):
@@ -278,22 +278,26 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def demo_verify(demo: dict[str, Path], names: list[str], out: Path, **kw) -> dict:
+def demo_verify(demo: dict[str, Path], names: list[str], out: Path, **kw) -> Report:
     return judge(**{"fp16": demo["fp16"], "quants": [demo[n] for n in names], "eval_text": EVAL,
                      "out": out, "seqlen": SEQ, "max_windows": NWIN, "prompts": PROMPTS, **kw})
 
 
 @pytest.fixture(scope="module")
-def judged(demo, tmp_path_factory) -> dict:
-    """One verify run over every good and broken variant, with the RTN baseline; the report
-    (its directory under "out")."""
+def judged_run(demo, tmp_path_factory) -> tuple[Report, Path]:
+    """One verify run over every good and broken variant, with the RTN baseline: the report and
+    its directory."""
     out = tmp_path_factory.mktemp("judged") / "v"
-    report = demo_verify(demo, GOOD + BROKEN, out, thresholds=TWO_BIT, baseline_rtn=True)
-    return {**report, "out": out}
+    return demo_verify(demo, GOOD + BROKEN, out, thresholds=TWO_BIT, baseline_rtn=True), out
 
 
-def entry(report: dict, check: str, artifact: str) -> dict:
-    (c,) = [c for c in report["checks"] if c["check"] == check and c["artifact"] == artifact]
+@pytest.fixture(scope="module")
+def judged(judged_run) -> Report:
+    return judged_run[0]
+
+
+def entry(report: Report, check: str, artifact: str) -> Check:
+    (c,) = [c for c in report.checks if c.check == check and c.artifact == artifact]
     return c
 
 
@@ -305,40 +309,43 @@ def test_good_variants_pass_every_check_against_fp16(judged):
         assert {c: ok[(c, name)] for c in ("perplexity", "kl_divergence", "generation",
                                            "module_integrity")} == dict.fromkeys(
             ("perplexity", "kl_divergence", "generation", "module_integrity"), True), name
-        kl = entry(judged, "kl_divergence", name)["metrics"]
+        kl = entry(judged, "kl_divergence", name).metrics
         assert kl["kl_mean"] > 0 and kl["kl_p99"] >= kl["kl_mean"] and kl["top1"] < 1
         mi = entry(judged, "module_integrity", name)
-        assert mi["metrics"]["modules"] == 4 * 7 == len(mi["per_module"])
+        assert mi.metrics["modules"] == 4 * 7 == len(mi.per_module)
     # 8-bit steps are 16x finer than 4-bit ones: KL (quadratic in the error) far below
-    kl = {n: entry(judged, "kl_divergence", n)["metrics"]["kl_mean"] for n in GOOD}
+    kl = {n: entry(judged, "kl_divergence", n).metrics["kl_mean"] for n in GOOD}
     assert kl["gptq-8bit-128g"] < kl["gptq-4bit-128g"] / 10
     gen = entry(judged, "generation", "gptq-8bit-128g")
-    assert [s["text_fp16"] for s in gen["samples"]] == [
-        s["text"] for s in entry(judged, "generation", "fp16")["samples"]]
+    assert [s["text_fp16"] for s in gen.samples] == [
+        s["text"] for s in entry(judged, "generation", "fp16").samples]
     # the in-memory RTN baseline equals the RTN artifact quantised, packed and dequantised
-    ppl = judged["perplexity"]
+    ppl = judged.perplexity
     assert ppl["gptq-4bit-32g:rtn"] == pytest.approx(ppl["rtn-4bit-32g"], rel=1e-6)
-    entry_ = judged["artifacts"]["gptq-4bit-32g"]
+    entry_ = judged.artifacts["gptq-4bit-32g"]
     assert [entry_[k] for k in ("kind", "bits", "group_size", "desc_act")] == ["gptq", 4, 32, True]
+    # each variant is judged by the checks of the method that made it (its quant_log.json)
+    assert [judged.artifacts[n]["method"] for n in ("gptq-4bit-32g", "rtn-4bit-32g")] == ["gptq", "rtn"]
+    assert ok[("against_rtn", "gptq-4bit-32g")] and ("against_rtn", "rtn-4bit-32g") not in ok
 
 
-def test_broken_variants_fail_by_the_named_check(judged):
+def test_broken_variants_fail_by_the_named_check(judged, judged_run):
     ok = checks(judged)
-    assert not judged["passed"]
+    assert not judged.passed
     assert all(passed for (_, artifact), passed in ok.items() if artifact == "fp16")  # the reference
     # GPTQ keeps this model's perplexity at 2 bits (measured -0.5%); KL and top-1 show the loss
     # (measured mean 0.013, p99 0.11, top-1 0.88: 2.6x, 2.2x and 7 points past the bar)
     kl = entry(judged, "kl_divergence", "gptq-2bit--1g")
-    assert not kl["passed"] and kl["thresholds"] == {k: DEMO_4BIT[k] for k in kl["thresholds"]}
-    m, t = kl["metrics"], kl["thresholds"]
+    assert not kl.passed and kl.thresholds == {k: DEMO_4BIT[k] for k in kl.thresholds}
+    m, t = kl.metrics, kl.thresholds
     assert m["kl_mean"] > t["kl_mean"] and m["kl_p99"] > t["kl_p99"] and m["top1"] < t["top1"]
     moved = entry(judged, "module_integrity", "gptq-4bit-zeros-moved")
-    assert not moved["passed"] and "model.layers.0.mlp.down_proj" in moved["reason"]
-    assert moved["metrics"]["worst_module"] == "model.layers.0.mlp.down_proj"
+    assert not moved.passed and "model.layers.0.mlp.down_proj" in moved.reason
+    assert moved.metrics["worst_module"] == "model.layers.0.mlp.down_proj"
     mute = entry(judged, "generation", "gptq-4bit-mute")
-    assert not mute["passed"] and "where fp16's is not degenerate" in mute["reason"]
-    assert all(s["degenerate"] and not s["degenerate_fp16"] for s in mute["samples"])
-    table = (judged["out"] / "verify.txt").read_text()
+    assert not mute.passed and "where fp16's is not degenerate" in mute.reason
+    assert all(s["degenerate"] and not s["degenerate_fp16"] for s in mute.samples)
+    table = (judged_run[1] / "verify.txt").read_text()
     for text in ("gptq-4bit-zeros-moved", "degenerate: one token repeated", "KL mean",
                  "model.layers.0.mlp.down_proj", "agree "):
         assert text in table
@@ -362,7 +369,7 @@ def test_kl_and_top1_equal_transformers_logits(judged, demo):
         p = F.log_softmax(fp16(win).logits[:, :-1].double(), -1)
         q = F.log_softmax(quant(win).logits[:, :-1].double(), -1)
     kl = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)
-    got = entry(judged, "kl_divergence", name)["metrics"]
+    got = entry(judged, "kl_divergence", name).metrics
     # float32 forwards that differ by summation order only (logits ~1e-6 apart)
     assert got["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-3)
     assert got["kl_p99"] == pytest.approx(float(torch.quantile(kl.flatten(), 0.99)), rel=1e-3)
@@ -382,10 +389,10 @@ def test_one_randomised_tensor_of_one_module_fails_module_integrity(demo, tmp_pa
     for name in names:
         assert f"module_integrity:{name}" in err
         c = entry(report, "module_integrity", name)
-        assert not c["passed"] and V_PROJ in c["reason"]
+        assert not c.passed and V_PROJ in c.reason
         # no other module is named: the failure points at the corrupted one
-        assert c["reason"].count("model.layers.") == 1
-        others = {k: v for k, v in c["per_module"].items() if k != V_PROJ}
+        assert c.reason.count("model.layers.") == 1
+        others = {k: v for k, v in c.per_module.items() if k != V_PROJ}
         assert len(others) == 27 and all(v["error"] <= 3 * v["rtn_error"] for v in others.values())
 
 
@@ -397,10 +404,10 @@ def test_a_subtle_corruption_of_one_module_fails_by_its_output_error(demo, tmp_p
     is named; the 27 others stay below RTN's."""
     report = demo_verify(demo, [kind], tmp_path / "v")
     c = entry(report, "module_integrity", kind)
-    assert not c["passed"] and c["reason"].count("model.layers.") == 1
-    assert c["reason"].startswith(f"{V_PROJ}: ") and "output error" in c["reason"]
-    assert c["metrics"]["worst_output_module"] == V_PROJ and c["metrics"]["output_ratio"] > 3
-    others = {k: v for k, v in c["per_module"].items() if k != V_PROJ}
+    assert not c.passed and c.reason.count("model.layers.") == 1
+    assert c.reason.startswith(f"{V_PROJ}: ") and "output error" in c.reason
+    assert c.metrics["worst_output_module"] == V_PROJ and c.metrics["output_ratio"] > 3
+    others = {k: v for k, v in c.per_module.items() if k != V_PROJ}
     assert len(others) == 27
     assert all(v["output_error"] < v["rtn_output_error"] for v in others.values())  # GPTQ: below RTN
 
@@ -408,10 +415,10 @@ def test_a_subtle_corruption_of_one_module_fails_by_its_output_error(demo, tmp_p
 def test_fp16_repeating_itself_does_not_fail_verify(demo, tmp_path):
     report = demo_verify(demo, ["gptq-8bit-128g", "gptq-4bit-128g"], tmp_path / "v",
                          prompts=[REPEATING])
-    (fp16,) = entry(report, "generation", "fp16")["samples"]
+    (fp16,) = entry(report, "generation", "fp16").samples
     assert fp16["degenerate"]  # the prompt does make fp16 repeat itself
-    assert report["passed"], failed_checks(report)
-    eight = entry(report, "generation", "gptq-8bit-128g")["samples"][0]
+    assert report.passed, report.failed()
+    eight = entry(report, "generation", "gptq-8bit-128g").samples[0]
     assert eight["degenerate"] and eight["agreement"] == 1.0  # equally degenerate: passes
 
 
@@ -424,13 +431,13 @@ def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_pat
                            "--agreement", "4=0")  # one prompt: its greedy agreement is not judged
     assert code == 3
     report = read_report(tmp_path / "cli")
-    assert failed_checks(report) == ["kl_divergence:gptq-4bit-128g"]  # KL of a quantised model is > 0
-    assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["kl_mean"] == 0
-    assert entry(report, "perplexity", "gptq-4bit-128g")["thresholds"]["tolerance"] == 0.5
-    assert entry(report, "generation", "gptq-4bit-128g")["thresholds"]["agreement"] == 0
-    assert entry(report, "module_integrity", "gptq-4bit-128g")["thresholds"] == \
+    assert report.failed() == ["kl_divergence:gptq-4bit-128g"]  # KL of a quantised model is > 0
+    assert entry(report, "kl_divergence", "gptq-4bit-128g").thresholds["kl_mean"] == 0
+    assert entry(report, "perplexity", "gptq-4bit-128g").thresholds["tolerance"] == 0.5
+    assert entry(report, "generation", "gptq-4bit-128g").thresholds["agreement"] == 0
+    assert entry(report, "module_integrity", "gptq-4bit-128g").thresholds == \
         {"module_output_error": th.KINDS["module_output_error"][2][4]}  # untouched: defaults
-    assert entry(report, "against_rtn", "gptq-4bit-128g")["thresholds"] == \
+    assert entry(report, "against_rtn", "gptq-4bit-128g").thresholds == \
         {"rtn_margin": th.KINDS["rtn_margin"][2][4]}
     code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
                            "--top1", "4=1.5")
@@ -459,19 +466,19 @@ gptq_repo = "o/b"
     vo = load_recipe(recipe, allow_dirs=[demo["fp16"].parent, Path(EVAL).parents[1]]).verify
     assert vo.thresholds() == {"module_error": {4: 1.0}, "top1": {4: 1.0}}
     report = demo_verify(demo, ["gptq-4bit-128g"], tmp_path / "recipe", thresholds=vo.thresholds())
-    assert entry(report, "kl_divergence", "gptq-4bit-128g")["thresholds"]["top1"] == 1.0
+    assert entry(report, "kl_divergence", "gptq-4bit-128g").thresholds["top1"] == 1.0
     assert not checks(report)[("kl_divergence", "gptq-4bit-128g")]
     mi = entry(report, "module_integrity", "gptq-4bit-128g")
-    assert mi["thresholds"] == {"module_error": 1.0, "module_output_error": 1.5}
+    assert mi.thresholds == {"module_error": 1.0, "module_output_error": 1.5}
 
 
 def test_two_bits_are_judged_against_rtn_with_no_absolute_bound(demo, tmp_path):
     report = demo_verify(demo, ["gptq-2bit--1g"], tmp_path / "v")
     rel = entry(report, "against_rtn", "gptq-2bit--1g")
-    assert rel["passed"] and rel["thresholds"] == {"rtn_margin": 0.1}
-    assert rel["metrics"]["ppl"] <= rel["metrics"]["ppl_rtn"] * 1.1  # recomputed from the numbers
-    assert entry(report, "perplexity", "gptq-2bit--1g")["thresholds"] == {}
-    assert entry(report, "kl_divergence", "gptq-2bit--1g")["thresholds"] == {}
+    assert rel.passed and rel.thresholds == {"rtn_margin": 0.1}
+    assert rel.metrics["ppl"] <= rel.metrics["ppl_rtn"] * 1.1  # recomputed from the numbers
+    assert entry(report, "perplexity", "gptq-2bit--1g").thresholds == {}
+    assert entry(report, "kl_divergence", "gptq-2bit--1g").thresholds == {}
 
 
 def test_variant_with_another_tokenizer_is_refused(demo, converted, tmp_path):

@@ -19,7 +19,7 @@ from demo_model import CALIBRATION, EVAL, RAGGED_FFN, demo_fp16, ragged_model
 
 from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
-from verify.report import TABLE_NAME, failed_checks
+from verify.report import TABLE_NAME
 from verify.runtimes import RUNTIME_WINDOWS
 from verify.stage import judge
 from verify.thresholds import PPL_MATCH
@@ -50,30 +50,30 @@ def run(fp16: Path, quants: list[Path], out: Path, runtimes: list[str]) -> dict:
 
 
 def runtime_checks(report: dict) -> dict[tuple[str, str], dict]:
-    return {(c["artifact"], c["runtime"]): c for c in report["checks"] if c["check"] == "runtime"}
+    return {(c.artifact, c.runtime): c for c in report.checks if c.check == "runtime"}
 
 
 def test_runtimes_load_every_variant_at_our_perplexity(demo, tmp_path):
     names = ["gptq-4bit-128g", "gptq-4bit-32g-ao"]
     report = run(demo["fp16"], [demo[n] for n in names], tmp_path / "v", [*CPU_RUNTIMES, "vllm"])
-    assert report["passed"], failed_checks(report)
+    assert report.passed, report.failed()
     checks = runtime_checks(report)
     assert set(checks) == {(n, r) for n in names for r in CPU_RUNTIMES}  # vllm: no check
     for (name, rt), c in checks.items():
-        r = report["runtimes"][rt][name]
-        assert c["passed"] and r["loaded"] and r["error"] is None and r["kernels"], r
+        r = report.runtimes[rt][name]
+        assert c.passed and r["loaded"] and r["error"] is None and r["kernels"], r
         # the independent value: our perplexity, from verify's own per-variant forward
-        assert r["ppl_ours"] == pytest.approx(report["perplexity"][name], rel=1e-12)
+        assert r["ppl_ours"] == pytest.approx(report.perplexity[name], rel=1e-12)
         assert abs(r["ppl"] / r["ppl_ours"] - 1) <= PPL_MATCH
         assert 0 < r["kl_mean"] and 0.5 < r["top1"] <= 1 and r["version"]
     for name in names:
-        v = report["runtimes"]["vllm"][name]
+        v = report.runtimes["vllm"][name]
         assert not v["checked"] and v["reason"] == "not checked: needs CUDA" and v["ppl"] is None
     text = (tmp_path / "v" / TABLE_NAME).read_text()
     assert "not checked: needs CUDA" in text and "runtime in gptqmodel" in text
     saved = json.loads((tmp_path / "v" / "verify.json").read_text())
     assert saved["runtimes"]["gptqmodel"]["gptq-4bit-128g"]["ppl"] == \
-        report["runtimes"]["gptqmodel"]["gptq-4bit-128g"]["ppl"]
+        report.runtimes["gptqmodel"]["gptq-4bit-128g"]["ppl"]
 
 
 def test_a_config_that_misdescribes_the_tensors_fails_the_runtime_check(demo, tmp_path):
@@ -83,11 +83,11 @@ def test_a_config_that_misdescribes_the_tensors_fails_the_runtime_check(demo, tm
     cfg = json.loads((bad / "quantize_config.json").read_text())
     (bad / "quantize_config.json").write_text(json.dumps({**cfg, "bits": 8}))
     report = run(demo["fp16"], [bad], tmp_path / "v", ["gptqmodel"])
-    ours = {c["check"]: c["passed"] for c in report["checks"] if c["artifact"] == bad.name}
+    ours = {c.check: c.passed for c in report.checks if c.artifact == bad.name}
     assert all(ours[k] for k in OURS), ours
-    assert not report["passed"]
-    assert failed_checks(report) == ["runtime:gptq-mislabelled@gptqmodel"]
-    r = report["runtimes"]["gptqmodel"][bad.name]
+    assert not report.passed
+    assert report.failed() == ["runtime:gptq-mislabelled@gptqmodel"]
+    r = report.runtimes["gptqmodel"][bad.name]
     assert r["error"] or abs(r["ratio"]) > PPL_MATCH
 
 
@@ -96,8 +96,8 @@ def test_a_listed_runtime_refusing_ragged_groups_is_an_expected_refusal(demo, tm
     q = tmp_path / "gptq-ffn704"
     quantize(fp16, q, QuantSpec(4, 128, False), calibration=CALIBRATION, **CAL)
     report = run(fp16, [q], tmp_path / "v", CPU_RUNTIMES)
-    assert report["passed"], failed_checks(report)
-    gm, tf = (report["runtimes"][r][q.name] for r in CPU_RUNTIMES)
+    assert report.passed, report.failed()
+    gm, tf = (report.runtimes[r][q.name] for r in CPU_RUNTIMES)
     assert gm["passed"] and not gm["expected_refusal"]
     assert tf["expected_refusal"] and tf["passed"] is False and "divisible" in tf["error"]
     assert "refuses layers with a partial last group" in \

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from pipeline.core.checkpoint import HFCheckpoint
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import SUFFIXES, dequantize
+from pipeline.core.gptq_format import dequantize
+from pipeline.core.gptq_layout import SUFFIXES
 from pipeline.core.llama import LINEARS, DecoderLayer, fits_in_memory, load_layer, rms_norm, rotary
 from verify.metrics import kl_top1
 

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from pipeline.core.checkpoint import IGNORED, HFCheckpoint
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import dequantize, n_groups
+from pipeline.core.gptq_format import dequantize
+from pipeline.core.gptq_layout import n_groups
 from pipeline.core.grid import Grid, rtn
 from pipeline.core.llama import LINEARS, LlamaArgs, load_layer, rotary
 from verify.forward import packed_linears

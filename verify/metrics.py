@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.core.calibration import MIN_SEQLEN  # a window scores seqlen - 1 tokens: one at least
 from pipeline.core.errors import InputError
 
-MIN_SEQLEN = 2  # an evaluation window scores seqlen − 1 predicted tokens: at least one
 
 
 def eval_tokens(tokenizer, texts: list[str]) -> torch.Tensor:

@@ -13,27 +13,121 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipeline import __version__
 from pipeline.core.bounded import read_json
 from pipeline.core.errors import CheckFailed, InputError
+from pipeline.methods import DEFAULT_METHOD, METHODS, variant_method
 
 SCHEMA = 3  # 2: artifacts record their relpath from the report; 3: GPTQ judged against RTN
 REPORT_NAME = "verify.json"
 TABLE_NAME = "verify.txt"
 CHUNK = 1 << 24
-# the checks an artifact of each kind must have passed to be published
+# the checks an artifact of each kind must have passed to be published; a GPTQ-format variant's
+# are its method's (pipeline/methods METHODS, by the artifact's `method`)
 REQUIRED_CHECKS = {
     "fp16": ("conversion_parity", "perplexity", "generation"),
-    "gptq": ("perplexity", "kl_divergence", "against_rtn", "module_integrity", "generation"),
+    "gptq": (),
     "gguf": ("gguf_metadata", "perplexity", "kl_divergence"),  # scored in llama.cpp
 }
 GGUF_F16_CHECKS = ("gguf_parity",)  # also required of an F16 GGUF: its logits equal fp16's
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Check:
+    """One check of one artifact: what was judged, whether it passed, the numbers and the limits
+    they were held to, and (where it failed) why."""
+
+    check: str
+    artifact: str
+    passed: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    runtime: str | None = None  # a runtime check: the runtime that loaded the artifact
+    reference: bool = False     # fp16's own generation: reported, never failing
+    samples: list[dict[str, Any]] | None = None
+    per_module: dict[str, dict[str, float]] | None = None
+
+    @property
+    def name(self) -> str:
+        """`check:artifact` (`check:artifact@runtime`): how failures are named everywhere."""
+        return f"{self.check}:{self.artifact}" + (f"@{self.runtime}" if self.runtime else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """verify.json's entry: optional fields only where set."""
+        d: dict[str, Any] = {"check": self.check, "artifact": self.artifact}
+        if self.runtime is not None:
+            d["runtime"] = self.runtime
+        d["passed"] = self.passed
+        if self.reference:
+            d["reference"] = True
+        if self.reason is not None:
+            d["reason"] = self.reason
+        d.update(metrics=self.metrics, thresholds=self.thresholds)
+        if self.samples is not None:
+            d["samples"] = self.samples
+        if self.per_module is not None:
+            d["per_module"] = self.per_module
+        return d
+
+
+@dataclass
+class Report:
+    """verify.json: what was verified (eval text, artifacts with their file hashes, inputs), every
+    check, the perplexities and the runtime results. One (de)serialisation: to_dict/from_dict."""
+
+    passed: bool
+    device: str
+    dtype: str
+    eval: dict[str, Any]
+    artifacts: dict[str, dict[str, Any]]
+    checks: list[Check]
+    perplexity: dict[str, float]
+    tokens_per_second: float
+    runtimes: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    inputs: dict[str, Any] | None = None
+    schema: int = SCHEMA
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "tool_version": self.tool_version, "passed": self.passed,
+                "device": self.device, "dtype": self.dtype, "eval": self.eval,
+                "artifacts": self.artifacts, "checks": [c.to_dict() for c in self.checks],
+                "perplexity": self.perplexity, "runtimes": self.runtimes,
+                "tokens_per_second": self.tokens_per_second, "inputs": self.inputs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: Path | str) -> Report:
+        """A report from its JSON object, checked against REPORT_SCHEMA first (InputError naming
+        `where` and the first problems)."""
+        if d.get("schema") != SCHEMA:
+            raise InputError(f"{where}: not a schema-{SCHEMA} verify report")
+        problems = shape_problems(d)
+        if problems:
+            raise InputError(f"{where}: malformed verify report ({'; '.join(problems[:5])}); "
+                             "run verify again")
+        known = {f.name for f in fields(Check)}
+        return cls(passed=d["passed"], device=d["device"], dtype=d["dtype"], eval=d["eval"],
+                   artifacts=d["artifacts"], perplexity=d["perplexity"],
+                   checks=[Check(**{k: v for k, v in c.items() if k in known}) for c in d["checks"]],
+                   tokens_per_second=d["tokens_per_second"], runtimes=d.get("runtimes") or {},
+                   inputs=d.get("inputs"), schema=d["schema"],
+                   tool_version=str(d.get("tool_version", "")))
+
+    def failed(self) -> list[str]:
+        """Each failed check's name (Check.name), in order."""
+        return [c.name for c in self.checks if not c.passed]
+
+    def metrics(self, check: str) -> dict[str, dict[str, Any]]:
+        """artifact -> metrics of every `check` entry (e.g. kl_divergence per variant)."""
+        return {c.artifact: c.metrics for c in self.checks if c.check == check}
 
 
 def sha256_file(path: Path) -> str:
@@ -62,22 +156,24 @@ def artifact_files(root: Path, progress: bool = False) -> dict[str, str]:
 
 def artifact_entry(root: Path, quantization: dict[str, Any] | None,
                    progress: bool = False) -> dict[str, Any]:
-    """One `artifacts` entry: path, kind, GPTQ parameters when quantised, file hashes."""
+    """One `artifacts` entry: path, kind, GPTQ parameters and method when quantised, file
+    hashes."""
     root = Path(root).resolve()
     entry: dict[str, Any] = {"path": str(root), "kind": "gptq" if quantization else "fp16"}
     if quantization:
         entry.update({k: quantization.get(k) for k in ("bits", "group_size", "desc_act")})
+        entry["method"] = variant_method(root)
     entry["files"] = artifact_files(root, progress)
     return entry
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_report(report: Report, out: Path) -> None:
     """verify.json and verify.txt into directory out."""
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (out / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (out / TABLE_NAME).write_text(render(report))
 
 
-def read_report(path: Path | str) -> dict[str, Any]:
+def read_report(path: Path | str) -> Report:
     """A verify.json (or the directory holding it), schema-checked, its artifacts' paths where
     they lie now (relocated: a work directory moved whole still finds them)."""
     path = Path(path)
@@ -86,16 +182,12 @@ def read_report(path: Path | str) -> dict[str, Any]:
     if not (path.exists() or path.is_symlink()):
         raise InputError(f"{path}: verify report missing (run the verify stage first)")
     try:
-        report = read_json(path)
+        d = read_json(path)
     except InputError as e:
         raise InputError(f"{e}; run verify again") from None
-    if report.get("schema") != SCHEMA:
-        raise InputError(f"{path}: not a schema-{SCHEMA} verify report")
-    problems = shape_problems(report)
-    if problems:
-        raise InputError(f"{path}: malformed verify report ({'; '.join(problems[:5])}); "
-                         "run verify again")
-    return relocated(report, path)
+    report = Report.from_dict(d, path)
+    report.artifacts = relocated(report.artifacts, path)
+    return report
 
 
 # verify.json's schema, as data: what publish, the cards and verify.txt read, with its types.
@@ -130,10 +222,11 @@ REPORT_SCHEMA = {
              "tokens": (int,)},
     "artifacts": MapOf({"path": (str,), "relpath?": (str,), "kind": (str,), "files": MapOf((str,)),
                         "bits?": OPT_NUM, "group_size?": OPT_NUM, "desc_act?": (bool, type(None)),
-                        "type?": (str,), "runtime?": (str,)}),
+                        "type?": (str,), "runtime?": (str,), "method?": (str,)}),
     "checks": ListOf({"check": (str,), "artifact": (str,), "passed": (bool,), "runtime?": (str,),
                       "reason?": (str,), "metrics?": MapOf(SCALAR), "thresholds?": MapOf(SCALAR),
-                      "samples?": ListOf(SAMPLE)}),
+                      "reference?": (bool,), "samples?": ListOf(SAMPLE),
+                      "per_module?": MapOf(MapOf(NUM))}),
     "perplexity": MapOf(NUM),
     "runtimes?": MapOf(MapOf(RUNTIME_RESULT)),
 }
@@ -175,6 +268,8 @@ def shape_problems(report: dict[str, Any]) -> list[str]:
     for name, a in report["artifacts"].items():
         if a["kind"] not in REQUIRED_CHECKS:
             problems.append(f"artifacts.{name}.kind: one of {'/'.join(REQUIRED_CHECKS)}")
+        if a.get("method", DEFAULT_METHOD) not in METHODS:
+            problems.append(f"artifacts.{name}.method: one of {'/'.join(METHODS)}")
         for rel, sha in a["files"].items():
             parts = rel.split("/")
             if rel.startswith("/") or ".." in parts or "" in parts or "\0" in rel:
@@ -189,42 +284,43 @@ def shape_problems(report: dict[str, Any]) -> list[str]:
     return problems
 
 
-def failed_checks(report: dict[str, Any]) -> list[str]:
-    """Each failed check as `check:artifact` (`check:artifact@runtime` for a runtime check): how
-    verify's summary, the job, publish and the tests name them."""
-    return [f"{c['check']}:{c['artifact']}" + (f"@{c['runtime']}" if "runtime" in c else "")
-            for c in report["checks"] if not c["passed"]]
+def required_checks(entry: dict[str, Any]) -> tuple[str, ...]:
+    """The checks an artifact entry must have passed: its kind's, a variant's method's, and an
+    F16 GGUF's parity."""
+    required = REQUIRED_CHECKS[entry["kind"]]
+    if entry["kind"] == "gptq":
+        required += METHODS[entry.get("method", DEFAULT_METHOD)].checks
+    if entry["kind"] == "gguf" and entry.get("type") == "F16":
+        required += GGUF_F16_CHECKS
+    return required
 
 
-def verdict_problems(report: dict[str, Any], names: list[str], from_meta: bool = True) -> list[str]:
+def verdict_problems(report: Report, names: list[str], from_meta: bool = True) -> list[str]:
     """Why the report does not prove the artifacts `names` publishable, recomputed from its checks
-    (never from its `passed`): each must be present with every REQUIRED_CHECKS entry of its kind
-    (an fp16 model not converted `from_meta` here, an HF source, has no Meta checkpoint to match),
+    (never from its `passed`): each must be present with every required check (required_checks;
+    an fp16 model not converted `from_meta` here, an HF source, has no Meta checkpoint to match),
     and every check must have passed."""
-    checks = report["checks"]
-    problems = [] if checks else ["its check list is empty"]
-    failed = failed_checks(report)
+    problems = [] if report.checks else ["its check list is empty"]
+    failed = report.failed()
     if failed:
         problems.append(f"check(s) failed: {', '.join(failed)}"
-                        + (" although it says passed" if report["passed"] else ""))
+                        + (" although it says passed" if report.passed else ""))
     for name in names:
-        entry = report["artifacts"].get(name)
+        entry = report.artifacts.get(name)
         if entry is None:
             problems.append(f"artifact {name!r} is missing")
             continue
-        done = {c["check"] for c in checks if c["artifact"] == name}
-        required = REQUIRED_CHECKS[entry["kind"]]
+        done = {c.check for c in report.checks if c.artifact == name}
+        required = required_checks(entry)
         if entry["kind"] == "fp16" and not from_meta:
             required = tuple(c for c in required if c != "conversion_parity")
-        if entry["kind"] == "gguf" and entry.get("type") == "F16":
-            required += GGUF_F16_CHECKS
         missing = [c for c in required if c not in done]
         if missing:
             problems.append(f"{name!r} lacks the required check(s) {', '.join(missing)}")
     return problems
 
 
-def check_verdict(report: dict[str, Any], names: list[str], path: Path,
+def check_verdict(report: Report, names: list[str], path: Path,
                   from_meta: bool = True) -> None:
     """CheckFailed (naming the report) unless its own checks prove every artifact in `names`."""
     problems = verdict_problems(report, names, from_meta)
@@ -257,17 +353,17 @@ def run_inputs(artifacts: dict[str, Any], meta: Path | None, eval_sha256: str) -
             "eval_sha256": eval_sha256}
 
 
-def check_inputs(report: dict[str, Any], path: Path, conversion: dict[str, Any] | None,
+def check_inputs(report: Report, path: Path, conversion: dict[str, Any] | None,
                  from_meta: bool = True) -> None:
     """CheckFailed unless the report's recorded inputs belong to its fp16 artifact: the fp16
     fingerprint matches its file hashes, and, for an fp16 model converted `from_meta` here, the
     Meta files verify hashed are those it was converted from (`conversion`: its conversion.json,
     itself one of the verified files)."""
-    inputs = report.get("inputs")
+    inputs = report.inputs
     if not isinstance(inputs, dict):
         raise CheckFailed(f"{path}: records no inputs (made by an older verify, or edited); "
                           "run verify again")
-    if inputs.get("fp16") != hashes_digest(report["artifacts"]["fp16"]["files"]):
+    if inputs.get("fp16") != hashes_digest(report.artifacts["fp16"]["files"]):
         raise CheckFailed(f"{path}: inputs.fp16 does not match the report's own fp16 file hashes "
                           "(edited?); run verify again")
     if not from_meta:
@@ -298,28 +394,28 @@ def with_relpaths(artifacts: dict[str, dict[str, Any]], out: Path) -> dict[str, 
     return {n: {**a, "relpath": os.path.relpath(a["path"], base)} for n, a in artifacts.items()}
 
 
-def relocated(report: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The report read from `path` (its verify.json) with each artifact's path where it lies now:
-    at its relpath from the report when something is there (a work directory moved whole), else
-    as recorded. What the artifact holds is still judged by its file hashes."""
+def relocated(artifacts: dict[str, dict[str, Any]], path: Path) -> dict[str, dict[str, Any]]:
+    """The artifacts of the report read from `path` (its verify.json), each at the path where it
+    lies now: at its relpath from the report when something is there (a work directory moved
+    whole), else as recorded. What the artifact holds is still judged by its file hashes."""
     base = Path(path).resolve()
     base = base if base.is_dir() else base.parent
-    artifacts = {}
-    for name, a in report["artifacts"].items():
+    moved_to = {}
+    for name, a in artifacts.items():
         moved = base / a["relpath"] if "relpath" in a else None
         here = moved is not None and (moved.exists() or moved.is_symlink())
-        artifacts[name] = {**a, "path": str(moved.resolve()) if here else a["path"]}
-    return {**report, "artifacts": artifacts}
+        moved_to[name] = {**a, "path": str(moved.resolve()) if here else a["path"]}
+    return moved_to
 
 
-def check_integrity(report: dict[str, Any] | Path | str, artifact_name: str) -> None:
+def check_integrity(report: Report | Path | str, artifact_name: str) -> None:
     """Raise CheckFailed unless the artifact's files are exactly those hashed in the report."""
-    if not isinstance(report, dict):
+    if not isinstance(report, Report):
         report = read_report(report)
-    entry = report["artifacts"].get(artifact_name)
+    entry = report.artifacts.get(artifact_name)
     if entry is None:
         raise CheckFailed(f"artifact {artifact_name!r} is not in the verify report "
-                          f"(verified: {', '.join(report['artifacts'])})")
+                          f"(verified: {', '.join(report.artifacts)})")
     root = Path(entry["path"])
     if not (root.is_file() if entry.get("kind") == "gguf" else root.is_dir()):
         raise CheckFailed(f"{root}: artifact {artifact_name!r} is missing")
@@ -341,11 +437,6 @@ def _fmt(value: Any) -> str:
 
 def _pairs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in d.items())
-
-
-def check_metrics(report: dict[str, Any], check: str) -> dict[str, dict[str, Any]]:
-    """artifact -> metrics of every `check` entry of a report (e.g. kl_divergence per variant)."""
-    return {c["artifact"]: c.get("metrics", {}) for c in report["checks"] if c["check"] == check}
 
 
 def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
@@ -376,17 +467,17 @@ def runtime_table(section: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
                 "perplexity against ours on the same windows"] + _columns(rows, "  ")
 
 
-def perplexity_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def perplexity_rows(report: Report) -> list[dict[str, Any]]:
     """One row per artifact with a perplexity, in the report's `perplexity` order: its kind and
     grid, its perplexity and ratio to fp16's, its RTN baseline's (`NAME:rtn`, when measured), and
     its KL mean / p99 and top-1 agreement against fp16. The one source of every perplexity table
     (verify.txt, the job summary, the cards)."""
-    ppl = report.get("perplexity", {})
-    kl = check_metrics(report, "kl_divergence")
+    ppl = report.perplexity
+    kl = report.metrics("kl_divergence")
     base = ppl.get("fp16")
     rows = []
     for name in (n for n in ppl if not n.endswith(":rtn")):
-        art = report.get("artifacts", {}).get(name, {})
+        art = report.artifacts.get(name, {})
         rtn, m = ppl.get(f"{name}:rtn"), kl.get(name, {})
         rows.append({"artifact": name, "kind": art.get("kind"),
                      "bits": art.get("bits", 16 if name == "fp16" else None),
@@ -440,26 +531,26 @@ def render_perplexity(rows: list[dict[str, Any]]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def render(report: dict[str, Any]) -> str:
+def render(report: Report) -> str:
     """The report as plain text: the checks, perplexities, KL and top-1 against fp16, the worst
     module of each variant, and the generation samples of every artifact side by side."""
     rows = [("check", "artifact", "result", "metrics", "thresholds")]
-    for c in report["checks"]:
-        metrics = _pairs(c.get("metrics", {})) + (f" ({c['reason']})" if c.get("reason") else "")
-        check = c["check"] + (f" in {c['runtime']}" if "runtime" in c else "")
-        rows.append((check, c["artifact"], "PASS" if c["passed"] else "FAIL", metrics,
-                     _pairs(c.get("thresholds", {}))))
-    lines = [f"verify: {'PASSED' if report['passed'] else 'FAILED'}  "
-             f"(device {report['device']}, {report['dtype']}, "
-             f"{report['tokens_per_second']:.1f} tokens/s)", ""]
+    for c in report.checks:
+        metrics = _pairs(c.metrics) + (f" ({c.reason})" if c.reason else "")
+        check = c.check + (f" in {c.runtime}" if c.runtime else "")
+        rows.append((check, c.artifact, "PASS" if c.passed else "FAIL", metrics,
+                     _pairs(c.thresholds)))
+    lines = [f"verify: {'PASSED' if report.passed else 'FAILED'}  "
+             f"(device {report.device}, {report.dtype}, "
+             f"{report.tokens_per_second:.1f} tokens/s)", ""]
     lines += _columns(rows)
-    ev = report["eval"]
+    ev = report.eval
     lines += ["", f"perplexity ({ev['source']}: {len(ev['files'])} files, {ev['windows']} windows "
                   f"× {ev['seqlen']} tokens)"]
     lines += ["  KL (nats) and top-1 (same top token) against fp16, at every evaluation position"]
     lines += _columns(perplexity_table(perplexity_rows(report)), "  ")
-    lines += runtime_table(report.get("runtimes", {}))
-    modules = {c["artifact"]: c for c in report["checks"] if c["check"] == "module_integrity"}
+    lines += runtime_table(report.runtimes)
+    modules = {c.artifact: c for c in report.checks if c.check == "module_integrity"}
     if modules:
         lines += ["", "module integrity: the worst module's ||W - W_q|| / ||W|| and output error "
                       "||(W - W_q)X|| / ||WX|| on evaluation activations, as ratios to "
@@ -467,21 +558,21 @@ def render(report: dict[str, Any]) -> str:
         rows = [("artifact", "worst module", "ratio", "allowed", "worst by output", "output ratio",
                  "allowed")]
         for n, c in modules.items():
-            m, t = c["metrics"], c["thresholds"]
+            m, t = c.metrics, c.thresholds
             rows.append((n, str(m.get("worst_module", "-")), _fmt(m.get("ratio", "-")),
                          _fmt(t.get("module_error", "-")), str(m.get("worst_output_module", "-")),
                          _fmt(m.get("output_ratio", "-")), _fmt(t.get("module_output_error", "-"))))
         lines += _columns(rows, "  ")
-    gen = {c["artifact"]: c for c in report["checks"] if c["check"] == "generation"}
+    gen = {c.artifact: c.samples or [] for c in report.checks if c.check == "generation"}
     if gen:
         lines += ["", "generation: greedy samples beside fp16's (agree: tokens equal to fp16's "
                       "before the first difference)"]
-        prompts = [s["prompt"] for s in next(iter(gen.values()))["samples"]]
+        prompts = [s["prompt"] for s in next(iter(gen.values()))]
         for i, prompt in enumerate(prompts):
             lines.append(f"  {prompt!r}")
             rows = []
-            for n, c in gen.items():
-                s = c["samples"][i]
+            for n, samples in gen.items():
+                s = samples[i]
                 agree = f"agree {s['agree']}/{s['compared']}" if "agree" in s else "reference"
                 flag = f"[degenerate: {s['degenerate']}]" if s.get("degenerate") else ""
                 rows.append((n, agree, repr(s["text"]), flag))

@@ -16,20 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from pipeline.core.llama import pick_device
-from verify.metrics import kl_summary, kl_top1, perplexity
 from verify.thresholds import runtime_matched
 
-DTYPE = torch.float16  # GPTQ kernels compute in fp16 (GPTQModel's torch kernel: fp16/bf16 only)
+if TYPE_CHECKING:  # imported where used: a recipe names runtimes without loading torch
+    import torch
+
+DTYPE = "float16"  # GPTQ kernels compute in fp16 (GPTQModel's torch kernel: fp16/bf16 only)
 ERROR_CHARS = 500  # an error message is cut to this many characters in the result
 
 # fp16's logits [T - 1, V] (on the CPU) at the scored positions of window b: the reference for KL
 # and top-1, e.g. lambda b: fp16.project(h_fp16[b, :-1].to(fp16.device)).cpu()
-Reference = Callable[[int], torch.Tensor]
+Reference = Callable[[int], "torch.Tensor"]
 
 
 @dataclass
@@ -70,9 +69,11 @@ class TransformersModel:
         self.model, self.device = model.eval(), device
         self.kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
 
-    @torch.inference_mode()
     def score(self, window: torch.Tensor) -> Scored:
-        logits = self.model(input_ids=window[None].to(self.device)).logits[0, :-1].float().cpu()
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=window[None].to(self.device)).logits[0, :-1].float().cpu()
         lp = torch.log_softmax(logits, -1).gather(-1, window[1:, None].cpu()).squeeze(-1)
         return Scored(lp.double(), logits.argmax(-1), logits)
 
@@ -81,19 +82,23 @@ def load_gptqmodel(path: Path, device: torch.device) -> Loaded:
     """GPTQModel's own loader: its torch kernel on the CPU, its kernel choice on CUDA."""
     # its "model_loader:cpu" pool asks for 2 CPU workers; the default is (cores + 1) // 2
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    import torch
     from gptqmodel import BACKEND, GPTQModel
 
     backend = BACKEND.GPTQ_TORCH if device.type == "cpu" else BACKEND.AUTO
-    wrapper = GPTQModel.load(str(path), device=str(device), backend=backend, dtype=DTYPE)
+    wrapper = GPTQModel.load(str(path), device=str(device), backend=backend,
+                             dtype=getattr(torch, DTYPE))
     return TransformersModel(wrapper.model, device)
 
 
 def load_transformers(path: Path, device: torch.device) -> Loaded:
     """`AutoModelForCausalLM.from_pretrained(directory)` as a user calls it: transformers hands
     GPTQ to optimum, which takes GPTQModel's default kernel for the device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPE),
+                                                 device_map={"": device})
     return TransformersModel(model, device)
 
 
@@ -111,6 +116,8 @@ class VLLMModel:
         self.kernels = [str(getattr(self.llm.llm_engine.model_config, "quantization", None))]
 
     def score(self, window: torch.Tensor) -> Scored:
+        import torch
+
         ids = window.tolist()
         (out,) = self.llm.generate([{"prompt_token_ids": ids}], self.params, use_tqdm=False)
         steps = out.prompt_logprobs[1:]  # the first position has no prediction
@@ -161,6 +168,8 @@ def eager(device: torch.device) -> contextlib.AbstractContextManager:
     """torch.compile off on the CPU. GPTQModel compiles its torch kernel's dequantiser per module
     there (inductor: a minute for the demo model on 2 cores, far more for a 7B); eagerly it runs
     the same kernel code and gave the same perplexity to the last digit (4-bit and 3-bit)."""
+    import torch
+
     if device.type == "cpu":
         return torch._dynamo.config.patch(disable=True)
     return contextlib.nullcontext()
@@ -173,13 +182,18 @@ def run_runtime(name: str, variant: Path, windows: torch.Tensor, *, ppl_ours: fl
     perplexity on the same windows) the result says whether it matches (thresholds.PPL_MATCH); with
     `reference` (fp16 logits per window) it has KL and top-1 against fp16. A runtime that cannot
     run here is reported "not checked" with the reason, never passed. Its output goes to stderr."""
+    import torch
+
+    from pipeline.core.llama import pick_device
+    from verify.metrics import kl_summary, kl_top1, perplexity
+
     if name not in RUNTIMES:
         raise ValueError(f"unknown runtime {name!r} (known: {', '.join(RUNTIMES)})")
     dev = pick_device(device)
     rt = RUNTIMES[name]
     result: dict[str, Any] = {
         "runtime": name, "variant": Path(variant).name, "version": _version(rt.packages[0]),
-        "device": str(dev), "dtype": str(DTYPE).removeprefix("torch."), "checked": False,
+        "device": str(dev), "dtype": DTYPE, "checked": False,
         "reason": not_checked(name, dev), "loaded": False, "error": None, "kernels": [],
         "ppl": None, "ppl_ours": ppl_ours, "ratio": None, "kl_mean": None, "kl_p99": None,
         "top1": None, "passed": None, "seconds": 0.0}

@@ -16,7 +16,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +26,26 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import __version__
 from pipeline.core.calibration import file_documents, hf_documents, local_files
 from pipeline.core.chat import chat_prompt
 from pipeline.core.errors import CheckFailed, InputError
-from pipeline.core.gptq_format import ragged
+from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
+from pipeline.core.gptq_layout import ragged
 from pipeline.core.grid import rtn
 from pipeline.core.llama import compute_dtype, pick_device
 from pipeline.core.output import check_target, staged_dir
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import load_tokenizer
+from pipeline.methods import METHODS, variant_method
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import OUTPUT_TOKENS, module_errors, rtn_grid
 from verify.meta_reference import meta_logits
 from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_summary,
                             logits_parity, perplexity, windows)
-from verify.report import (REPORT_NAME, SCHEMA, artifact_entry, failed_checks, run_inputs,
-                           with_relpaths, write_report)
-from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, Reference, run_runtime
+from verify.report import (REPORT_NAME, Check, Report, artifact_entry, run_inputs, with_relpaths,
+                           write_report)
+from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, run_runtime
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
 PARITY_WINDOWS, PARITY_SEQLEN = 4, 256  # conversion parity: 4 × 256 tokens of the eval text
@@ -111,20 +113,19 @@ def open_models(fp16: Path, quants: list[Path], table: th.Table, device: torch.d
 
 
 def conversion_parity(model: LayerwiseModel, h: torch.Tensor, meta: Path,
-                      tokens: torch.Tensor) -> dict:
+                      tokens: torch.Tensor) -> Check:
     """Our logits (from hidden states h of tokens) against Meta's reference forward on the
     original shards."""
     ours = model.logits(h)
     ref = meta_logits(meta, tokens, device=model.device, dtype=model.dtype).float().cpu()
     thresholds = th.PARITY[str(model.dtype).removeprefix("torch.")]
-    check = {"check": "conversion_parity", "artifact": "fp16"}
     if ours.shape != ref.shape:  # e.g. a vocabulary cut or padded by the conversion
-        return {**check, "passed": False, "reason": f"logits {tuple(ours.shape)}, Meta's "
-                f"{tuple(ref.shape)}", "metrics": {"max_rel_err": math.inf, "top1_agreement": 0.0},
-                "thresholds": thresholds}
+        return Check("conversion_parity", "fp16", False,
+                     {"max_rel_err": math.inf, "top1_agreement": 0.0}, thresholds,
+                     reason=f"logits {tuple(ours.shape)}, Meta's {tuple(ref.shape)}")
     metrics = logits_parity(ours, ref)
-    return {**check, "passed": th.parity_passed(metrics, thresholds), "metrics": metrics,
-            "thresholds": thresholds}
+    return Check("conversion_parity", "fp16", th.parity_passed(metrics, thresholds), metrics,
+                 thresholds)
 
 
 def greedy_samples(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
@@ -141,15 +142,14 @@ def greedy_samples(model: LayerwiseModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = None,
-                     min_agreement: float | None = None) -> dict:
+                     min_agreement: float | None = None) -> Check:
     """fp16's samples (fp16 None): reported, never failing, since fp16 is the reference. A
     variant's samples beside fp16's with their token agreement; the variant fails where a sample
     is degenerate and fp16's is not, or where its mean agreement is below min_agreement."""
-    check = {"check": "generation", "artifact": name}
     if fp16 is None:
-        return {**check, "passed": True, "reference": True,
-                "metrics": {"degenerate": sum(bool(s["degenerate"]) for s in samples)},
-                "samples": samples}
+        return Check("generation", name, True,
+                     {"degenerate": sum(bool(s["degenerate"]) for s in samples)}, reference=True,
+                     samples=samples)
     rows, problems = [], []
     for s, ref in zip(samples, fp16, strict=True):
         agree, compared = agreement(ref["tokens"], s["tokens"])
@@ -160,23 +160,20 @@ def generation_check(name: str, samples: list[dict], fp16: list[dict] | None = N
     mean = sum(r["agreement"] for r in rows) / len(rows)
     if min_agreement is not None and not th.agreement_passed(mean, min_agreement):
         problems.append(f"mean agreement with fp16 {mean:.3f} < {min_agreement:g}")
-    reason = {"reason": "; ".join(problems)} if problems else {}
     limits = {"agreement": min_agreement} if min_agreement is not None else {}
-    return {**check, "passed": not problems, **reason, "metrics": {"agreement": mean},
-            "thresholds": limits, "samples": rows}
+    return Check("generation", name, not problems, {"agreement": mean}, limits,
+                 reason="; ".join(problems) or None, samples=rows)
 
 
-def kl_check(name: str, metrics: dict[str, float], t: dict[str, float | None]) -> dict:
+def kl_check(name: str, metrics: dict[str, float], t: dict[str, float | None]) -> Check:
     """Pass when mean and 99th-percentile KL against fp16 are at most, and the same-top-token
     fraction at least, the bit width's thresholds that are set (NaN fails those)."""
     limits = {k: t[k] for k in ("kl_mean", "kl_p99", "top1") if t[k] is not None}
-    return {"check": "kl_divergence", "artifact": name,
-            "passed": th.kl_passed(metrics, limits), "metrics": metrics,
-            "thresholds": limits}
+    return Check("kl_divergence", name, th.kl_passed(metrics, limits), metrics, limits)
 
 
 def integrity_check(name: str, modules: dict[str, dict], factor: float | None,
-                    output_factor: float) -> dict:
+                    output_factor: float) -> Check:
     """Pass when every quantised linear's output error on evaluation activations is at most
     `output_factor` times RTN's on the same grid, its relative weight error at most `factor`
     times RTN's (when set), and its g_idx is well formed; the failure names the modules."""
@@ -213,26 +210,24 @@ def integrity_check(name: str, modules: dict[str, dict], factor: float | None,
                         "output_ratio": ratio(modules[o], "output_error")})
     more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
     keys = ("error", "rtn_error", "output_error", "rtn_output_error")
-    return {"check": "module_integrity", "artifact": name, "passed": not problems,
-            **({"reason": "; ".join(problems[:SHOWN_PROBLEMS]) + more} if problems else {}),
-            "metrics": metrics,
-            "thresholds": {"module_output_error": output_factor,
-                           **({"module_error": factor} if factor is not None else {})},
-            "per_module": {k: {key: v[key] for key in keys} for k, v in modules.items()}}
+    return Check("module_integrity", name, not problems, metrics,
+                 {"module_output_error": output_factor,
+                  **({"module_error": factor} if factor is not None else {})},
+                 reason="; ".join(problems[:SHOWN_PROBLEMS]) + more if problems else None,
+                 per_module={k: {key: v[key] for key in keys} for k, v in modules.items()})
 
 
-def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float | None) -> dict:
+def perplexity_check(name: str, ppl: float, ppl_fp16: float, tolerance: float | None) -> Check:
     """Pass when ppl is finite and, with a tolerance set, ppl ≤ ppl_fp16 · (1 + tolerance)."""
     ratio = ppl / ppl_fp16
     passed = (th.perplexity_passed(ppl, ppl_fp16, tolerance) if tolerance is not None
               else math.isfinite(ppl))
-    return {"check": "perplexity", "artifact": name, "passed": passed,
-            "metrics": {"ppl": ppl, "ppl_fp16": ppl_fp16, "ratio": ratio},
-            "thresholds": {"tolerance": tolerance} if tolerance is not None else {}}
+    return Check("perplexity", name, passed, {"ppl": ppl, "ppl_fp16": ppl_fp16, "ratio": ratio},
+                 {"tolerance": tolerance} if tolerance is not None else {})
 
 
 def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_fp16: float,
-              margin: float) -> dict:
+              margin: float) -> Check:
     """Pass when the variant's perplexity and mean KL against fp16 are each at most (1 + margin)
     times those of round-to-nearest on its own grid, measured in the same run (or within
     thresholds.RTN_FLOOR of fp16); the failure says which and by how much."""
@@ -241,18 +236,16 @@ def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_
     ok_kl = th.rtn_passed(kl_mean, rtn["kl_mean"], margin, f["kl_mean"])
     problems = ([f"perplexity {ppl:.4g} > (1 + {margin:g}) × RTN's {rtn['ppl']:.4g}"] * (not ok_ppl)
                 + [f"mean KL {kl_mean:.4g} > (1 + {margin:g}) × RTN's {rtn['kl_mean']:.4g}"] * (not ok_kl))
-    return {"check": "against_rtn", "artifact": name, "passed": not problems,
-            **({"reason": "; ".join(problems)} if problems else {}),
-            "metrics": {"ppl": ppl, "ppl_rtn": rtn["ppl"], "kl_mean": kl_mean,
-                        "kl_mean_rtn": rtn["kl_mean"], "top1_rtn": rtn["top1"],
-                        "ppl_ratio": ppl / rtn["ppl"],
-                        "kl_ratio": kl_mean / rtn["kl_mean"] if rtn["kl_mean"] else math.inf},
-            "thresholds": {"rtn_margin": margin}}
+    return Check("against_rtn", name, not problems,
+                 {"ppl": ppl, "ppl_rtn": rtn["ppl"], "kl_mean": kl_mean,
+                  "kl_mean_rtn": rtn["kl_mean"], "top1_rtn": rtn["top1"],
+                  "ppl_ratio": ppl / rtn["ppl"],
+                  "kl_ratio": kl_mean / rtn["kl_mean"] if rtn["kl_mean"] else math.inf},
+                 {"rtn_margin": margin}, reason="; ".join(problems) or None)
 
 
 def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
     """A GGUF file's type (pipeline/gguf.py TYPES, read from the file) and its thresholds."""
-    from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
     from verify.llamacpp import file_type
 
     ftype = file_type(path)
@@ -265,58 +258,154 @@ def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, 
         raise InputError(f"{path}: {e}") from None
 
 
-def gguf_checks(path: Path, ref: LayerwiseModel, h_fp16: torch.Tensor, win: torch.Tensor,
-                ppl: dict[str, float], tokenizer: PreTrainedTokenizerBase, sample: str,
-                overrides: dict[str, dict[str, float]]) -> tuple[dict, list[dict]]:
-    """A GGUF file scored inside llama.cpp (verify/llamacpp.py) against fp16's logits (from its
-    hidden states h_fp16 and head `ref`): metadata and tokenisation, perplexity and KL/top-1 at
-    its type's thresholds (`overrides`: type -> kind -> value), and for F16 logits parity to fp16
-    round-off. Returns its artifacts entry and checks; adds its perplexity to `ppl`."""
-    from pipeline.core.gguf_types import TYPES
+@dataclass
+class Context:
+    """What every artifact's checks share: the evaluation windows, the thresholds, the prompts,
+    fp16's results (perplexity, NLL per window, samples, last hidden states and head) and the RTN
+    baselines measured so far, one per grid."""
+
+    win: torch.Tensor  # [N, seqlen]
+    table: th.Table
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[str]
+    device: torch.device
+    dtype: torch.dtype
+    ppl: dict[str, float] = field(default_factory=dict)
+    nll: dict[str, torch.Tensor] = field(default_factory=dict)  # summed NLL per window
+    seconds: float = 0.0  # in evaluation forwards, for tokens per second
+    fp16_samples: list[dict] = field(default_factory=list)
+    h_fp16: torch.Tensor | None = None  # [N, seqlen, dim] on the host: the reference for KL
+    ref: LayerwiseModel | None = None  # fp16's head only
+    errors: dict[str, dict] = field(default_factory=dict)  # variant -> module -> errors
+    rtn: dict[tuple, dict[str, float]] = field(default_factory=dict)
+
+    def eval_pass(self, model: LayerwiseModel, name: str,
+                  extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """The model's last hidden states on the windows (and `extra` ones); records its NLL and
+        perplexity."""
+        t0 = time.perf_counter()
+        hs = model.hidden([self.win, *extra], desc=f"{name} layers")
+        self.nll[name] = model.nll(hs[0], self.win)
+        self.ppl[name] = perplexity(self.nll[name], self.win.shape[1])
+        self.seconds += time.perf_counter() - t0
+        return hs
+
+    def reference(self, b: int) -> torch.Tensor:
+        """fp16's logits on window b."""
+        return self.ref.logits(self.h_fp16[b:b + 1].to(self.ref.device))[0]
+
+    def rtn_baseline(self, fp16: Path, quantization: dict[str, Any]) -> dict[str, float]:
+        """Round-to-nearest on the variant's grid, scored as the variant is (once per grid)."""
+        key = (quantization["bits"], quantization["group_size"], quantization.get("sym", True))
+        if key not in self.rtn:
+            baseline = LayerwiseModel(fp16, self.device, self.dtype, resident=False,
+                                      weight_fn=rtn_weight_fn(quantization))
+            (h,) = baseline.hidden([self.win], desc=f"rtn {key[0]}-bit layers")
+            self.rtn[key] = {"ppl": perplexity(baseline.nll(h, self.win), self.win.shape[1]),
+                             **kl_summary(*baseline.divergence(h, self.ref, self.h_fp16))}
+        return self.rtn[key]
+
+
+def judge_fp16(ctx: Context, base: LayerwiseModel, meta: Path | None,
+               parity: torch.Tensor) -> list[Check]:
+    """fp16 against Meta's shards (conversion parity, when given), its perplexity and its greedy
+    samples (the reference every variant's are compared with); keeps its hidden states."""
+    h, *rest = ctx.eval_pass(base, "fp16", [parity] if meta is not None else [])
+    checks = [conversion_parity(base, rest[0], meta, parity)] if meta is not None else []
+    checks.append(perplexity_check("fp16", ctx.ppl["fp16"], ctx.ppl["fp16"], 0.0))
+    ctx.fp16_samples = greedy_samples(base, ctx.tokenizer, ctx.prompts)
+    checks.append(generation_check("fp16", ctx.fp16_samples))
+    ctx.h_fp16 = h.cpu()  # the reference for KL (module docstring), while each variant runs
+    ctx.ref = LayerwiseModel(base.ckpt.path, ctx.device, ctx.dtype, resident=False,
+                             progress=False)
+    return checks
+
+
+@dataclass
+class Variant:
+    """A GPTQ-format variant being judged: its name, model, thresholds and KL against fp16."""
+
+    name: str
+    model: LayerwiseModel
+    t: dict[str, float | None]
+    kl: dict[str, float]
+
+
+# verify's checks of a variant, by name: a method (pipeline/methods METHODS) lists those it takes
+VARIANT_CHECKS: dict[str, Callable[[Context, Variant], Check]] = {
+    "perplexity": lambda ctx, v: perplexity_check(v.name, ctx.ppl[v.name], ctx.ppl["fp16"],
+                                                  v.t["tolerance"]),
+    "kl_divergence": lambda ctx, v: kl_check(v.name, v.kl, v.t),
+    "generation": lambda ctx, v: generation_check(
+        v.name, greedy_samples(v.model, ctx.tokenizer, ctx.prompts), ctx.fp16_samples,
+        v.t["agreement"]),
+    "module_integrity": lambda ctx, v: integrity_check(v.name, ctx.errors[v.name],
+                                                       v.t["module_error"],
+                                                       v.t["module_output_error"]),
+    "against_rtn": lambda ctx, v: rtn_check(
+        v.name, ctx.ppl[v.name], v.kl["kl_mean"],
+        ctx.rtn_baseline(ctx.ref.ckpt.path, v.model.ckpt.quantization), ctx.ppl["fp16"],
+        v.t["rtn_margin"]),
+}
+
+
+def judge_variant(ctx: Context, name: str, m: LayerwiseModel) -> list[Check]:
+    """A variant against fp16 with the checks of the method that made it."""
+    (h,) = ctx.eval_pass(m, name)
+    v = Variant(name, m, th.for_bits(ctx.table, m.bits),
+                kl_summary(*m.divergence(h, ctx.ref, ctx.h_fp16)))
+    del h
+    return [VARIANT_CHECKS[c](ctx, v) for c in METHODS[variant_method(m.ckpt.path)].checks]
+
+
+def judge_gguf(ctx: Context, path: Path, sample: str,
+               overrides: dict[str, dict[str, float]]) -> tuple[dict, list[Check]]:
+    """A GGUF file scored inside llama.cpp (verify/llamacpp.py) against fp16's logits: metadata
+    and tokenisation, perplexity and KL/top-1 at its type's thresholds (`overrides`: type -> kind
+    -> value), and for F16 logits parity to fp16 round-off. Returns its artifacts entry and
+    checks; records its perplexity."""
     from verify import llamacpp
     from verify.report import sha256_file
 
     name, (kind, t) = path.name, gguf_type(path, overrides)
-    model = llamacpp.GGUFModel(path, n_ctx=win.shape[1])
+    model = llamacpp.GGUFModel(path, n_ctx=ctx.win.shape[1])
     try:
-        problems = llamacpp.metadata_problems(path, ref.ckpt.path, tokenizer, model, sample)
-        s = llamacpp.score(model, win, lambda b: ref.logits(h_fp16[b:b + 1].to(ref.device))[0])
+        problems = llamacpp.metadata_problems(path, ctx.ref.ckpt.path, ctx.tokenizer, model,
+                                              sample)
+        s = llamacpp.score(model, ctx.win, ctx.reference)
     finally:
         model.close()
-    ppl[name] = perplexity(s.nll, win.shape[1])
-    checks = [{"check": "gguf_metadata", "artifact": name, "passed": not problems,
-               **({"reason": "; ".join(problems[:SHOWN_PROBLEMS])} if problems else {}),
-               "metrics": {"problems": len(problems)}, "thresholds": {}},
-              perplexity_check(name, ppl[name], ppl["fp16"], t["tolerance"]),
+    ctx.ppl[name] = perplexity(s.nll, ctx.win.shape[1])
+    checks = [Check("gguf_metadata", name, not problems, {"problems": len(problems)},
+                    reason="; ".join(problems[:SHOWN_PROBLEMS]) or None),
+              perplexity_check(name, ctx.ppl[name], ctx.ppl["fp16"], t["tolerance"]),
               kl_check(name, kl_summary(s.kl, s.same), t)]
     if kind == "F16":
-        limits = th.GGUF_PARITY
-        checks.append({"check": "gguf_parity", "artifact": name,
-                       "passed": th.parity_passed(s.parity, limits), "metrics": s.parity,
-                       "thresholds": limits})
+        checks.append(Check("gguf_parity", name, th.parity_passed(s.parity, th.GGUF_PARITY),
+                            s.parity, th.GGUF_PARITY))
     entry = {"path": str(path.resolve()), "kind": "gguf", "type": kind, "bits": TYPES[kind].bits,
              "runtime": f"llama-cpp-python {llamacpp.bindings().__version__}",
              "files": {name: sha256_file(path)}}
     return entry, checks
 
 
-def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict[str, bool],
-                   win: torch.Tensor, nll: dict[str, torch.Tensor], reference: Reference,
-                   device: torch.device) -> tuple[dict, list[dict]]:
+def judge_runtimes(ctx: Context, names: list[str], paths: dict[str, Path],
+                   ragged_groups: dict[str, bool]) -> tuple[dict, list[Check]]:
     """Each GPTQ variant (name -> directory) loaded in each runtime `names` (verify/runtimes.py)
     and scored on the first RUNTIME_WINDOWS evaluation windows against our dequantised perplexity
-    on them (from `nll`, per window) and fp16's logits (`reference`). Returns the runtime ->
-    variant -> result section and a "runtime" check per result that ran: one not checkable here
-    is only in the section (with its reason); a runtime that `refuses_ragged` refusing a ragged
-    variant is an expected refusal, not a failure."""
-    sub = win[:RUNTIME_WINDOWS]
+    on them and fp16's logits. Returns the runtime -> variant -> result section and a "runtime"
+    check per result that ran: one not checkable here is only in the section (with its reason);
+    a runtime that `refuses_ragged` refusing a ragged variant is an expected refusal, not a
+    failure."""
+    sub = ctx.win[:RUNTIME_WINDOWS]
     section: dict[str, dict] = {}
-    checks: list[dict] = []
+    checks: list[Check] = []
     for rt in names:
         section[rt] = {}
         for name, path in paths.items():
-            ours = perplexity(nll[name][:len(sub)], sub.shape[1])
-            r = run_runtime(rt, path, sub, ppl_ours=ours, reference=reference, device=str(device))
+            ours = perplexity(ctx.nll[name][:len(sub)], sub.shape[1])
+            r = run_runtime(rt, path, sub, ppl_ours=ours,
+                            reference=lambda b: ctx.reference(b)[:-1], device=str(ctx.device))
             r["expected_refusal"] = bool(ragged_groups[name] and RUNTIMES[rt].refuses_ragged
                                          and r["error"])
             section[rt][name] = r
@@ -324,63 +413,46 @@ def runtime_checks(names: list[str], paths: dict[str, Path], ragged_groups: dict
                        f"ppl {r['ppl']:.6g} (ours {ours:.6g}, {r['ratio']:+.2e})"), file=sys.stderr)
             if not r["checked"]:
                 continue
-            check = {"check": "runtime", "artifact": name, "runtime": rt,
-                     "passed": bool(r["passed"]) or r["expected_refusal"],
-                     "metrics": {k: r[k] for k in ("ppl", "ppl_ours", "ratio", "top1", "kl_mean")
-                                 if r[k] is not None},
-                     "thresholds": {"ppl_match": th.PPL_MATCH}}
+            reason = None
             if r["error"]:
-                check["reason"] = (f"{rt} refuses layers with a partial last group, as expected "
-                                   f"(RAGGED_REFUSED_BY): " if r["expected_refusal"] else "") \
-                    + r["error"]
-            checks.append(check)
+                reason = (f"{rt} refuses layers with a partial last group, as expected "
+                          f"(RAGGED_REFUSED_BY): " if r["expected_refusal"] else "") + r["error"]
+            checks.append(Check("runtime", name, bool(r["passed"]) or r["expected_refusal"],
+                                {k: r[k] for k in ("ppl", "ppl_ours", "ratio", "top1", "kl_mean")
+                                 if r[k] is not None},
+                                {"ppl_match": th.PPL_MATCH}, reason=reason, runtime=rt))
     return section, checks
 
 
 def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, eval_text: str,
-           out: Path, seqlen: int = 2048, max_windows: int | None = None,
-           thresholds: th.Table | None = None, baseline_rtn: bool = False,
-           prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
-           device: str = "auto", force: bool = False, ggufs: Sequence[Path] = (),
-           gguf_thresholds: dict[str, dict[str, float]] | None = None,
-           runtimes: Sequence[str] = ()) -> dict:
+          out: Path, seqlen: int = 2048, max_windows: int | None = None,
+          thresholds: th.Table | None = None, baseline_rtn: bool = False,
+          prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
+          device: str = "auto", force: bool = False, ggufs: Sequence[Path] = (),
+          gguf_thresholds: dict[str, dict[str, float]] | None = None,
+          runtimes: Sequence[str] = ()) -> Report:
     """Run every check; write out/verify.json and out/verify.txt; return the report (the CLI
-    exits 3 when report["passed"] is false). `thresholds` (kind -> bits -> value, kinds of
+    exits 3 when it did not pass). `thresholds` (kind -> bits -> value, kinds of
     verify/thresholds.py) override the defaults bit width by bit width; `gguf_thresholds`
     (type -> kind -> value) those of the GGUF files `ggufs`, scored in llama.cpp; each of
-    `runtimes` (verify/runtimes.py RUNTIMES) loads every GPTQ variant (runtime_checks)."""
+    `runtimes` (verify/runtimes.py RUNTIMES) loads every GPTQ variant (judge_runtimes)."""
     out, fp16, quants = Path(out), Path(fp16), [Path(q) for q in quants]
     ggufs = [Path(g) for g in ggufs]
     models = [fp16, *quants, *ggufs, *([Path(meta)] if meta is not None else [])]
     check_target(out, force, manifest=REPORT_NAME, inputs=models)
-    if seqlen < MIN_SEQLEN:
-        raise InputError(f"--seqlen {seqlen}: must be at least {MIN_SEQLEN}")
-    if max_windows is not None and max_windows < 1:
-        raise InputError(f"--max-windows {max_windows}: must be at least 1 (omit it to use every "
-                         "window of the evaluation text)")
-    if meta is not None and not Path(meta).is_dir():
-        raise InputError(f"{meta}: Meta checkpoint directory missing")
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown:
-        raise InputError(f"--runtime {', '.join(unknown)}: unknown (known: {', '.join(RUNTIMES)})")
+    check_options(seqlen, max_windows, meta, runtimes)
     table = th.merged(thresholds)
-    prompts = list(prompts or DEFAULT_PROMPTS)
     dev = pick_device(device)
     dtype = compute_dtype(dev)
     base, variants = open_models(fp16, quants, table, dev, dtype)
-    for g in ggufs:
-        if not g.is_file():
-            raise InputError(f"{g}: GGUF file missing")
-        if g.name in ("fp16", *variants) or [x.name for x in ggufs].count(g.name) > 1:
-            raise InputError(f"{g}: artifact name {g.name!r} is already taken; GGUF files must "
-                             "have distinct names")
-        gguf_type(g, gguf_thresholds or {})
+    check_ggufs(ggufs, ["fp16", *variants], gguf_thresholds or {})
     if seqlen > base.args.max_seq_len:
         raise InputError(f"--seqlen {seqlen}: longer than {fp16}'s context "
                          f"(max_position_embeddings {base.args.max_seq_len})")
 
     files, texts = eval_documents(eval_text)
     tokenizer = load_tokenizer(fp16)
+    prompts = list(prompts or DEFAULT_PROMPTS)
     prompts += [chat_prompt(tokenizer, p) for p in chat_prompts or ()]  # in the chat template
     sample = "\n\n".join(texts)[:20000] + "\n".join(prompts)
     for m in variants.values():
@@ -392,33 +464,12 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
     artifacts = {"fp16": artifact_entry(fp16, None, progress=True)}
     artifacts.update({n: artifact_entry(m.ckpt.path, m.ckpt.quantization, progress=True)
                       for n, m in variants.items()})
-    checks: list[dict] = []
-    ppl: dict[str, float] = {}
-    nll: dict[str, torch.Tensor] = {}  # summed NLL per window, for the runtime checks
-    seconds = 0.0
-
-    def eval_pass(model: LayerwiseModel, name: str, extra: list[torch.Tensor] = ()) -> list:
-        nonlocal seconds
-        t0 = time.perf_counter()
-        hs = model.hidden([win, *extra], desc=f"{name} layers")
-        nll[name] = model.nll(hs[0], win)
-        ppl[name] = perplexity(nll[name], seqlen)
-        seconds += time.perf_counter() - t0
-        return hs
-
-    h_fp16, *rest = eval_pass(base, "fp16", [parity] if meta is not None else [])
-    if meta is not None:
-        checks.append(conversion_parity(base, rest[0], Path(meta), parity))
-    checks.append(perplexity_check("fp16", ppl["fp16"], ppl["fp16"], 0.0))
-    fp16_samples = greedy_samples(base, tokenizer, prompts)
-    checks.append(generation_check("fp16", fp16_samples))
-    del base, rest
-    h_fp16 = h_fp16.cpu()  # the reference for KL (module docstring), while each variant runs
-    ref = LayerwiseModel(fp16, dev, dtype, resident=False, progress=False)  # its head only
-    errors = module_errors(ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev,
-                           win[:1, :OUTPUT_TOKENS]) if variants else {}
-
-    rtn: dict[tuple, dict[str, float]] = {}  # RTN on each grid: ppl and KL against fp16
+    ctx = Context(win, table, tokenizer, prompts, dev, dtype)
+    checks = judge_fp16(ctx, base, Path(meta) if meta is not None else None, parity)
+    del base
+    if variants:
+        ctx.errors = module_errors(ctx.ref.ckpt, {n: m.ckpt for n, m in variants.items()}, dev,
+                                   win[:1, :OUTPUT_TOKENS])
     n_artifacts = 1 + len(variants)
     paths = {n: m.ckpt.path for n, m in variants.items()}
     ragged_groups = {n: any(ragged(n_in, m.ckpt.quantization["group_size"])
@@ -426,58 +477,60 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
                      for n, m in variants.items()}
     for name in list(variants):
         m = variants.pop(name)  # released (with any layers it kept) after its checks
-        (h,) = eval_pass(m, name)
-        t = th.for_bits(table, m.bits)
-        checks.append(perplexity_check(name, ppl[name], ppl["fp16"], t["tolerance"]))
-        kl = kl_summary(*m.divergence(h, ref, h_fp16))
-        checks.append(kl_check(name, kl, t))
-        del h
-        checks.append(generation_check(name, greedy_samples(m, tokenizer, prompts), fp16_samples,
-                                       t["agreement"]))
-        checks.append(integrity_check(name, errors[name], t["module_error"],
-                                      t["module_output_error"]))
-        q = m.ckpt.quantization
-        key = (q["bits"], q["group_size"], q.get("sym", True))
-        if key not in rtn:
-            baseline = LayerwiseModel(fp16, dev, dtype, resident=False, weight_fn=rtn_weight_fn(q))
-            (h,) = baseline.hidden([win], desc=f"{name}:rtn layers")
-            rtn[key] = {"ppl": perplexity(baseline.nll(h, win), seqlen),
-                        **kl_summary(*baseline.divergence(h, ref, h_fp16))}
-            del h, baseline
-        checks.append(rtn_check(name, ppl[name], kl["kl_mean"], rtn[key], ppl["fp16"],
-                                t["rtn_margin"]))
+        checks += judge_variant(ctx, name, m)
         if baseline_rtn:
-            ppl[f"{name}:rtn"] = rtn[key]["ppl"]
-    section, more = runtime_checks(
-        list(runtimes), paths, ragged_groups, win, nll,
-        lambda b: ref.logits(h_fp16[b:b + 1].to(ref.device))[0, :-1], dev)
+            ctx.ppl[f"{name}:rtn"] = ctx.rtn_baseline(fp16, m.ckpt.quantization)["ppl"]
+    section, more = judge_runtimes(ctx, list(runtimes), paths, ragged_groups)
     checks += more
     for g in ggufs:
-        artifacts[g.name], more = gguf_checks(g, ref, h_fp16, win, ppl, tokenizer, sample,
-                                              gguf_thresholds or {})
+        artifacts[g.name], more = judge_gguf(ctx, g, sample, gguf_thresholds or {})
         checks += more
 
-    report = {
-        "schema": SCHEMA, "tool_version": __version__,
-        "passed": all(c["passed"] for c in checks),
-        "device": str(dev), "dtype": str(dtype).removeprefix("torch."),
-        "eval": {"source": eval_text, "files": [str(f) for f in files],
-                 "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest(),
-                 "seqlen": seqlen, "windows": win.shape[0], "tokens": win.numel()},
-        "artifacts": artifacts, "checks": checks, "perplexity": ppl, "runtimes": section,
-        "tokens_per_second": win.numel() * n_artifacts / max(seconds, 1e-9),
-    }
-    report["inputs"] = run_inputs(artifacts, meta, report["eval"]["sha256"])  # what publish matches
-    report["artifacts"] = with_relpaths(artifacts, out)
+    ev = {"source": eval_text, "files": [str(f) for f in files],
+          "sha256": hashlib.sha256("\n\n".join(texts).encode()).hexdigest(),
+          "seqlen": seqlen, "windows": win.shape[0], "tokens": win.numel()}
+    report = Report(passed=all(c.passed for c in checks), device=str(dev),
+                    dtype=str(dtype).removeprefix("torch."), eval=ev,
+                    artifacts=with_relpaths(artifacts, out), checks=checks, perplexity=ctx.ppl,
+                    runtimes=section,
+                    tokens_per_second=win.numel() * n_artifacts / max(ctx.seconds, 1e-9),
+                    inputs=run_inputs(artifacts, meta, ev["sha256"]))  # what publish matches
     with staged_dir(out, force, manifest=REPORT_NAME, inputs=[*models, *files]) as tmp:
         write_report(report, tmp)
     return report
 
 
-def summary(report: dict, out: Path) -> str:
-    parts = [f"{n} ppl {p:.4g}" for n, p in report["perplexity"].items()]
-    status = "PASSED" if report["passed"] else f"FAILED ({', '.join(failed_checks(report))})"
-    return (f"verify {status}: {'; '.join(parts)}; {report['tokens_per_second']:.0f} tokens/s "
+def check_options(seqlen: int, max_windows: int | None, meta: Path | None,
+                  runtimes: Sequence[str]) -> None:
+    """The options judge checks before it opens any model."""
+    if seqlen < MIN_SEQLEN:
+        raise InputError(f"--seqlen {seqlen}: must be at least {MIN_SEQLEN}")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows {max_windows}: must be at least 1 (omit it to use every "
+                         "window of the evaluation text)")
+    if meta is not None and not Path(meta).is_dir():
+        raise InputError(f"{meta}: Meta checkpoint directory missing")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise InputError(f"--runtime {', '.join(unknown)}: unknown (known: {', '.join(RUNTIMES)})")
+
+
+def check_ggufs(ggufs: list[Path], taken: list[str],
+                overrides: dict[str, dict[str, float]]) -> None:
+    """Each GGUF file exists, has a name of its own and a known type."""
+    for g in ggufs:
+        if not g.is_file():
+            raise InputError(f"{g}: GGUF file missing")
+        if g.name in taken or [x.name for x in ggufs].count(g.name) > 1:
+            raise InputError(f"{g}: artifact name {g.name!r} is already taken; GGUF files must "
+                             "have distinct names")
+        gguf_type(g, overrides)
+
+
+def summary(report: Report, out: Path) -> str:
+    parts = [f"{n} ppl {p:.4g}" for n, p in report.perplexity.items()]
+    status = "PASSED" if report.passed else f"FAILED ({', '.join(report.failed())})"
+    return (f"verify {status}: {'; '.join(parts)}; {report.tokens_per_second:.0f} tokens/s "
             f"-> {out / 'verify.json'}")
 
 
@@ -573,8 +626,8 @@ def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, p
                     chat_prompts=list(chat_prompts), device=device, force=force,
                     ggufs=list(ggufs), gguf_thresholds=gguf_thresholds, runtimes=list(runtimes))
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(json.dumps(report.to_dict()))
     click.echo(summary(report, out), err=as_json)
-    if not report["passed"]:
-        raise CheckFailed(f"verification failed ({', '.join(failed_checks(report))}); "
+    if not report.passed:
+        raise CheckFailed(f"verification failed ({', '.join(report.failed())}); "
                           f"see {out / 'verify.txt'}")

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +309,23 @@ def gguf_reader(path: Path) -> Any:
         return GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
         raise InputError(f"{shown(path)}: not a readable GGUF file ({e})") from None
+
+
+MAX_SIZE = 1 << 60  # a shard size beyond any disk
+DEFAULT_SHARD_SIZE = "5GB"  # the stages' default largest safetensors file (parse_size)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / '1024' -> bytes (at least 1, at most MAX_SIZE), exactly."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"(-?(?:\d{1,30}(?:\.\d{0,30})?|\.\d{1,30}))\s*([KMGT]I?B|B)?",
+                     str(text).strip().upper())
+    if not m:
+        raise ValueError(f"cannot parse size {str(text)[:40]!r} (examples: 5GB, 500MB, 2GiB)")
+    size = int(Fraction(m.group(1)) * units[m.group(2) or ""])
+    if size < 1:
+        raise ValueError(f"size {str(text)[:40]!r}: must be at least 1 byte")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {str(text)[:40]!r}: must be at most {MAX_SIZE >> 50} PiB")
+    return size

@@ -9,12 +9,13 @@ import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.bounded import MAX_LINE_BYTES, checked_path, loads_json
 from pipeline.core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 JSONL_FIELDS = ("text", "content", "code")  # the first one a record has is its document
 NSAMPLES, SEQLEN, SEED = 128, 2048, 0  # GPTQ's calibration: 128 random 2048-token windows
@@ -149,6 +150,8 @@ def load_calibration(source: str, tokenizer: Any, nsamples: int, seqlen: int,
         raise InputError(f"calibration source {source!r}: {len(stream)} tokens make {available} "
                          f"windows of {seqlen} tokens, {nsamples} requested; add text or lower "
                          "--nsamples/--seqlen")
+    import torch  # torch-free to import: a recipe reads this module's limits
+
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=g)[:nsamples].sort().values
     pool = torch.tensor(stream[:available * span], dtype=torch.long).view(available, span)

@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 
 from pipeline.core.bounded import read_json
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import (BITS, GROUP_SIZE_RULE, n_groups, packed_shapes,
-                                       valid_group_size)
+from pipeline.core.gptq_format import packed_shapes
+from pipeline.core.gptq_layout import BITS, GROUP_SIZE_RULE, n_groups, valid_group_size
 from pipeline.core.llama import LAYER_NORMS, LlamaArgs
 from pipeline.core.safetensors_stream import (DTYPES, FLOAT_DTYPES, INDEX_NAME, StoredTensor,
                                               read_header)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.bounded import read_json
 from pipeline.core.errors import InputError
-from pipeline.core.gptq_format import BITS, GROUP_SIZE_RULE, valid_group_size
+from pipeline.core.gptq_layout import BITS, GROUP_SIZE_RULE, valid_group_size
 
 if TYPE_CHECKING:
     from pipeline.core.grid import Grid
@@ -46,6 +48,19 @@ METHODS = {m.name: m for m in (
            checks=(*AGAINST_FP16, "module_integrity")),
 )}
 DEFAULT_METHOD = "gptq"  # what a variant without a `method` key (and a foreign GPTQ model) is
+QUANT_LOG = "quant_log.json"  # the quantize stage's record in a variant's directory: its method
+
+
+def variant_method(path: Path) -> str:
+    """The method a variant directory was made by: its quant_log.json's `method` (a GPTQ model
+    made elsewhere has none: DEFAULT_METHOD)."""
+    log = path / QUANT_LOG
+    if not log.is_file():
+        return DEFAULT_METHOD
+    method = read_json(log).get("method", DEFAULT_METHOD)
+    if method not in METHODS:
+        raise InputError(f"{log}: method {method!r} is none of {', '.join(METHODS)}")
+    return method
 
 
 class SpecError(InputError):
