@@ -409,3 +409,20 @@ def test_find_recipe_by_path_or_name(tmp_path, monkeypatch):
     assert find_recipe("demo").resolve() == tmp_path / "recipes" / "demo.toml"  # ./recipes first
     with pytest.raises(InputError, match=r"nope: no such recipe file.*shipped: .*codellama-7b"):
         find_recipe("nope")
+
+
+def test_loading_a_recipe_imports_no_torch():
+    """`run --plan` and every recipe error come without torch's import time: loading the shipped
+    recipes, in a fresh interpreter, leaves torch and transformers unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pipeline.recipe import RECIPES_DIR, load_recipe\n"
+            "names = [p for p in sorted(RECIPES_DIR.glob('*.toml')) if not p.name.startswith('_')]\n"
+            "for p in names: load_recipe(p)\n"
+            "print(len(names), sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, loaded = out.stdout.split(" ", 1)
+    assert int(count) > 5 and loaded.strip() == "[]"
