@@ -9,7 +9,7 @@ SLURM_STAMP := $(VENV)/.slurm-installed
 RECIPE ?= demo
 ARGS   ?=
 
-.PHONY: install test test-fast demo all convert quantize gguf verify publish bench clean
+.PHONY: install test test-fast demo all bench clean
 
 install: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
 
@@ -54,31 +54,15 @@ demo: $(STAMP)
 all: $(STAMP)
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
 
-# Stage targets: with SRC/OUT (or IN/OUT) they run one stage directly; otherwise they run the
-# recipe's job up to and including that stage, reusing outputs whose inputs did not change.
-convert: $(STAMP)
-ifdef SRC
-	$(PY) -m pipeline convert $(SRC) $(OUT) $(ARGS)
-else
-	$(PY) -m pipeline run $(RECIPE) --stage convert $(ARGS)
-endif
-
-quantize: $(STAMP)
-	$(PY) -m pipeline run $(RECIPE) --stage quantize $(ARGS)
-
-# make gguf FP16=work/demo/fp16 OUT=demo.Q4_K_M.gguf ARGS="--type Q4_K_M"
-gguf: $(STAMP)
-ifdef FP16
-	$(PY) -m pipeline gguf $(FP16) $(OUT) $(ARGS)
-else
-	$(PY) -m pipeline run $(RECIPE) --stage gguf $(ARGS)
-endif
-
-verify: $(STAMP)
-	$(PY) -m pipeline run $(RECIPE) --stage verify $(ARGS)
-
-publish: $(STAMP)
-	$(PY) -m pipeline run $(RECIPE) --stage publish $(ARGS)
+# Stage targets, one per entry of the job's table (pipeline/job.py STAGES): with IN/OUT (SRC or
+# FP16 for IN) one stage runs directly on them (`make gguf FP16=work/demo/fp16 OUT=x.gguf
+# ARGS="--type Q4_K_M"`); otherwise the recipe's job runs up to and including that stage, reusing
+# outputs whose inputs did not change.
+STAGES := $(shell grep -o '^    Stage."[a-z_0-9]*"' pipeline/job.py | cut -d'"' -f2)
+IN     ?= $(or $(SRC),$(FP16))
+.PHONY: $(STAGES)
+$(STAGES): $(STAMP)
+	$(PY) -m pipeline $(if $(IN),$@ $(IN) $(OUT),run $(RECIPE) --stage $@) $(ARGS)
 
 # Benchmarks (not tests): numbers and ratios against a baseline measured in the same run.
 bench: $(STAMP)

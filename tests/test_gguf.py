@@ -33,6 +33,7 @@ from pipeline.job import run_job
 from pipeline.publish import publish
 from pipeline.recipe import load_recipe
 from verify import thresholds as th
+from verify.report import Check, Report, read_report
 from verify.forward import LayerwiseModel
 from verify.llamacpp import GGUFModel
 from verify.meta_reference import apply_scaling, meta_logits
@@ -98,7 +99,7 @@ def job(tmp_path_factory) -> dict:
     (root / "demo.toml").write_text(RECIPE)
     recipe = load_recipe(root / "demo.toml", allow_dirs=[demo_model.DEMO])
     result = run_job(recipe, workdir=root / "work", dry_run=True, device="cpu")
-    report = json.loads((root / "work" / "verify" / "verify.json").read_text())
+    report = read_report(root / "work" / "verify")
     return {"root": root, "recipe": recipe, "work": root / "work", "result": result,
             "report": report, "gguf": {g.type: root / "work" / "gguf" /
                                        f"tinycodellama-demo.{g.type}.gguf" for g in recipe.gguf}}
@@ -117,7 +118,7 @@ def llama_cpp_logits(path: Path, win: torch.Tensor) -> torch.Tensor:
         model.close()
 
 
-def check(report: dict, name: str, artifact: str) -> dict:
+def check(report: Report, name: str, artifact: str) -> Check:
     (c,) = [c for c in report.checks if c.check == name and c.artifact == artifact]
     return c
 
@@ -480,7 +481,7 @@ def test_gguf_card_matches_golden_and_its_yaml_reads_back(tmp_path):
     recipe = load_recipe(tmp_path / "r.toml")
     rows = [card.GGUFRow(name, g.type, TYPES[g.type].bits, size, g.description or TYPES[g.type].use_case)
             for g in recipe.gguf for name, size in [CARD_FILES[g.type]]]
-    text = card.gguf_card(recipe, rows, CARD_REPORT, CARD_CONFIG, "https://huggingface.co")
+    text = card.gguf_card(recipe, rows, Report.from_dict(CARD_REPORT, "CARD_REPORT"), CARD_CONFIG, "https://huggingface.co")
     assert text == (Path(__file__).parent / "golden" / "gguf_README.md").read_text()
     meta = yaml.safe_load(text[4:text.index("\n---\n", 3)])
     assert meta["base_model"] == "codellama/CodeLlama-7b-Instruct-hf"
@@ -540,7 +541,7 @@ def test_publish_refuses_a_report_that_misstates_a_files_type(job, tmp_path):
     would pass; publish reads the type from the file and refuses."""
     from pipeline.core.errors import CheckFailed
 
-    report = json.loads(json.dumps(job["report"]))
+    report = job["report"].to_dict()
     f16 = job["gguf"]["F16"].name
     report["artifacts"][f16]["type"] = "Q8_0"
     report["checks"] = [c for c in report["checks"] if c["check"] != "gguf_parity"]

@@ -20,6 +20,7 @@ import pipeline.quantize as stage
 from pipeline.cli import main
 from pipeline.core.errors import InputError, OutputExistsError
 from pipeline.methods import QuantSpec
+from pipeline.methods import gptq as gptq_method
 from pipeline.methods.gptq import gptq
 from pipeline.quantize import LINEARS, quantize
 
@@ -105,7 +106,7 @@ def runs(model, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     for name, spec in specs.items():
         spy = Spy()
-        mp.setattr(stage, "gptq", spy)
+        mp.setattr(gptq_method, "gptq", spy)
         summary = run(model, out / name, spec)
         done[name] = (out / name, summary, spy.results)
     mp.undo()
@@ -169,7 +170,7 @@ def test_sharded_output_and_resume_is_bit_identical(runs, model, tmp_path, monke
     assert set(index["weight_map"]) == set(single)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(stage, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
+    monkeypatch.setattr(gptq_method, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
     with pytest.raises(KeyboardInterrupt):
         run(model, out, spec, max_shard_size="400KB")
     assert not out.exists()
@@ -189,7 +190,7 @@ def test_resume_on_another_thread_count_starts_over(model, tmp_path, monkeypatch
     """GPTQ's float sums follow torch's thread count, so layers quantised on 1 thread must not be
     finished on 2: the partial output is discarded and the log records the threads used."""
     spec, out = QuantSpec(4, -1, False), tmp_path / "q"
-    monkeypatch.setattr(stage, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
+    monkeypatch.setattr(gptq_method, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
     with pytest.raises(KeyboardInterrupt):
         run(model, out, spec)
     monkeypatch.undo()

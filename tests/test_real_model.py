@@ -102,7 +102,7 @@ def test_good_variants_of_the_real_model_beat_rtn_on_their_grid(job):
         m = c.metrics
         assert c.passed and m["ppl"] < m["ppl_rtn"] and m["kl_mean"] < m["kl_mean_rtn"], c
     three = next(c for c in report.checks
-                 if c.check == "against_rtn" and c.artifact == BRANCH3)["metrics"]
+                 if c.check == "against_rtn" and c.artifact == BRANCH3).metrics
     assert three["ppl"] < 0.5 * three["ppl_rtn"]  # at 3 bits rounding alone loses far more
 
 

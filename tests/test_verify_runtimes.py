@@ -101,4 +101,4 @@ def test_a_listed_runtime_refusing_ragged_groups_is_an_expected_refusal(demo, tm
     assert gm["passed"] and not gm["expected_refusal"]
     assert tf["expected_refusal"] and tf["passed"] is False and "divisible" in tf["error"]
     assert "refuses layers with a partial last group" in \
-        runtime_checks(report)[(q.name, "transformers")]["reason"]
+        runtime_checks(report)[(q.name, "transformers")].reason

@@ -245,7 +245,7 @@ def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_
 
 
 def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
-    """A GGUF file's type (pipeline/gguf.py TYPES, read from the file) and its thresholds."""
+    """A GGUF file's type (pipeline/core/gguf_types.py TYPES, read from the file) and its thresholds."""
     from verify.llamacpp import file_type
 
     ftype = file_type(path)

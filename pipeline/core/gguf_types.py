@@ -11,7 +11,7 @@ import gguf
 @dataclass(frozen=True)
 class GGUFType:
     """One file type: llama.cpp's file type, its nominal bits per weight, what it is for and the
-    default thresholds (kind -> value, verify/thresholds.py GGUF_KINDS) a file of it is held to."""
+    default thresholds (kind -> value: verify/thresholds.py GGUF_KINDS) a file of it is held to."""
 
     name: str
     ftype: gguf.LlamaFileType

@@ -163,7 +163,7 @@ class VerifyOptions:
 
 @dataclass(frozen=True)
 class GGUFFile:
-    """One file of the GGUF repository: its type (pipeline/gguf.py TYPES), the card's use case
+    """One file of the GGUF repository: its type (pipeline/core/gguf_types.py TYPES), the card's use case
     (default: the type's), and thresholds over verify/thresholds.py's GGUF defaults for it."""
 
     type: str
