@@ -135,22 +135,25 @@ def default_branch(bits: int, group_size: int, act_order: bool) -> str:
     return f"gptq-{bits}bit-{group_size}g-actorder_{act_order}"
 
 
+# One key per threshold kind, from verify/thresholds.py's tables (the one source): [verify] takes
+# a table per kind (bit width -> value), a [[gguf]] entry one value per GGUF kind.
+BitTables = dataclasses.make_dataclass(
+    "BitTables", [(kind, BitTable, field(default_factory=dict)) for kind in thresholds.KINDS],
+    frozen=True, kw_only=True)
+GGUFThresholds = dataclasses.make_dataclass(
+    "GGUFThresholds", [(kind, float | None, field(default=None)) for kind in thresholds.GGUF_KINDS],
+    frozen=True, kw_only=True)
+
+
 @dataclass(frozen=True)
-class VerifyOptions:
-    """Evaluation text and thresholds for the verify stage. Each threshold table maps bit width →
-    value, overriding verify/thresholds.py's defaults (what each bounds is described there)."""
+class VerifyOptions(BitTables):
+    """Evaluation text and thresholds for the verify stage: one table per verify/thresholds.py
+    KINDS entry (BitTables), bit width -> value over its defaults (what each bounds is described
+    there)."""
 
     eval: str
     seqlen: int = 2048
     max_windows: int | None = None
-    rtn_margin: BitTable = field(default_factory=dict)
-    tolerance: BitTable = field(default_factory=dict)  # allowed ppl ratio − 1
-    kl_mean: BitTable = field(default_factory=dict)
-    kl_p99: BitTable = field(default_factory=dict)
-    top1: BitTable = field(default_factory=dict)
-    agreement: BitTable = field(default_factory=dict)
-    module_error: BitTable = field(default_factory=dict)
-    module_output_error: BitTable = field(default_factory=dict)
     baseline_rtn: bool = False
     prompts: list[str] = field(default_factory=list)
     chat_prompts: list[str] = field(default_factory=list)  # user messages, in the chat template
@@ -162,16 +165,12 @@ class VerifyOptions:
 
 
 @dataclass(frozen=True)
-class GGUFFile:
-    """One file of the GGUF repository: its type (pipeline/core/gguf_types.py TYPES), the card's use case
-    (default: the type's), and thresholds over verify/thresholds.py's GGUF defaults for it."""
+class GGUFFile(GGUFThresholds):
+    """One file of the GGUF repository: its type (pipeline/core/gguf_types.py TYPES), the card's
+    use case (default: the type's), and thresholds over the type's defaults (GGUFThresholds)."""
 
     type: str
     description: str = ""
-    tolerance: float | None = None
-    kl_mean: float | None = None
-    kl_p99: float | None = None
-    top1: float | None = None
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds this entry sets (kind → value), for verify.stage."""
