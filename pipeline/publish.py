@@ -40,6 +40,7 @@ from pipeline.core.errors import CheckFailed, InputError, OutputExistsError, Pip
 from pipeline.core.output import staged_dir
 from pipeline.core.paths import PATH
 from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use, strip_url
+from pipeline.methods import METHODS
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
 from verify.report import Report, check_inputs, check_integrity, check_verdict, read_report
@@ -181,14 +182,16 @@ def make_plan(recipe: Recipe, report: Report, fp16: Path, variants: dict[str, Pa
         raise InputError(f"{recipe.path}: publish needs every variant of the recipe "
                          f"({', '.join(sorted(want))}); got {', '.join(sorted(variants)) or 'none'}")
     fp16_files = artifact_files(fp16, verified_files(report, "fp16", fp16, "fp16"))
+    pub = recipe.publish
     gptq = []
     for v in sorted(recipe.variants, key=lambda v: v.branch != "main"):
         path = variants[v.branch]
-        files = artifact_files(path, verified_files(report, path.name, path, "gptq"))
-        gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files))
+        method = METHODS[v.method]  # its format is the artifact's kind, its repo where it goes
+        files = artifact_files(path, verified_files(report, path.name, path, method.format))
+        gptq.append((card.read_branch(recipe, v, path, sum(f.size for f in files)), files,
+                     getattr(pub, method.repo)))
     config = read_json(fp16 / "config.json")
     model_type = config.get("model_type", "llama")
-    pub = recipe.publish
     if recipe.source.is_hf:  # published as it is already: the cards name it, nothing re-uploads it
         facts, plans = card.ModelFacts(tied=config.get("tie_word_embeddings") is True), []
     else:
@@ -196,8 +199,9 @@ def make_plan(recipe: Recipe, report: Report, fp16: Path, variants: dict[str, Pa
         fp16_card = card.fp16_card(recipe, {f.path: f.size for f in fp16_files}, report, model_type,
                                    hub_url, facts)
         plans = [BranchPlan(pub.fp16_repo, "main", "fp16", (*fp16_files, card_file(fp16_card)))]
-    gptq_card = card.gptq_card(recipe, [b for b, _ in gptq], report, model_type, hub_url, facts)
-    plans += [BranchPlan(pub.gptq_repo, b.name, b.artifact, (*files, card_file(gptq_card))) for b, files in gptq]
+    gptq_card = card.gptq_card(recipe, [b for b, _, _ in gptq], report, model_type, hub_url, facts)
+    plans += [BranchPlan(repo, b.name, b.artifact, (*files, card_file(gptq_card)))
+              for b, files, repo in gptq]
     return plans
 
 

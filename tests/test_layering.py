@@ -167,3 +167,16 @@ def test_cycle_check_finds_cycles():
                                              "pipeline.c -> pipeline.d -> pipeline.e -> pipeline.c"]
     del sources["pipeline.b"], sources["pipeline.e"]
     assert cycles(import_graph(sources)) == []
+
+
+def test_only_pipeline_and_verify_are_installed_as_top_level_packages():
+    """pyproject's package list, as setuptools resolves it: every package lies under `pipeline`
+    or `verify` (no `core`, `tests` or `bench` lands in site-packages)."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = find_packages(str(ROOT), include=find["find"]["include"])
+    assert {p.split(".")[0] for p in found} == {"pipeline", "verify"}
+    assert {"pipeline.core", "pipeline.methods", "pipeline.recipe"} <= set(found)

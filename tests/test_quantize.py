@@ -16,7 +16,6 @@ from demo_model import CALIBRATION, EVAL, demo_fp16
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-import pipeline.quantize as stage
 from pipeline.cli import main
 from pipeline.core.errors import InputError, OutputExistsError
 from pipeline.methods import QuantSpec

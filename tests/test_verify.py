@@ -30,7 +30,6 @@ from pipeline.core.gptq_format import dequantize
 from pipeline.methods import QuantSpec
 from pipeline.quantize import quantize
 from pipeline.recipe import load_recipe
-from verify import thresholds as th
 from verify.forward import LayerwiseModel
 from verify.metrics import eval_tokens, windows
 from verify.report import Check, Report, check_integrity, read_report
@@ -419,56 +418,6 @@ def test_fp16_repeating_itself_does_not_fail_verify(demo, tmp_path):
     assert report.passed, report.failed()
     eight = entry(report, "generation", "gptq-8bit-128g").samples[0]
     assert eight["degenerate"] and eight["agreement"] == 1.0  # equally degenerate: passes
-
-
-def test_thresholds_per_bit_width_come_from_the_cli_and_the_recipe(demo, tmp_path, monkeypatch,
-                                                                    capsys):
-    base = ["--fp16", str(demo["fp16"]), "--quant", str(demo["gptq-4bit-128g"]), "--eval", EVAL,
-            "--seqlen", str(SEQ), "--max-windows", str(NWIN), "--prompt", PROMPTS[0]]
-    code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "cli"),
-                           "--kl-mean", "4=0", "--tolerance", "4=0.5", "--kl-mean", "8=0.5",
-                           "--agreement", "4=0")  # one prompt: its greedy agreement is not judged
-    assert code == 3
-    report = read_report(tmp_path / "cli")
-    assert report.failed() == ["kl_divergence:gptq-4bit-128g"]  # KL of a quantised model is > 0
-    assert entry(report, "kl_divergence", "gptq-4bit-128g").thresholds["kl_mean"] == 0
-    assert entry(report, "perplexity", "gptq-4bit-128g").thresholds["tolerance"] == 0.5
-    assert entry(report, "generation", "gptq-4bit-128g").thresholds["agreement"] == 0
-    assert entry(report, "module_integrity", "gptq-4bit-128g").thresholds == \
-        {"module_output_error": th.KINDS["module_output_error"][2][4]}  # untouched: defaults
-    assert entry(report, "against_rtn", "gptq-4bit-128g").thresholds == \
-        {"rtn_margin": th.KINDS["rtn_margin"][2][4]}
-    code, _, err = verify_cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "x"),
-                           "--top1", "4=1.5")
-    assert code == 2 and "top1 must be in [0, 1]" in err
-
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(f"""
-[model]
-name = "Demo"
-[source]
-path = "{demo['fp16']}"
-[calibration]
-source = "{CALIBRATION}"
-[[variants]]
-branch = "main"
-bits = 4
-group_size = 128
-[verify]
-eval = "{EVAL}"
-module_error = {{ "4" = 1.0 }}
-top1 = {{ "4" = 1.0 }}
-[publish]
-fp16_repo = "o/a"
-gptq_repo = "o/b"
-""")
-    vo = load_recipe(recipe, allow_dirs=[demo["fp16"].parent, Path(EVAL).parents[1]]).verify
-    assert vo.thresholds() == {"module_error": {4: 1.0}, "top1": {4: 1.0}}
-    report = demo_verify(demo, ["gptq-4bit-128g"], tmp_path / "recipe", thresholds=vo.thresholds())
-    assert entry(report, "kl_divergence", "gptq-4bit-128g").thresholds["top1"] == 1.0
-    assert not checks(report)[("kl_divergence", "gptq-4bit-128g")]
-    mi = entry(report, "module_integrity", "gptq-4bit-128g")
-    assert mi.thresholds == {"module_error": 1.0, "module_output_error": 1.5}
 
 
 def test_two_bits_are_judged_against_rtn_with_no_absolute_bound(demo, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.core.calibration import MIN_SEQLEN  # a window scores seqlen - 1 tokens: one at least
 from pipeline.core.errors import InputError
 
 

@@ -159,10 +159,12 @@ def artifact_entry(root: Path, quantization: dict[str, Any] | None,
     """One `artifacts` entry: path, kind, GPTQ parameters and method when quantised, file
     hashes."""
     root = Path(root).resolve()
-    entry: dict[str, Any] = {"path": str(root), "kind": "gptq" if quantization else "fp16"}
+    entry: dict[str, Any] = {"path": str(root), "kind": "fp16"}
     if quantization:
-        entry.update({k: quantization.get(k) for k in ("bits", "group_size", "desc_act")})
-        entry["method"] = variant_method(root)
+        method = variant_method(root)
+        entry.update({"kind": METHODS[method].format,  # the format the method wrote
+                      **{k: quantization.get(k) for k in ("bits", "group_size", "desc_act")},
+                      "method": method})
     entry["files"] = artifact_files(root, progress)
     return entry
 

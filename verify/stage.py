@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.core.calibration import file_documents, hf_documents, local_files
+from pipeline.core.calibration import MIN_SEQLEN, file_documents, hf_documents, local_files
 from pipeline.core.chat import chat_prompt
 from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
@@ -41,8 +41,8 @@ from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import OUTPUT_TOKENS, module_errors, rtn_grid
 from verify.meta_reference import meta_logits
-from verify.metrics import (MIN_SEQLEN, agreement, degenerate, eval_tokens, kl_summary,
-                            logits_parity, perplexity, windows)
+from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
+                            perplexity, windows)
 from verify.report import (REPORT_NAME, Check, Report, artifact_entry, run_inputs, with_relpaths,
                            write_report)
 from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, run_runtime
@@ -582,6 +582,11 @@ def threshold_options(f):
     return f
 
 
+def given_thresholds(params: dict[str, Any]) -> th.Table:
+    """The --KIND BITS=VALUE tables the command line set (kind -> bits -> value)."""
+    return {k: v for k, v in params.items() if k in th.KINDS and v}
+
+
 @click.command("verify")
 @click.option("--meta", type=PATH, default=None,
               help="Meta checkpoint directory (consolidated.*.pth): enables conversion parity.")
@@ -621,7 +626,7 @@ def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, p
     """Prove fp16, GPTQ and GGUF artifacts by forward passes; exit 3 when any check fails."""
     report = judge(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
                     seqlen=seqlen, max_windows=max_windows,
-                    thresholds={k: v for k, v in thresholds.items() if v},
+                    thresholds=given_thresholds(thresholds),
                     baseline_rtn=baseline == "rtn", prompts=list(prompts) or None,
                     chat_prompts=list(chat_prompts), device=device, force=force,
                     ggufs=list(ggufs), gguf_thresholds=gguf_thresholds, runtimes=list(runtimes))
