@@ -340,16 +340,17 @@ def check_source_model(source: Source, src: Path) -> None:
 
 
 # ---------------------------------------------------------------- the stages: inputs and functions
-# inputs(job, item, upstream) -> the task's input fingerprints (upstream: output fingerprint of
-# every finished task, by key); run(job, item, resume) -> the stage's summary.
+# inputs(job, item) -> the task's own input fingerprints (execute adds the output fingerprint of
+# every task it needs); run(job, item, resume) -> the stage's summary.
 
 
-def fp16_input(job: Job, upstream: dict[str, Any]) -> str | None:
-    """The fingerprint of the fp16 model the stages read: the conversion, or an HF source."""
-    return tree_fingerprint(job.source) if job.recipe.source.is_hf else upstream["convert"]
+def hf_source(job: Job) -> dict[str, Any]:
+    """An HF source's fingerprint, for the stages that read it as the fp16 model (a Meta source's
+    conversion is the convert task's output, an upstream input)."""
+    return {"source": tree_fingerprint(job.source)} if job.recipe.source.is_hf else {}
 
 
-def convert_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
+def convert_inputs(job: Job, item: str) -> dict[str, Any]:
     r = job.recipe
     return {"source": tree_fingerprint(job.source), "tool": __version__,
             "options": options_fingerprint({**dataclasses.asdict(r.convert),
@@ -365,9 +366,9 @@ def run_convert(job: Job, item: str, resume: bool) -> dict[str, Any]:
                    force=True)
 
 
-def quantize_inputs(job: Job, branch: str, upstream: dict[str, Any]) -> dict[str, Any]:
+def quantize_inputs(job: Job, branch: str) -> dict[str, Any]:
     v = job.recipe.variant(branch)
-    return {"fp16": fp16_input(job, upstream),
+    return {**hf_source(job),
             "spec": options_fingerprint(v.as_dict()),
             "calibration": text_fingerprint(v.calibration),
             "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
@@ -393,10 +394,9 @@ def gguf_needs(job: Job, type_name: str) -> list[str]:
     return [*fp16_tasks(job), *(["gguf/F16"] if from_f16(job, type_name) else [])]
 
 
-def gguf_inputs(job: Job, type_name: str, upstream: dict[str, Any]) -> dict[str, Any]:
-    return {"fp16": fp16_input(job, upstream), "type": type_name, "name": job.recipe.model.name,
-            "tool": __version__,
-            **({"f16": upstream["gguf/F16"]} if from_f16(job, type_name) else {})}
+def gguf_inputs(job: Job, type_name: str) -> dict[str, Any]:
+    return {**hf_source(job), "type": type_name, "name": job.recipe.model.name,
+            "tool": __version__}
 
 
 def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
@@ -411,17 +411,15 @@ def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
                       f16=job.dirs.gguf("F16") if from_f16(job, type_name) else None)
 
 
-def verify_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
+def verify_inputs(job: Job, item: str) -> dict[str, Any]:
     r = job.recipe
-    return {"fp16": fp16_input(job, upstream),
-            "variants": {b: upstream[f"quantize/{b}"] for b in job.branches},
+    return {**hf_source(job),
             "meta": None if r.source.is_hf else tree_fingerprint(job.source),
             "eval": text_fingerprint(r.verify.eval),
             "tool": __version__,  # the options but `eval`, whose files are fingerprinted above
             "options": options_fingerprint({k: v for k, v in dataclasses.asdict(r.verify).items()
                                             if k != "eval"}),
             "schema": REPORT_SCHEMA,  # a report of another schema is made again
-            "gguf": {g.type: upstream[f"gguf/{g.type}"] for g in r.gguf},
             "gguf_options": options_fingerprint([dataclasses.asdict(g) for g in r.gguf])}
 
 
@@ -446,8 +444,8 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
     return {"passed": True}
 
 
-def publish_inputs(job: Job, item: str, upstream: dict[str, Any]) -> dict[str, Any]:
-    return {"verify": upstream["verify"], "dry_run": job.dry_run, "tool": __version__}
+def publish_inputs(job: Job, item: str) -> dict[str, Any]:
+    return {"dry_run": job.dry_run, "tool": __version__}
 
 
 def run_publish(job: Job, item: str, resume: bool, token: str | None = None) -> dict[str, Any]:
@@ -466,13 +464,14 @@ class Stage:
     """One entry of the job's table: the stages whose outputs it reads (`after`), how it fans out
     into tasks, each task's output, its inputs (fingerprints) and the function that makes it. A
     task needs every task of the `after` stages, or the task keys `needs` gives; the job derives
-    the order and the levels from that graph (task_levels)."""
+    the order and the levels from that graph (task_levels), and a task's inputs hold the output
+    fingerprints of the tasks it needs (execute), so it runs again when one of them changed."""
 
     name: str
     after: tuple[str, ...]
     items: Callable[[Job], Sequence[str]]  # one task per item; ("",): the stage runs once
     output: Callable[[Job, str], Path]
-    inputs: Callable[[Job, str, dict[str, Any]], dict[str, Any]]
+    inputs: Callable[[Job, str], dict[str, Any]]
     run: Callable[..., dict[str, Any]]
     needs: Callable[[Job, str], Sequence[str]] | None = None
     always: bool = False  # no reuse: runs every time (publish uploads only what changed)
@@ -509,14 +508,20 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}
 
 
+def task_needs(job: Job, stage: Stage, item: str) -> list[str]:
+    """The keys of the tasks whose outputs a task reads: its `needs`, else every task of its
+    `after` stages."""
+    if stage.needs is not None:
+        return list(stage.needs(job, item))
+    return [t.key(j) for name in stage.after for t in [BY_NAME[name]] for j in t.items(job)]
+
+
 def task_levels(job: Job) -> list[list[tuple[Stage, str]]]:
     """The job's tasks (its stages up to the last) grouped by level: a task's level is one more
     than the highest of the tasks it needs, so the tasks of a level are independent of each
     other and every level needs only those before it. Within a level, table order."""
     tasks = [(s, i) for s in STAGES if job.wants(s.name) for i in s.items(job)]
-    needs = {s.key(i): s.needs(job, i) if s.needs else
-             [t.key(j) for name in s.after for t in [BY_NAME[name]] for j in t.items(job)]
-             for s, i in tasks}
+    needs = {s.key(i): task_needs(job, s, i) for s, i in tasks}
     level: dict[str, int] = {}
 
     def of(key: str) -> int:
@@ -588,7 +593,8 @@ def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
     row: dict[str, Any] = {"stage": key, "status": "failed", "seconds": 0.0, "output": str(output),
                            "reason": "", **where()}
     try:
-        inputs = stage.inputs(job, item, upstream)
+        inputs = {**stage.inputs(job, item),  # and what it reads of other tasks, by their keys
+                  **{f"upstream {k}": upstream[k] for k in task_needs(job, stage, item)}}
         with locked(job.workdir, key):
             old = read_records(job.workdir).get(key)
             reason = ALWAYS if stage.always else job.stale(old, inputs, output)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -118,7 +118,19 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return (scales.float()[g] * (q - z[g]).float()).t().contiguous()
 
 
-def quantize_config(spec: Any) -> dict[str, Any]:
+class GPTQSettings(Protocol):
+    """What quantize_config.json records of a quantisation (pipeline/methods QuantSpec has it)."""
+
+    bits: int
+    group_size: int
+    damp: float
+    act_order: bool
+    static_groups: bool
+    sym: bool
+    true_sequential: bool
+
+
+def quantize_config(spec: GPTQSettings) -> dict[str, Any]:
     """`quantize_config.json` (also `config.json:quantization_config`) for a QuantSpec."""
     return {
         "bits": spec.bits,
@@ -135,7 +147,7 @@ def quantize_config(spec: Any) -> dict[str, Any]:
     }
 
 
-def write_configs(out: Path, config: dict[str, Any], spec: Any) -> None:
+def write_configs(out: Path, config: dict[str, Any], spec: GPTQSettings) -> None:
     """Write quantize_config.json and config.json (a copy of `config` with quantization_config
     added and fp16 declared as the dtype of the unquantised tensors)."""
     qc = quantize_config(spec)
