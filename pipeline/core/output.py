@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import InputError, OutputExistsError, PipelineError
 
@@ -157,6 +158,17 @@ def check_target(target: Path, force: bool, *, manifest: str | None = None,
     writable_location(target)
 
 
+def begin(target: Path, force: bool, inputs: Iterable[Path], **kind: Any) -> Path:
+    """check_target (`kind`: its manifest or magic), then the target's folder made: the partial
+    path to build in."""
+    check_target(target, force, inputs=list(inputs), **kind)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+    return partial_path(target)
+
+
 @contextmanager
 def staged_dir(target: Path, force: bool = False, keep_on_error: bool = False, *, manifest: str,
                inputs: Iterable[Path] = (),
@@ -168,12 +180,7 @@ def staged_dir(target: Path, force: bool = False, keep_on_error: bool = False, *
     continues one found there, unless `reuse`, asked under the output's lock, says no.
     """
     target = Path(target)
-    check_target(target, force, manifest=manifest, inputs=list(inputs))
-    tmp = partial_path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+    tmp = begin(target, force, inputs, manifest=manifest)
     with exclusive(target):
         try:
             if tmp.exists() and not (reuse(tmp) if reuse is not None else keep_on_error):
@@ -216,12 +223,7 @@ def staged_file(target: Path, force: bool = False, *, magic: bytes,
     success, removed on error. Refused as check_target refuses (with --force, anything but a
     regular file starting with `magic`, this tool's format, is kept)."""
     target = Path(target)
-    check_target(target, force, magic=magic, inputs=list(inputs))
-    tmp = partial_path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"{target}: cannot create the output ({e.strerror or e})") from e
+    tmp = begin(target, force, inputs, magic=magic)
     with exclusive(target):
         try:
             tmp.unlink(missing_ok=True)
