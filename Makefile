@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.installed
 TF4    := .venv-tf4
 TF4_STAMP := $(TF4)/.installed
 SLURM_STAMP := $(VENV)/.slurm-installed
+LLAMA_TOOLS := $(VENV)/llama.cpp
+TOOLS_STAMP := $(LLAMA_TOOLS)/.built
 RECIPE ?= demo
 ARGS   ?=
 
 .PHONY: install test test-fast demo all bench clean
 
-install: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
+install: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP) $(TOOLS_STAMP)
 
 # torch is pinned here (a CPU build lies on the dev/CI disk); pyproject keeps an open range for users.
 $(STAMP): pyproject.toml
@@ -26,11 +28,11 @@ $(STAMP): pyproject.toml
 	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation -e '.[runtimes]'
 	touch $(STAMP)
 
-test: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP)
+test: $(STAMP) $(TF4_STAMP) $(SLURM_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 # The inner loop: every test not marked slow (tests/conftest.py), under a minute on 2 cores.
-test-fast: $(STAMP) $(TF4_STAMP)
+test-fast: $(STAMP) $(TF4_STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest -q --strict-markers -m "not slow" $(ARGS)
 
 # A real single-node Slurm for the scale-out tests (tests/slurm_cluster.py starts and stops it):
@@ -41,6 +43,24 @@ $(SLURM_STAMP): $(STAMP)
 	      slurmctld slurmdbd slurm-client munge mariadb-server >/dev/null)
 	touch $(SLURM_STAMP)
 
+# llama.cpp's own tools (llama-quantize with --imatrix, llama-imatrix, llama-perplexity), built with
+# cmake from the very source llama-cpp-python vendors (the version installed above, so the tools
+# and the bindings are one llama.cpp): a portable static build, about 3 min on 2 cores, kept in
+# the venv until pyproject changes. pipeline/llamacpp_tools.py finds them there.
+$(TOOLS_STAMP): $(STAMP)
+	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)/src
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src \
+	  "llama-cpp-python==$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+	tar -xzf $(LLAMA_TOOLS)/src/llama_cpp_python-*.tar.gz -C $(LLAMA_TOOLS)/src
+	cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_TOOLS)/build -G Ninja \
+	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+	cmake --build $(LLAMA_TOOLS)/build -j$$(nproc) --target llama-quantize llama-imatrix llama-perplexity >/dev/null
+	mkdir -p $(LLAMA_TOOLS)/bin && cp $(LLAMA_TOOLS)/build/bin/llama-quantize \
+	  $(LLAMA_TOOLS)/build/bin/llama-imatrix $(LLAMA_TOOLS)/build/bin/llama-perplexity $(LLAMA_TOOLS)/bin/
+	rm -rf $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/build
+	touch $(TOOLS_STAMP)
+
 # transformers 4.x beside the project's 5.x: tests load converted tokenizers (chat templates,
 # infilling) in both. Tokenizers only, so no torch: about 20 s to install.
 $(TF4_STAMP):
@@ -48,10 +68,10 @@ $(TF4_STAMP):
 	$(TF4)/bin/python -m pip install -q 'transformers<5' sentencepiece protobuf tiktoken jinja2
 	touch $(TF4_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(TOOLS_STAMP)
 	$(PY) -m pipeline demo $(ARGS)
 
-all: $(STAMP)
+all: $(STAMP) $(TOOLS_STAMP)
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
 
 # Stage targets, one per entry of the job's table (pipeline/job.py STAGES): with IN/OUT (SRC or

@@ -84,7 +84,7 @@ def main() -> None:
     table = [{"artifact": n, "ppl": rows[n]["ppl"], "ppl_rise": rows[n]["ratio"] - 1,
               "kl_mean": rows[n]["kl_mean"], "top1": rows[n]["top1"], "seconds": s}
              for n, s in seconds.items()]
-    print(f"fp16 perplexity {rows['fp16']['ppl']:.4f} ({report['eval']['windows']} windows of "
+    print(f"fp16 perplexity {rows['fp16']['ppl']:.4f} ({report.eval['windows']} windows of "
           f"{EVAL_SEQLEN})", file=sys.stderr)
     print(f"{'artifact':22} {'ppl':>9} {'rise':>9} {'KL':>7} {'top-1':>7} {'seconds':>8}", file=sys.stderr)
     for r in table:

@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": "pipeline.convert",
     "quantize": "pipeline.quantize",
     "gguf": "pipeline.gguf",
+    "imatrix": "pipeline.imatrix",
     "verify": "verify.stage",
     "publish": "pipeline.publish",
     "run": "pipeline.run",

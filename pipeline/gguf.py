@@ -32,11 +32,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.core.bounded import read_bytes, read_json
+from pipeline.core.bounded import gguf_reader, read_bytes, read_json
 from pipeline.core.checkpoint import HFCheckpoint
 from pipeline.core.errors import InputError, PipelineError, os_failure
 from pipeline.core.gguf_types import TYPES, GGUFType
 from pipeline.core.llama import ROTARY_HEADS, LlamaArgs, inv_freq
+from pipeline.core.llamacpp_tools import run_tool
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import INFILL, load_tokenizer, tokenizer_kind
@@ -320,6 +321,27 @@ def described(vocab: Vocab, plan: list[Planned]) -> dict[str, Any]:
     return {"tensors": len(plan), "tokenizer": vocab.model, "infill": vocab.infill}
 
 
+def check_imatrix(t: GGUFType, imatrix: Path | None) -> Path | None:
+    """The importance matrix a file of type `t` is quantised with: none for F16; required by the
+    types that need one (InputError); an existing GGUF file when given."""
+    if imatrix is None:
+        if t.needs_imatrix:
+            raise InputError(f"--type {t.name}: needs an importance matrix (--imatrix FILE, made "
+                             "by `python -m pipeline imatrix`); without one it is unusable")
+        return None
+    if t.name == "F16":
+        raise InputError("--imatrix: F16 is not quantised; an importance matrix guides the "
+                         "quantised types only")
+    imatrix = Path(imatrix)
+    if not imatrix.is_file():
+        raise InputError(f"{imatrix}: importance matrix file missing")
+    kind = gguf_reader(imatrix).get_field("general.type")
+    if kind is None or kind.contents() != "imatrix":
+        raise InputError(f"{imatrix}: not an importance matrix (its general.type is not "
+                         "\"imatrix\"); make one with `python -m pipeline imatrix`")
+    return imatrix
+
+
 def check_f16(f16: Path, fp16: Path) -> None:
     """`f16` is an F16 GGUF file (the F16 task's output, or --f16): what quantised types are
     made from."""
@@ -333,15 +355,13 @@ def check_f16(f16: Path, fp16: Path) -> None:
                          f"types are made from the F16 file of {fp16}")
 
 
-def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
-    """llama.cpp's quantiser from the F16 file `src` to `dst`; its per-tensor log drives the
-    progress bar, and its last lines explain a failure."""
+def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int,
+                  imatrix: Path | None = None) -> None:
+    """llama.cpp's quantiser from the F16 file `src` to `dst`: in-process through the bindings,
+    or, with an importance matrix (which the bindings cannot pass: a C++ map), its llama-quantize
+    tool; the per-tensor log drives the progress bar, and its last lines explain a failure."""
     from verify.llamacpp import bindings, llama_log
 
-    lib = bindings()
-    params = lib.llama_model_quantize_default_params()
-    params.ftype = getattr(lib, f"LLAMA_FTYPE_{t.ftype.name}")
-    params.nthread = threads
     lines: list[str] = []
     with tqdm(unit="tensor", desc=f"gguf {t.name}", file=sys.stderr) as bar:
         def on_log(text: str) -> None:
@@ -351,6 +371,14 @@ def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
                 bar.total = int(m.group(2))
                 bar.update(int(m.group(1)) - bar.n)
 
+        if imatrix is not None:
+            run_tool("llama-quantize", ["--imatrix", imatrix, src, dst, t.name, threads], on_log,
+                     str(dst))
+            return
+        lib = bindings()
+        params = lib.llama_model_quantize_default_params()
+        params.ftype = getattr(lib, f"LLAMA_FTYPE_{t.ftype.name}")
+        params.nthread = threads
         with llama_log(on_log):
             rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
@@ -360,10 +388,11 @@ def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int) -> None:
 
 def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | None = None,
                force: bool = False, threads: int | None = None,
-               f16: Path | None = None) -> dict[str, Any]:
+               f16: Path | None = None, imatrix: Path | None = None) -> dict[str, Any]:
     """Convert the fp16 directory `fp16` to the GGUF file `out` of type `type_name`; quantised
     types by llama.cpp from `f16`, the model's F16 GGUF file, or from one made first beside the
-    output. Returns the summary."""
+    output, guided by the importance matrix `imatrix` when given (pipeline/imatrix.py). Returns
+    the summary."""
     t0 = time.perf_counter()
     fp16, out = Path(fp16), Path(out)
     t = check_type(type_name)
@@ -375,19 +404,21 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
     f16 = None if t.name == "F16" or f16 is None else Path(f16)
     if f16 is not None:
         check_f16(f16, fp16)
-    with staged_file(out, force, magic=MAGIC, inputs=[fp16, *([f16] if f16 else [])]) as tmp:
+    imatrix = check_imatrix(t, imatrix)
+    inputs = [fp16, *(p for p in (f16, imatrix) if p is not None)]
+    with staged_file(out, force, magic=MAGIC, inputs=inputs) as tmp:
         try:
             if t.name == "F16":
                 info = write_f16(ckpt, tmp, name)
             elif f16 is not None:
                 info = described(read_vocab(ckpt.path, ckpt.args.vocab_size), plan_tensors(ckpt))
-                quantize_file(f16, tmp, t, threads)
+                quantize_file(f16, tmp, t, threads, imatrix)
             else:
                 fd, f16 = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".f16", dir=out.parent)
                 os.close(fd)
                 try:
                     info = write_f16(ckpt, Path(f16), name)
-                    quantize_file(Path(f16), tmp, t, threads)
+                    quantize_file(Path(f16), tmp, t, threads, imatrix)
                 finally:
                     Path(f16).unlink(missing_ok=True)
         except OSError as e:
@@ -410,17 +441,20 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
 @click.option("--name", default=None, help="general.name [default: the fp16 directory's name].")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Quantiser threads [default: all cores].")
+@click.option("--imatrix", type=PATH, default=None,
+              help="Importance matrix (GGUF, `python -m pipeline imatrix`) guiding the quantiser; "
+                   "required by the IQ types.")
 @click.option("--f16", type=PATH, default=None,
               help="Quantise this F16 GGUF file of FP16 (written before with --type F16) instead "
                    "of writing one first.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a GGUF file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def command(fp16: Path, out: Path, type_name: str, name: str | None, threads: int | None,
-            f16: Path | None, force: bool, as_json: bool) -> None:
+            imatrix: Path | None, f16: Path | None, force: bool, as_json: bool) -> None:
     """Convert the fp16 directory FP16 (the convert stage's output) to one GGUF file OUT for
     llama.cpp, streamed tensor by tensor."""
     s = write_gguf(fp16, out, type_name=type_name, name=name, force=force, threads=threads,
-                   f16=f16)
+                   f16=f16, imatrix=imatrix)
     if as_json:
         click.echo(json.dumps(s))
     click.echo(f"wrote {out}: GGUF {s['type']}, {s['tensors']} tensors, "

@@ -390,8 +390,30 @@ def from_f16(job: Job, type_name: str) -> bool:
     return type_name != "F16" and any(g.type == "F16" for g in job.recipe.gguf)
 
 
+def with_imatrix(job: Job, type_name: str) -> bool:
+    """Whether a GGUF file is quantised with the job's importance matrix: a quantised type whose
+    [[gguf]] entry keeps `imatrix` (the default)."""
+    return type_name != "F16" and next(g.imatrix for g in job.recipe.gguf if g.type == type_name)
+
+
 def gguf_needs(job: Job, type_name: str) -> list[str]:
-    return [*fp16_tasks(job), *(["gguf/F16"] if from_f16(job, type_name) else [])]
+    return [*fp16_tasks(job), *(["gguf/F16"] if from_f16(job, type_name) else []),
+            *(["imatrix"] if with_imatrix(job, type_name) else [])]
+
+
+def imatrix_inputs(job: Job, item: str) -> dict[str, Any]:
+    c = job.recipe.calibration
+    return {**hf_source(job), "calibration": text_fingerprint(c.source), "tool": __version__,
+            "sampling": options_fingerprint({"nsamples": c.nsamples, "seqlen": c.seqlen,
+                                             "seed": c.seed})}
+
+
+def run_imatrix(job: Job, item: str, resume: bool) -> dict[str, Any]:
+    from pipeline.imatrix import imatrix
+
+    c = job.recipe.calibration
+    return imatrix(job.dirs.fp16, job.dirs.imatrix, calibration=c.source, nsamples=c.nsamples,
+                   seqlen=c.seqlen, seed=c.seed, device=job.device, force=True)
 
 
 def gguf_inputs(job: Job, type_name: str) -> dict[str, Any]:
@@ -408,7 +430,8 @@ def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
 
     return write_gguf(job.dirs.fp16, job.dirs.gguf(type_name), type_name=type_name,
                       name=job.recipe.model.name, force=True, threads=torch.get_num_threads(),
-                      f16=job.dirs.gguf("F16") if from_f16(job, type_name) else None)
+                      f16=job.dirs.gguf("F16") if from_f16(job, type_name) else None,
+                      imatrix=job.dirs.imatrix if with_imatrix(job, type_name) else None)
 
 
 def verify_inputs(job: Job, item: str) -> dict[str, Any]:
@@ -497,7 +520,10 @@ STAGES = (
           lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
     Stage("quantize", ("convert",), lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
           quantize_inputs, run_quantize, gpu=True),
-    Stage("gguf", ("convert",), lambda job: [g.type for g in job.recipe.gguf],
+    Stage("imatrix", ("convert",),
+          lambda job: ("",) if any(with_imatrix(job, g.type) for g in job.recipe.gguf) else (),
+          lambda job, _: job.dirs.imatrix, imatrix_inputs, run_imatrix, gpu=True),
+    Stage("gguf", ("convert", "imatrix"), lambda job: [g.type for g in job.recipe.gguf],
           lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf, needs=gguf_needs),
     Stage("verify", ("convert", "quantize", "gguf"), once, lambda job, _: job.dirs.verify,
           verify_inputs, run_verify, gpu=True),

@@ -25,7 +25,8 @@ def plain(name: str) -> str:
 
 @dataclass(frozen=True)
 class WorkDir:
-    """fp16/, gptq/<branch>/, gguf/<model name>.<TYPE>.gguf, verify/ (verify.json, verify.txt),
+    """fp16/, gptq/<branch>/, gguf/<model name>.<TYPE>.gguf (and its .imatrix.gguf), verify/
+    (verify.json, verify.txt),
     publish-plan/ and, with --executor slurm, slurm/ under `path`."""
 
     path: Path
@@ -50,11 +51,14 @@ class WorkDir:
         return self.path / "gptq" / plain(branch)
 
     def gguf(self, type_name: str) -> Path:
-        from pipeline.core.gguf_types import (
-            file_name,  # the gguf library is slow to import
-        )
+        from pipeline.core.gguf_types import file_name  # the gguf library is slow to import
 
         return self.path / "gguf" / plain(file_name(self.model, type_name))
+
+    @property
+    def imatrix(self) -> Path:
+        """The importance matrix the quantised GGUF files are made with (<model>.imatrix.gguf)."""
+        return self.gguf("imatrix")
 
     @property
     def verify(self) -> Path:

@@ -497,7 +497,6 @@ def test_gguf_card_matches_golden_and_its_yaml_reads_back(tmp_path):
 
 
 def test_every_type_has_default_thresholds_and_a_llama_cpp_file_type():
-    assert list(TYPES) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
     assert all(set(t.thresholds) == set(th.GGUF_KINDS) for t in TYPES.values())
     import llama_cpp
 

@@ -13,13 +13,18 @@ from verify import thresholds as th
 
 
 def test_every_type_has_its_bits_use_case_and_every_threshold_kind():
-    assert list(TYPES) == ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+    thebloke = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_S",
+                "Q5_K_M", "Q6_K", "Q8_0"]
+    iq = ["IQ4_XS", "IQ3_XXS", "IQ3_M", "IQ2_XS", "IQ2_M"]
+    assert set(TYPES) == {"F16", *thebloke, *iq}
+    assert {n for n, t in TYPES.items() if t.needs_imatrix} == set(iq)  # unusable without one
     for name, t in TYPES.items():
+        assert 2 <= t.bpw <= 16 and t.bits <= t.bpw < t.bits + 1 or name == "F16"
         assert t.name == name and TYPE_OF_FTYPE[int(t.ftype)] == name and t.use_case
         assert set(t.thresholds) == set(th.GGUF_KINDS)
         assert th.gguf_thresholds(name) == t.thresholds  # verify's defaults are the catalogue's
     bits = [t.bits for t in TYPES.values()]
-    assert bits == sorted(bits, reverse=True)
+    assert bits == sorted(bits, reverse=True)  # the table (and the cards) run widest first
     assert th.gguf_thresholds("Q4_K_M", {"tolerance": 0.5})["tolerance"] == 0.5
     with pytest.raises(ValueError, match="unknown GGUF threshold kind"):
         th.gguf_thresholds("Q4_K_M", {"ppl": 1.0})
@@ -43,3 +48,16 @@ def test_a_quantised_type_is_made_only_from_an_f16_file(tmp_path):
         check_f16(q8, tmp_path)
     with pytest.raises(InputError, match=r"missing\.gguf: F16 GGUF file missing"):
         check_f16(tmp_path / "missing.gguf", tmp_path)
+
+
+def test_an_iq_type_is_refused_without_an_importance_matrix(tmp_path):
+    from pipeline.gguf import check_imatrix
+
+    with pytest.raises(InputError, match=r"--type IQ2_XS: needs an importance matrix \(--imatrix"):
+        check_imatrix(TYPES["IQ2_XS"], None)
+    assert check_imatrix(TYPES["Q4_K_M"], None) is None  # K-quants take one, need none
+    not_imatrix = gguf_file(tmp_path / "m.F16.gguf", int(TYPES["F16"].ftype))
+    with pytest.raises(InputError, match=r"m\.F16\.gguf: not an importance matrix"):
+        check_imatrix(TYPES["IQ2_XS"], not_imatrix)
+    with pytest.raises(InputError, match="F16 is not quantised"):
+        check_imatrix(TYPES["F16"], not_imatrix)

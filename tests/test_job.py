@@ -199,8 +199,9 @@ def test_missing_source_is_an_input_error(project, tmp_path, monkeypatch):
 
 
 def test_levels_follow_the_task_graph_not_the_table(tmp_path):
-    """A quantised GGUF file needs the F16 task (it is quantised from its file), so it runs a
-    level after it, whatever the recipe's order; verify needs every artifact, publish verify."""
+    """A quantised GGUF file needs the F16 task (it is quantised from its file) and the imatrix
+    task, so it runs a level after them, whatever the recipe's order; verify needs every
+    artifact, publish verify."""
     (tmp_path / "meta").mkdir()
     for d in ("calib", "eval"):
         (tmp_path / "text" / d).mkdir(parents=True)
@@ -211,12 +212,15 @@ def test_levels_follow_the_task_graph_not_the_table(tmp_path):
     recipe = load_recipe(tmp_path / "tiny.toml")
     job = Job(recipe, tmp_path / "work", "publish", ("main", V8))
     levels = [[s.key(i) for s, i in level] for level in task_levels(job)]
-    assert levels == [["convert"], ["quantize/main", f"quantize/{V8}", "gguf/F16"], ["gguf/Q4_K_M"],
-                      ["verify"], ["publish"]]
+    assert levels == [["convert"], ["quantize/main", f"quantize/{V8}", "imatrix", "gguf/F16"],
+                      ["gguf/Q4_K_M"], ["verify"], ["publish"]]
     assert [t["task"] for t in plan(recipe, workdir=tmp_path / "w")] == sum(levels, [])
-    assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16"] and gguf_needs(job, "F16") == ["convert"]
-    # without an F16 file in the recipe a quantised type makes its own: no edge, one level earlier
-    (tmp_path / "tiny.toml").write_text(RECIPE.replace("[publish]", gguf.split("\n\n")[0] + "\n\n[publish]")
+    assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16", "imatrix"]
+    assert gguf_needs(job, "F16") == ["convert"]  # F16 is not quantised: no importance matrix
+    # without an F16 file in the recipe a quantised type makes its own: no edge to it; with
+    # `imatrix = false` no importance matrix either, and no imatrix task at all
+    alone = gguf.split("\n\n")[0] + "\nimatrix = false\n"
+    (tmp_path / "tiny.toml").write_text(RECIPE.replace("[publish]", alone + "\n[publish]")
                                         + 'gguf_repo = "org/Tiny-GGUF"\n')
     job = Job(load_recipe(tmp_path / "tiny.toml"), tmp_path / "work", "gguf", ("main",))
     assert [[s.key(i) for s, i in level] for level in task_levels(job)] == [

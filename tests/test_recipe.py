@@ -100,6 +100,12 @@ def test_tolerance_and_lists_parse(tmp_path):
 
 
 @pytest.mark.parametrize("old,new,message", [
+    # GGUF types: an IQ type needs its importance matrix; an unknown type is named
+    ('gptq_repo = "org/Tiny-GPTQ"', 'gptq_repo = "org/Tiny-GPTQ"\ngguf_repo = "org/Tiny-GGUF"\n'
+     '[[gguf]]\ntype = "IQ2_M"\nimatrix = false',
+     r"\[\[gguf\]\] #1 \(IQ2_M\): imatrix = false: IQ2_M needs an importance matrix"),
+    ('gptq_repo = "org/Tiny-GPTQ"', 'gptq_repo = "org/Tiny-GPTQ"\ngguf_repo = "org/Tiny-GGUF"\n'
+     '[[gguf]]\ntype = "Q4_K_M"\nimatrix = "yes"', r"\[\[gguf\]\] #1 imatrix must be true or false"),
     # unknown keys
     ('name = "Tiny"', 'name = "Tiny"\ncolour = "red"', r"\[model\]: unknown key\(s\) colour"),
     ("bits = 4", "bits = 4\nbitz = 4", r"\[\[variants\]\] #1: unknown key\(s\) bitz"),

@@ -181,6 +181,9 @@ def check_gguf(r: Recipe) -> None:
         if g.type in seen:
             raise InputError(f"{where}: type {g.type!r} is also [[gguf]] #{seen[g.type]}")
         seen[g.type] = i
+        if TYPES[g.type].needs_imatrix and not g.imatrix:
+            raise InputError(f"{where} ({g.type}): imatrix = false: {g.type} needs an importance "
+                             "matrix (unusable without one); remove the key")
         for kind, value in g.thresholds().items():
             problem = thresholds.invalid(kind, value)
             if problem:

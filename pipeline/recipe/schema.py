@@ -171,6 +171,7 @@ class GGUFFile(GGUFThresholds):
 
     type: str
     description: str = ""
+    imatrix: bool = True  # quantised with the importance matrix of [calibration] (not F16)
 
     def thresholds(self) -> dict[str, float]:
         """The thresholds this entry sets (kind → value), for verify.stage."""
