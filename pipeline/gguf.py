@@ -371,9 +371,10 @@ def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int,
                 bar.total = int(m.group(2))
                 bar.update(int(m.group(1)) - bar.n)
 
-        if imatrix is not None:
-            run_tool("llama-quantize", ["--imatrix", imatrix, src, dst, t.name, threads], on_log,
-                     str(dst))
+        if imatrix is not None:  # by its name, from its folder: llama-quantize records the path
+            run_tool("llama-quantize", ["--imatrix", imatrix.name, Path(src).resolve(),
+                                        Path(dst).resolve(), t.name, threads], on_log, str(dst),
+                     cwd=imatrix.parent)
             return
         lib = bindings()
         params = lib.llama_model_quantize_default_params()

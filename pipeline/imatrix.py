@@ -96,6 +96,13 @@ def write_imatrix(path: Path, sums: dict[str, np.ndarray], n_layers: int, rows: 
     w.close()
 
 
+def dataset_name(source: str) -> str:
+    """The calibration source as the file records it (and llama-quantize copies into every GGUF
+    it makes): an hf: dataset as given, a local one by its last two path parts, never the
+    machine's folders."""
+    return source if source.startswith("hf:") else "/".join(Path(source).parts[-2:])
+
+
 def imatrix(fp16: Path, out: Path, *, calibration: str, nsamples: int = NSAMPLES,
             seqlen: int = SEQLEN, seed: int = SEED, device: str = "auto",
             force: bool = False) -> dict[str, Any]:
@@ -115,7 +122,7 @@ def imatrix(fp16: Path, out: Path, *, calibration: str, nsamples: int = NSAMPLES
         sums = collect(ck, tokens, dev)
         try:
             write_imatrix(tmp, sums, ck.args.n_layers, tokens.numel(), nsamples, seqlen,
-                          calibration)
+                          dataset_name(calibration))
         except OSError as e:
             raise os_failure(e, out) from e
     return {"tool": "llama-gptq-pipeline imatrix", "tool_version": __version__,

@@ -4,6 +4,7 @@ GGUF imatrix layout."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_imatrix_is_the_models_sum_of_squared_inputs_in_llama_cpps_layout(made):
     fields = {f.name: f.contents() for f in r.fields.values()}
     assert fields["general.type"] == "imatrix"
     assert fields["imatrix.chunk_count"] == NSAMPLES and fields["imatrix.chunk_size"] == SEQLEN
-    assert fields["imatrix.datasets"] == [CALIBRATION]
+    assert fields["imatrix.datasets"] == ["calib/*.py.txt"]  # no folder of this machine
     tensors = {t.name: t for t in r.tensors}
     want = transformers_sums(fp16)
     assert len(tensors) == 2 * len(want) == 2 * 4 * 7 and summary["tensors"] == len(want)
@@ -91,11 +92,8 @@ def test_llama_cpps_own_tools_read_it(made, tmp_path):
     lines: list[str] = []
     run_tool("llama-imatrix", ["-m", f16, "--in-file", out, "--show-statistics"], lines.append,
              "test")
-    stats = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) > 5 and parts[1] == "I" and parts[2].isdigit() and parts[3] in GGUF_NAMES.values():
-            stats[f"blk.{parts[2]}.{parts[3]}.weight"] = float(parts[4])
+    row = re.compile(rf"\s(\d+)\s+({'|'.join(GGUF_NAMES.values())})\s+([0-9.]+)\s")
+    stats = {f"blk.{m[1]}.{m[2]}.weight": float(m[3]) for m in map(row.search, lines) if m}
     assert len(stats) == 4 * 7
     r = gguf.GGUFReader(out)
     t = {x.name: np.asarray(x.data).ravel() for x in r.tensors}
@@ -107,6 +105,11 @@ def test_llama_cpps_own_tools_read_it(made, tmp_path):
              lines.append, "test")
     log = "".join(lines)
     assert f"loaded {4 * 7} importance matrix entries from {out} computed on {NSAMPLES} chunks" in log
+    # what llama-quantize records of it in a file gguf --imatrix makes: its name, no folder
+    write_gguf(fp16, tmp_path / "m.Q4_K_M.gguf", type_name="Q4_K_M", f16=f16, imatrix=out)
+    q = gguf.GGUFReader(tmp_path / "m.Q4_K_M.gguf")
+    assert q.get_field("quantize.imatrix.file").contents() == out.name
+    assert q.get_field("quantize.imatrix.dataset").contents() == "calib/*.py.txt"
 
 
 def test_the_imatrix_lowers_kl_on_a_real_model_inside_llama_cpp(tmp_path):

@@ -27,12 +27,12 @@ def tool(name: str) -> Path:
 
 
 def run_tool(name: str, args: Sequence[str | Path], on_line: Callable[[str], None],
-             what: str) -> None:
-    """Run tool `name` with `args`, each output line (stdout and stderr) to `on_line`; a
-    non-zero exit is a PipelineError naming `what` with the output's last lines."""
+             what: str, cwd: Path | None = None) -> None:
+    """Run tool `name` with `args` (in folder `cwd`), each output line (stdout and stderr) to
+    `on_line`; a non-zero exit is a PipelineError naming `what` with the output's last lines."""
     lines: list[str] = []
     with subprocess.Popen([str(tool(name)), *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace") as p:
+                          stderr=subprocess.STDOUT, text=True, errors="replace", cwd=cwd) as p:
         for line in p.stdout:
             lines.append(line)
             on_line(line)
