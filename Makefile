@@ -49,13 +49,16 @@ $(SLURM_STAMP): $(STAMP)
 # the venv until pyproject changes. pipeline/llamacpp_tools.py finds them there.
 $(TOOLS_STAMP): $(STAMP)
 	rm -rf $(LLAMA_TOOLS) && mkdir -p $(LLAMA_TOOLS)/src
+	$(PY) -m pip install -q cmake ninja  # as llama-cpp-python's own build gets them: from PyPI
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src \
 	  "llama-cpp-python==$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
 	tar -xzf $(LLAMA_TOOLS)/src/llama_cpp_python-*.tar.gz -C $(LLAMA_TOOLS)/src
-	cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_TOOLS)/build -G Ninja \
+	$(VENV)/bin/cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_TOOLS)/build \
+	  -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-	cmake --build $(LLAMA_TOOLS)/build -j$$(nproc) --target llama-quantize llama-imatrix llama-perplexity >/dev/null
+	$(VENV)/bin/cmake --build $(LLAMA_TOOLS)/build -j$$(nproc) \
+	  --target llama-quantize llama-imatrix llama-perplexity >/dev/null
 	mkdir -p $(LLAMA_TOOLS)/bin && cp $(LLAMA_TOOLS)/build/bin/llama-quantize \
 	  $(LLAMA_TOOLS)/build/bin/llama-imatrix $(LLAMA_TOOLS)/build/bin/llama-perplexity $(LLAMA_TOOLS)/bin/
 	rm -rf $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/build
