@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from pipeline.core.bounded import read_json
 from pipeline.core.chat import chat_format
@@ -137,13 +138,16 @@ def fp16_card(recipe: Recipe, files: dict[str, int], report: Report, model_type:
 
 @dataclass(frozen=True)
 class GGUFRow:
-    """One GGUF file as its card row shows it: type and bits from pipeline/gguf.py, size measured."""
+    """One GGUF file as its card row shows it: type, bits and bits per weight from the type
+    catalogue, size measured, whether an importance matrix guided it."""
 
     name: str  # the file name, also the verify report's name for it
     type: str
     bits: int
+    bpw: float  # of the type's main block type
     size: int
     use_case: str
+    imatrix: bool  # quantised with the importance matrix
 
 
 def kv_cache(config: dict) -> tuple[int, int]:
@@ -153,19 +157,42 @@ def kv_cache(config: dict) -> tuple[int, int]:
     return a.max_seq_len, 2 * a.n_layers * a.kv_dim * 2
 
 
-def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict, hub_url: str) -> str:
-    """README.md of the GGUF repository: one row per file with its measured size and the RAM it
-    needs at the full context (`config`: the fp16 config.json), and what llama.cpp measured."""
+def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict, hub_url: str,
+              imatrix: dict[str, Any] | None = None) -> str:
+    """README.md of the GGUF repository: one row per file with its measured size, the RAM it
+    needs at the full context (`config`: the fp16 config.json) and its KL against fp16, what
+    llama.cpp measured (with each file's type made without the importance matrix beside it), and
+    the importance matrix (`imatrix`: file, dataset, chunks, chunk_size) the files were made with."""
     from shlex import quote
 
     pub, ppl, m = recipe.publish, report.perplexity, recipe.model
     context, per_token = kv_cache(config)
     url = repo_url(hub_url, pub.gguf_repo)
-    files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type, str(r.bits), human_size(r.size),
-              human_size(r.size + context * per_token), r.use_case] for r in rows]
+    kl = report.metrics("kl_divergence")
+    files = [[f"[{r.name}]({url}/blob/main/{r.name})", r.type + (", imatrix" if r.imatrix else ""),
+              str(r.bits), f"{r.bpw:g}", human_size(r.size),
+              human_size(r.size + context * per_token),
+              *((f"{kl[r.name]['kl_mean']:.3g}", f"{kl[r.name]['top1']:.2%}") if r.name in kl
+                else (NONE, NONE)), r.use_case] for r in rows]
     measured = [("fp16", f"fp16 ({fp16_link(recipe, hub_url)})"),
                 *((r.name, f"`{r.name}`") for r in rows)]
     ppl_rows = perplexity_table(report, measured)
+    without = report.metrics("against_no_imatrix")
+    for r in rows:  # each imatrix file's baseline, after its row
+        if r.name in without:
+            b = without[r.name]
+            c = perplexity_cells({"artifact": r.name, "bits": None, "group_size": None,
+                                  "act_order": None, "ppl": b["ppl_without"],
+                                  "ratio": b["ppl_without"] / ppl["fp16"], "ppl_rtn": None,
+                                  "ratio_rtn": None, **{k: b[f"{k}_without"]
+                                                        for k in ("kl_mean", "kl_p99", "top1")}})
+            at = next(i for i, row in enumerate(ppl_rows) if row[0] == f"`{r.name}`")
+            ppl_rows.insert(at + 1, [f"`{r.type}` without the importance matrix", c["ppl"],
+                                     c["vs_fp16"], c["kl_mean"], c["kl_p99"], c["top1"]])
+    note = part("gguf_imatrix", file=imatrix["file"], url=f"{url}/blob/main/{imatrix['file']}",
+                dataset=imatrix["dataset"], chunks=str(imatrix["chunks"]),
+                chunk_size=str(imatrix["chunk_size"]),
+                tokens=f"{imatrix['chunks'] * imatrix['chunk_size']:,}") if imatrix else ""
     parity = report.metrics("gguf_parity")
     parity = next(iter(parity.values()), None)
     example = next((r.name for r in rows if r.type == "Q4_K_M"), rows[0].name)
@@ -175,6 +202,7 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict,
                    None) or "llama-cpp-python"
     meta = metadata(recipe, "llama", pub.gguf_repo, [(r.type, ppl[r.name]) for r in rows if r.name in ppl])
     return render("gguf", recipe, report, hub_url, metadata=meta, file_rows=table(files),
+                  imatrix_note="\n\n" + note if note else "",
                   ppl_rows=table(ppl_rows), gguf_repo=pub.gguf_repo, gguf_url=url,
                   runtime=runtime, context=str(context), kv_per_token=human_size(per_token),
                   parity=part("gguf_parity", max_rel_err=f"{parity['max_rel_err']:.3g}",

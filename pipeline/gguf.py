@@ -32,22 +32,21 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.core.bounded import gguf_reader, read_bytes, read_json
+from pipeline.core.bounded import GGUF_MAGIC, read_bytes, read_json
 from pipeline.core.checkpoint import HFCheckpoint
-from pipeline.core.errors import InputError, PipelineError, os_failure
+from pipeline.core.errors import InputError, os_failure
 from pipeline.core.gguf_types import TYPES, GGUFType
 from pipeline.core.llama import ROTARY_HEADS, LlamaArgs, inv_freq
-from pipeline.core.llamacpp_tools import run_tool
+from pipeline.core.imatrix_format import check_imatrix_file
+from pipeline.core.llamacpp_tools import quantize_file
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import INFILL, load_tokenizer, tokenizer_kind
 
-MAGIC = b"GGUF"
 MAX_TEMPLATE_BYTES = 1 << 20  # a chat template: a few KB in practice
 ARCH = gguf.MODEL_ARCH.LLAMA
 
 
-QUANT_LOG_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")  # llama.cpp's quantiser: "[  3/ 39] name ..."
 
 
 def check_type(type_name: str) -> GGUFType:
@@ -329,17 +328,11 @@ def check_imatrix(t: GGUFType, imatrix: Path | None) -> Path | None:
             raise InputError(f"--type {t.name}: needs an importance matrix (--imatrix FILE, made "
                              "by `python -m pipeline imatrix`); without one it is unusable")
         return None
-    if t.name == "F16":
-        raise InputError("--imatrix: F16 is not quantised; an importance matrix guides the "
-                         "quantised types only")
-    imatrix = Path(imatrix)
-    if not imatrix.is_file():
-        raise InputError(f"{imatrix}: importance matrix file missing")
-    kind = gguf_reader(imatrix).get_field("general.type")
-    if kind is None or kind.contents() != "imatrix":
-        raise InputError(f"{imatrix}: not an importance matrix (its general.type is not "
-                         "\"imatrix\"); make one with `python -m pipeline imatrix`")
-    return imatrix
+    if not t.uses_imatrix:
+        raise InputError(f"--imatrix: {t.name} does not use an importance matrix ("
+                         + ("F16 is not quantised" if t.name == "F16" else
+                            "llama.cpp rounds it to nearest") + ")")
+    return check_imatrix_file(Path(imatrix))
 
 
 def check_f16(f16: Path, fp16: Path) -> None:
@@ -353,38 +346,6 @@ def check_f16(f16: Path, fp16: Path) -> None:
     if ftype != int(TYPES["F16"].ftype):
         raise InputError(f"{f16}: not an F16 GGUF file (general.file_type {ftype}); quantised "
                          f"types are made from the F16 file of {fp16}")
-
-
-def quantize_file(src: Path, dst: Path, t: GGUFType, threads: int,
-                  imatrix: Path | None = None) -> None:
-    """llama.cpp's quantiser from the F16 file `src` to `dst`: in-process through the bindings,
-    or, with an importance matrix (which the bindings cannot pass: a C++ map), its llama-quantize
-    tool; the per-tensor log drives the progress bar, and its last lines explain a failure."""
-    from verify.llamacpp import bindings, llama_log
-
-    lines: list[str] = []
-    with tqdm(unit="tensor", desc=f"gguf {t.name}", file=sys.stderr) as bar:
-        def on_log(text: str) -> None:
-            lines.append(text)
-            m = QUANT_LOG_LINE.search(text)
-            if m:
-                bar.total = int(m.group(2))
-                bar.update(int(m.group(1)) - bar.n)
-
-        if imatrix is not None:  # by its name, from its folder: llama-quantize records the path
-            run_tool("llama-quantize", ["--imatrix", imatrix.name, Path(src).resolve(),
-                                        Path(dst).resolve(), t.name, threads], on_log, str(dst),
-                     cwd=imatrix.parent)
-            return
-        lib = bindings()
-        params = lib.llama_model_quantize_default_params()
-        params.ftype = getattr(lib, f"LLAMA_FTYPE_{t.ftype.name}")
-        params.nthread = threads
-        with llama_log(on_log):
-            rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        tail = " ".join("".join(lines).split())[-400:]
-        raise PipelineError(f"{dst}: llama.cpp's quantiser failed for {t.name} (code {rc}): {tail}")
 
 
 def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | None = None,
@@ -407,7 +368,7 @@ def write_gguf(fp16: Path, out: Path, *, type_name: str = "F16", name: str | Non
         check_f16(f16, fp16)
     imatrix = check_imatrix(t, imatrix)
     inputs = [fp16, *(p for p in (f16, imatrix) if p is not None)]
-    with staged_file(out, force, magic=MAGIC, inputs=inputs) as tmp:
+    with staged_file(out, force, magic=GGUF_MAGIC, inputs=inputs) as tmp:
         try:
             if t.name == "F16":
                 info = write_f16(ckpt, tmp, name)

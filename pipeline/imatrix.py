@@ -3,11 +3,7 @@ linear, Σx² per input channel of the fp16 model's own activations over the cal
 and the token count, written in llama.cpp's GGUF imatrix format, which its quantiser reads
 (`gguf --imatrix`).
 
-The format (llama.cpp tools/imatrix/imatrix.cpp, common/imatrix-loader.cpp): `general.type =
-"imatrix"`, `imatrix.datasets` (strings), `imatrix.chunk_count` and `imatrix.chunk_size` (u32);
-per weight, under its GGUF name, `<name>.in_sum2` (F32, ggml shape [n_in, 1]: Σx² per input
-column) and `<name>.counts` (F32 [1, 1]: the rows summed). The quantiser divides one by the other.
-Covered: the seven linears of every block (`blk.N.*`), as llama.cpp's tool covers them;
+The format: pipeline/core/imatrix_format.py. Covered: the seven linears of every block (`blk.N.*`), as llama.cpp's tool covers them;
 `output.weight` only with its --process-output, so not here. q/k are permuted for RoPE along
 their output rows only: the input columns, which the imatrix describes, keep their order.
 """
@@ -24,35 +20,31 @@ import click
 import gguf
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration
-from pipeline.core.checkpoint import IGNORED, HFCheckpoint
+from pipeline.core.bounded import GGUF_MAGIC
+from pipeline.core.checkpoint import HFCheckpoint
+from pipeline.core.imatrix_format import write_imatrix
 from pipeline.core.errors import InputError, os_failure
-from pipeline.core.llama import LINEARS, compute_dtype, load_layer, pick_device, rotary
+from pipeline.core.llama import LINEARS, chunks, compute_dtype, load_layer, pick_device, rotary
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import load_tokenizer
 
-MAGIC = b"GGUF"
-CHUNK_TOKENS = 2048  # calibration tokens per forward step
 
 
 def collect(ck: HFCheckpoint, tokens: torch.Tensor, dev: torch.device) -> dict[str, np.ndarray]:
     """HF weight name -> Σx² [n_in] (float64) of each decoder linear's input, over the token
     windows [n, T], layer by layer through the fp16 model."""
     a, dtype = ck.args, compute_dtype(dev)
-    E = ck.tensor("model.embed_tokens.weight")
-    X = torch.stack([F.embedding(t, E).to(dtype) for t in tokens])  # [n, T, dim], on the host
+    X = ck.embedded(tokens, dtype)  # [n, T, dim], on the host
     cos, sin = rotary(a, tokens.shape[1], dev, dtype)
-    step = max(1, CHUNK_TOKENS // tokens.shape[1])
     sums: dict[str, np.ndarray] = {}
     for i in tqdm(range(a.n_layers), desc="imatrix", unit="layer", file=sys.stderr):
-        state = {k: v.to(dev, dtype) for k, v in ck.layer_state(i).items()
-                 if not k.endswith(IGNORED)}
-        layer = load_layer(a, state)
+        state = {k: v.to(dev, dtype) for k, v in ck.layer_state(i).items()}
+        layer = load_layer(a, state, f"{ck.path}: decoder layer {i}")
         acc: dict[str, torch.Tensor] = {}
 
         def hook(name: str):
@@ -63,8 +55,8 @@ def collect(ck: HFCheckpoint, tokens: torch.Tensor, dev: torch.device) -> dict[s
 
         handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in LINEARS]
         with torch.no_grad():
-            for j in range(0, X.shape[0], step):
-                X[j:j + step] = layer(X[j:j + step].to(dev), cos, sin).to(X.device)
+            for c in chunks(X):
+                X[c] = layer(X[c].to(dev), cos, sin).to(X.device)
         for h in handles:
             h.remove()
         for n in LINEARS:
@@ -75,25 +67,6 @@ def collect(ck: HFCheckpoint, tokens: torch.Tensor, dev: torch.device) -> dict[s
             sums[f"model.layers.{i}.{n}.weight"] = s
         del layer, state
     return sums
-
-
-def write_imatrix(path: Path, sums: dict[str, np.ndarray], n_layers: int, rows: int,
-                  chunks: int, chunk_size: int, dataset: str) -> None:
-    """The GGUF imatrix file (module docstring), each weight under its GGUF name."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", [dataset])
-    w.add_uint32("imatrix.chunk_count", chunks)
-    w.add_uint32("imatrix.chunk_size", chunk_size)
-    for hf_name, s in sums.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight",))
-        w.add_tensor(f"{name}.in_sum2", s.astype(np.float32)[None, :])  # ggml [n_in, 1]
-        w.add_tensor(f"{name}.counts", np.full((1, 1), rows, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def dataset_name(source: str) -> str:
@@ -118,11 +91,13 @@ def imatrix(fp16: Path, out: Path, *, calibration: str, nsamples: int = NSAMPLES
                          f"{ck.args.max_seq_len} ({fp16 / 'config.json'})")
     tokens, info = load_calibration(calibration, load_tokenizer(fp16), nsamples, seqlen, seed)
     dev = pick_device(device)
-    with staged_file(out, force, magic=MAGIC, inputs=[fp16]) as tmp:
+    with staged_file(out, force, magic=GGUF_MAGIC, inputs=[fp16]) as tmp:
         sums = collect(ck, tokens, dev)
         try:
-            write_imatrix(tmp, sums, ck.args.n_layers, tokens.numel(), nsamples, seqlen,
-                          dataset_name(calibration))
+            names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ck.args.n_layers)
+            write_imatrix(tmp, {names.get_name(k, try_suffixes=(".weight",)): s
+                                for k, s in sums.items()},
+                          tokens.numel(), nsamples, seqlen, dataset_name(calibration))
         except OSError as e:
             raise os_failure(e, out) from e
     return {"tool": "llama-gptq-pipeline imatrix", "tool_version": __version__,

@@ -384,20 +384,25 @@ def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
                     resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size)
 
 
-def from_f16(job: Job, type_name: str) -> bool:
-    """Whether a GGUF file is quantised from the F16 task's file: a quantised type, when the
-    recipe also makes F16 (else its task writes an F16 file of its own, beside the output)."""
-    return type_name != "F16" and any(g.type == "F16" for g in job.recipe.gguf)
+def gguf_types(job: Job) -> list[str]:
+    """The GGUF files the job makes: the recipe's, and F16 whenever a quantised one is made (the
+    quantiser's source, and verify's for the baselines without the importance matrix; verified,
+    published only when the recipe lists it)."""
+    types = [g.type for g in job.recipe.gguf]
+    return (["F16"] if "F16" not in types and any(t != "F16" for t in types) else []) + types
 
 
 def with_imatrix(job: Job, type_name: str) -> bool:
-    """Whether a GGUF file is quantised with the job's importance matrix: a quantised type whose
-    [[gguf]] entry keeps `imatrix` (the default)."""
-    return type_name != "F16" and next(g.imatrix for g in job.recipe.gguf if g.type == type_name)
+    """Whether a GGUF file is quantised with the job's importance matrix: a type whose quantiser
+    uses one, whose [[gguf]] entry keeps `imatrix` (the default)."""
+    from pipeline.core.gguf_types import TYPES  # the gguf library is slow to import
+
+    return TYPES[type_name].uses_imatrix and next(g.imatrix for g in job.recipe.gguf
+                                                   if g.type == type_name)
 
 
 def gguf_needs(job: Job, type_name: str) -> list[str]:
-    return [*fp16_tasks(job), *(["gguf/F16"] if from_f16(job, type_name) else []),
+    return [*fp16_tasks(job), *(["gguf/F16"] if type_name != "F16" else []),
             *(["imatrix"] if with_imatrix(job, type_name) else [])]
 
 
@@ -430,7 +435,7 @@ def run_gguf(job: Job, type_name: str, resume: bool) -> dict[str, Any]:
 
     return write_gguf(job.dirs.fp16, job.dirs.gguf(type_name), type_name=type_name,
                       name=job.recipe.model.name, force=True, threads=torch.get_num_threads(),
-                      f16=job.dirs.gguf("F16") if from_f16(job, type_name) else None,
+                      f16=job.dirs.gguf("F16") if type_name != "F16" else None,
                       imatrix=job.dirs.imatrix if with_imatrix(job, type_name) else None)
 
 
@@ -458,9 +463,10 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
                    baseline_rtn=vo.baseline_rtn, prompts=vo.prompts or None,
                    chat_prompts=vo.chat_prompts,
                    device=job.device, force=True,
-                   ggufs=[d.gguf(g.type) for g in r.gguf],
+                   ggufs=[d.gguf(t) for t in gguf_types(job)],
                    gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
-                   runtimes=vo.runtimes)
+                   runtimes=vo.runtimes,
+                   imatrix=d.imatrix if any(with_imatrix(job, g.type) for g in r.gguf) else None)
     if not report.passed:
         raise CheckFailed(f"{d.table}: verify failed: "
                           f"{', '.join(report.failed())}; nothing is published")
@@ -523,7 +529,7 @@ STAGES = (
     Stage("imatrix", ("convert",),
           lambda job: ("",) if any(with_imatrix(job, g.type) for g in job.recipe.gguf) else (),
           lambda job, _: job.dirs.imatrix, imatrix_inputs, run_imatrix, gpu=True),
-    Stage("gguf", ("convert", "imatrix"), lambda job: [g.type for g in job.recipe.gguf],
+    Stage("gguf", ("convert", "imatrix"), gguf_types,
           lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf, needs=gguf_needs),
     Stage("verify", ("convert", "quantize", "gguf"), once, lambda job, _: job.dirs.verify,
           verify_inputs, run_verify, gpu=True),

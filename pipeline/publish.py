@@ -43,7 +43,8 @@ from pipeline.credentials import masked_url, refuse_credentials, secrets_in_use,
 from pipeline.methods import METHODS
 from pipeline.recipe import Recipe, allow_dir_option, find_recipe, load_recipe
 from pipeline.workdir import WorkDir
-from verify.report import Report, check_inputs, check_integrity, check_verdict, read_report
+from verify.report import (FILE_KINDS, Report, check_inputs, check_integrity, check_verdict,
+                           read_report)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 KEEP_REMOTE = frozenset({".gitattributes"})  # the Hub's own file on every branch
@@ -157,7 +158,7 @@ def resolve_token(token: str | None) -> str:
 def verified_files(report: Report, name: str, path: Path, kind: str) -> dict[str, str]:
     """relative path -> sha256 of an artifact the report covers, at this path, unchanged since
     (whether its checks prove it is check_verdict's question)."""
-    if not (path.is_file() if kind == "gguf" else path.is_dir()):
+    if not (path.is_file() if kind in FILE_KINDS else path.is_dir()):
         raise InputError(f"{path}: artifact missing (run the job up to verify first)")
     entry = report.artifacts.get(name)
     if entry is None:
@@ -208,15 +209,17 @@ def make_plan(recipe: Recipe, report: Report, fp16: Path, variants: dict[str, Pa
 def gguf_plan(recipe: Recipe, report: Report, fp16: Path, ggufs: dict[str, Path],
               hub_url: str) -> BranchPlan:
     """`main` of the GGUF repository: one verified file per [[gguf]] type (the file's own type,
-    and the one verify recorded), and the card."""
+    and the one verify recorded), the importance matrix they were made with (verified too), and
+    the card."""
     from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
-    from verify.llamacpp import file_type
+    from pipeline.core.bounded import gguf_reader
+    from verify.llamacpp import field, file_type, imatrix_record
 
     want = [g.type for g in recipe.gguf]
     if set(ggufs) != set(want):
         raise InputError(f"{recipe.path}: publish needs every [[gguf]] file of the recipe "
                          f"({', '.join(want)}); got {', '.join(sorted(ggufs)) or 'none'}")
-    files, rows = [], []
+    files, rows, made_with = [], [], set()
     for g in recipe.gguf:
         path = ggufs[g.type]
         hashes = verified_files(report, path.name, path, "gguf")
@@ -225,10 +228,28 @@ def gguf_plan(recipe: Recipe, report: Report, fp16: Path, ggufs: dict[str, Path]
         if recorded != g.type or actual != g.type:  # the checks required depend on the type
             raise CheckFailed(f"{path}: its GGUF type is {actual} (the verify report says "
                               f"{recorded}); the recipe's [[gguf]] entry says {g.type}")
+        record = imatrix_record(path)
+        if record != report.artifacts[path.name].get("imatrix"):  # what decides its checks
+            raise CheckFailed(f"{path}: records the importance matrix {record}; the verify report "
+                              f"says {report.artifacts[path.name].get('imatrix')}")
         files += artifact_files(path.parent, hashes)
-        rows.append(card.GGUFRow(path.name, g.type, TYPES[g.type].bits, files[-1].size,
-                                 g.description or TYPES[g.type].use_case))
-    text = card.gguf_card(recipe, rows, report, read_json(fp16 / "config.json"), hub_url)
+        rows.append(card.GGUFRow(path.name, g.type, TYPES[g.type].bits, TYPES[g.type].bpw,
+                                 files[-1].size, g.description or TYPES[g.type].use_case,
+                                 record is not None))
+        made_with.update([record["file"]] if record else [])
+    for name in sorted(made_with):  # the file beside them, as verify hashed it
+        entry = report.artifacts.get(name)
+        if entry is None or entry["kind"] != "imatrix":
+            raise CheckFailed(f"{name}: the GGUF files were made with this importance matrix, "
+                              "which the verify report does not hold (verify with --imatrix)")
+        check_integrity(report, name)
+        files += artifact_files(Path(entry["path"]).parent, entry["files"])
+        reader = gguf_reader(Path(entry["path"]))
+        imatrix = {"file": name, "dataset": (field(reader, "imatrix.datasets") or ["?"])[-1],
+                   "chunks": field(reader, "imatrix.chunk_count"),
+                   "chunk_size": field(reader, "imatrix.chunk_size")}
+    text = card.gguf_card(recipe, rows, report, read_json(fp16 / "config.json"), hub_url,
+                          imatrix if made_with else None)
     return BranchPlan(recipe.publish.gguf_repo, "main", "gguf", (*files, card_file(text)))
 
 

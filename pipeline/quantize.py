@@ -19,7 +19,6 @@ from typing import Any
 
 import click
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
@@ -27,13 +26,14 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.core.bounded import DEFAULT_SHARD_SIZE, loads_json, parse_size, read_json
 from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
-from pipeline.core.checkpoint import IGNORED, INDEX_NAME, HFCheckpoint
+from pipeline.core.checkpoint import INDEX_NAME, HFCheckpoint
 from pipeline.core.errors import InputError
 from pipeline.core.gptq_format import dequantize, pack, packable, packed_shapes, write_configs
 from pipeline.core.gptq_layout import BITS, PACK_RUN, SUFFIXES, n_groups, ragged
 from pipeline.core.grid import QuantResult
 from pipeline.core.llama import (LAYER_NORMS, LINEAR_GROUPS, LINEARS, DecoderLayer, LlamaArgs,
-                                 compute_dtype, fits_in_memory, load_layer, pick_device, rotary)
+                                 chunks, compute_dtype, fits_in_memory, load_layer, pick_device,
+                                 rotary)
 from pipeline.core.output import check_target, staged_dir
 from pipeline.core.paths import PATH
 from pipeline.core.safetensors_stream import ShardedWriter, TensorSpec, header_bytes, read_header
@@ -71,15 +71,6 @@ def activation_device(dev: torch.device, nbytes: int) -> torch.device:
     if dev.type != "cuda" or fits_in_memory(2 * nbytes, dev):
         return dev
     return torch.device("cpu")
-
-
-CHUNK_TOKENS = 2048  # calibration tokens per forward step: matmuls wide enough to be efficient
-
-
-def chunks(X: torch.Tensor) -> list[slice]:
-    """Slices of the calibration samples X [n, T, dim], about CHUNK_TOKENS tokens each."""
-    step = max(1, CHUNK_TOKENS // X.shape[1])
-    return [slice(j, min(j + step, X.shape[0])) for j in range(0, X.shape[0], step)]
 
 
 def run_layer(layer: DecoderLayer, X: torch.Tensor, Y: torch.Tensor, dev: torch.device,
@@ -202,12 +193,6 @@ def restore_layer(layer: DecoderLayer, file: Path, bits: int, prefix: str, dev: 
             mod.weight.data = dequantize(*t, bits, name=prefix + name).to(mod.weight.dtype)
 
 
-def layer_state(ck: HFCheckpoint, i: int) -> dict[str, torch.Tensor]:
-    """Decoder layer i's weights (HFCheckpoint drops its memory maps after each layer, so RSS
-    does not grow with depth)."""
-    return {k: v for k, v in ck.layer_state(i).items() if not k.endswith(IGNORED)}
-
-
 def output_plan(ck: HFCheckpoint, spec: QuantSpec) -> list[TensorSpec]:
     """Every output tensor in file order: fp16 embeddings/norms/lm_head, packed linears."""
     a, bits = ck.args, spec.bits
@@ -288,8 +273,7 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
     store = dev
     if tokens is not None:
         store = activation_device(dev, tokens.numel() * a.dim * dtype.itemsize)
-        E = ck.tensor("model.embed_tokens.weight")
-        X = torch.stack([F.embedding(t, E).to(dtype) for t in tokens]).to(store)  # [n, T, dim]
+        X = ck.embedded(tokens, dtype).to(store)  # [n, T, dim]
         Y = torch.empty_like(X)
     cos, sin = rotary(a, tokens.shape[1] if tokens is not None else 1, dev, dtype)
     modules: dict[str, Any] = {}
@@ -301,11 +285,9 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
                 modules.update(loads_json(f.metadata()["log"], f"{file}: log"))
             if not replay:
                 continue
-        state = layer_state(ck, i)
-        try:
-            layer = load_layer(a, {k: v.to(dev, dtype) for k, v in state.items()})
-        except RuntimeError as e:
-            raise InputError(f"{ck.path}: layer {i} does not match config.json: {e}") from e
+        state = ck.layer_state(i)
+        layer = load_layer(a, {k: v.to(dev, dtype) for k, v in state.items()},
+                           f"{ck.path}: decoder layer {i}")
         if i < done:
             restore_layer(layer, file, spec.bits, prefix, dev)
         else:

@@ -463,7 +463,11 @@ CARD_REPORT = {
            "thresholds": {}} for t, m in {
             "Q4_K_M": {"kl_mean": 0.0307, "kl_p99": 0.392, "top1": 0.9421},
             "Q8_0": {"kl_mean": 0.00112, "kl_p99": 0.0131, "top1": 0.9893},
-            "F16": {"kl_mean": 6.7e-7, "kl_p99": 7.6e-6, "top1": 0.99932}}.items())],
+            "F16": {"kl_mean": 6.7e-7, "kl_p99": 7.6e-6, "top1": 0.99932}}.items()),
+        {"check": "against_no_imatrix", "artifact": CARD_FILES["Q4_K_M"][0], "passed": True,
+         "metrics": {"kl_mean": 0.0307, "kl_p99": 0.392, "top1": 0.9421, "ppl_without": 6.3398,
+                     "kl_mean_without": 0.0344, "kl_p99_without": 0.441, "top1_without": 0.9377,
+                     "kl_ratio": 0.892}, "thresholds": {"imatrix_margin": 0.02}}],
     "perplexity": {"fp16": 6.1234, CARD_FILES["Q4_K_M"][0]: 6.3012, CARD_FILES["Q8_0"][0]: 6.1301,
                    CARD_FILES["F16"][0]: 6.1235},
     "tokens_per_second": 1000.0,
@@ -480,9 +484,13 @@ def test_gguf_card_matches_golden_and_its_yaml_reads_back(tmp_path):
 
     (tmp_path / "r.toml").write_text(CARD_RECIPE)
     recipe = load_recipe(tmp_path / "r.toml")
-    rows = [card.GGUFRow(name, g.type, TYPES[g.type].bits, size, g.description or TYPES[g.type].use_case)
+    rows = [card.GGUFRow(name, g.type, TYPES[g.type].bits, TYPES[g.type].bpw, size,
+                         g.description or TYPES[g.type].use_case, g.type == "Q4_K_M")
             for g in recipe.gguf for name, size in [CARD_FILES[g.type]]]
-    text = card.gguf_card(recipe, rows, Report.from_dict(CARD_REPORT, "CARD_REPORT"), CARD_CONFIG, "https://huggingface.co")
+    imatrix = {"file": "codellama-7b-instruct.imatrix.gguf", "chunks": 128, "chunk_size": 2048,
+               "dataset": "hf:nickrosh/Evol-Instruct-Code-80k-v1:train:output"}
+    text = card.gguf_card(recipe, rows, Report.from_dict(CARD_REPORT, "CARD_REPORT"), CARD_CONFIG,
+                          "https://huggingface.co", imatrix)
     assert text == (Path(__file__).parent / "golden" / "gguf_README.md").read_text()
     meta = yaml.safe_load(text[4:text.index("\n---\n", 3)])
     assert meta["base_model"] == "codellama/CodeLlama-7b-Instruct-hf"

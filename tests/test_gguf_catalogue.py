@@ -61,3 +61,8 @@ def test_an_iq_type_is_refused_without_an_importance_matrix(tmp_path):
         check_imatrix(TYPES["IQ2_XS"], not_imatrix)
     with pytest.raises(InputError, match="F16 is not quantised"):
         check_imatrix(TYPES["F16"], not_imatrix)
+    # llama.cpp's Q8_0 quantiser ignores the weights it is given (ggml-quants.c quantize_q8_0)
+    with pytest.raises(InputError, match=r"Q8_0 does not use an importance matrix \(llama\.cpp "
+                                         r"rounds it to nearest\)"):
+        check_imatrix(TYPES["Q8_0"], not_imatrix)
+    assert [t for t in TYPES if not TYPES[t].uses_imatrix] == ["F16", "Q8_0"]

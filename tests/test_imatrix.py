@@ -4,9 +4,12 @@ GGUF imatrix layout."""
 
 from __future__ import annotations
 
+import json
+import re
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -58,8 +61,6 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
 
 
 def test_imatrix_is_the_models_sum_of_squared_inputs_in_llama_cpps_layout(made):
-    import gguf
-
     fp16, out, summary = made
     r = gguf.GGUFReader(out)
     fields = {f.name: f.contents() for f in r.fields.values()}
@@ -99,8 +100,6 @@ def test_llama_cpps_own_tools_read_it(made, tmp_path):
     mean x² per channel equals ours: in_sum2 / counts), and its quantiser takes it (every entry,
     the chunks). Its --show-statistics table is not used: that tool's logger may drop lines at
     exit (its singleton is never flushed), so parsing it would fail at random."""
-    import gguf
-
     from pipeline.core.llamacpp_tools import run_tool
     from pipeline.gguf import write_gguf
 
@@ -129,14 +128,17 @@ def test_llama_cpps_own_tools_read_it(made, tmp_path):
     assert q.get_field("quantize.imatrix.dataset").contents() == "calib/*.py.txt"
 
 
-def test_the_imatrix_lowers_kl_on_a_real_model_inside_llama_cpp(tmp_path):
-    """SmolLM2-135M (real pretrained weights): each type with our importance matrix against the
-    same type without it, KL mean against fp16 scored inside llama.cpp on held-out text. Measured
-    here (8 windows, 32 x 256 calibration tokens), with / without: Q4_K_M 0.57, Q3_K_M 0.70,
-    Q2_K 0.70 (32 windows and 128 x 256 tokens: 0.57, 0.69, 0.71); the bound asks for a third of
-    that gain at 3 and 2 bits, and none at 4."""
+def test_the_imatrix_lowers_kl_on_a_real_model_and_verify_gates_a_wrong_one(tmp_path):
+    """SmolLM2-135M (real pretrained weights), judged by verify inside llama.cpp on held-out
+    text: each type made with our importance matrix against the same type verify makes without
+    it from the F16 file (the against_no_imatrix gate). Measured here (8 windows, 32 x 256
+    calibration tokens), with / without: Q4_K_M 0.57, Q3_K_M 0.70, Q2_K 0.70, IQ4_XS 0.49 (against
+    a uniform matrix); the bounds ask for a third of that gain at 3 and 2 bits, and none at 4.
+    A matrix whose channels are shuffled within each tensor (the right statistics on the wrong
+    channels) gives Q2_K 1.39: the gate fails it."""
     from real_model import smollm2_fp16
 
+    from pipeline.core.imatrix_format import write_imatrix
     from pipeline.gguf import write_gguf
     from verify.stage import judge
 
@@ -144,17 +146,87 @@ def test_the_imatrix_lowers_kl_on_a_real_model_inside_llama_cpp(tmp_path):
     fp16 = smollm2_fp16(tmp_path / "fp16")
     im = tmp_path / "m.imatrix.gguf"
     imatrix(fp16, im, calibration=str(root / "calib"), nsamples=32, seqlen=256, device="cpu")
+    rng = np.random.default_rng(0)
+    shuffled = {x.name.removesuffix(".in_sum2"): rng.permutation(np.asarray(x.data).ravel())
+                for x in gguf.GGUFReader(im).tensors if x.name.endswith(".in_sum2")}
+    wrong = tmp_path / "wrong.imatrix.gguf"
+    write_imatrix(wrong, shuffled, 32 * 256, 32, 256, "calib/*.txt")
     f16 = tmp_path / "m.F16.gguf"
     write_gguf(fp16, f16)
-    files = []
-    for t in ("Q4_K_M", "Q3_K_M", "Q2_K"):
-        for name, matrix in ((f"m.{t}.gguf", None), (f"m.{t}.imatrix.gguf", im)):
-            files.append(Path(write_gguf(fp16, tmp_path / name, type_name=t, f16=f16,
-                                         imatrix=matrix)["output"]))
+    types = ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
+    files = [f16, *(Path(write_gguf(fp16, tmp_path / f"m.{t}.gguf", type_name=t, f16=f16,
+                                    imatrix=im)["output"]) for t in types),
+             Path(write_gguf(fp16, tmp_path / "wrong.Q2_K.gguf", type_name="Q2_K", f16=f16,
+                             imatrix=wrong)["output"])]
     loose = {"tolerance": 100.0, "kl_mean": 100.0, "kl_p99": 1000.0, "top1": 0.0}
     report = judge(fp16=fp16, eval_text=str(root / "eval"), out=tmp_path / "v", seqlen=256,
-                   max_windows=8, device="cpu", ggufs=files,
-                   gguf_thresholds={t: loose for t in ("Q4_K_M", "Q3_K_M", "Q2_K")})
-    kl = {name: m["kl_mean"] for name, m in report.metrics("kl_divergence").items()}
-    ratio = {t: kl[f"m.{t}.imatrix.gguf"] / kl[f"m.{t}.gguf"] for t in ("Q4_K_M", "Q3_K_M", "Q2_K")}
+                   max_windows=8, device="cpu", ggufs=files, imatrix=im,
+                   gguf_thresholds={t: loose for t in types})
+    gate = {c.artifact: c for c in report.checks if c.check == "against_no_imatrix"}
+    ratio = {t: gate[f"m.{t}.gguf"].metrics["kl_ratio"] for t in types}
     assert ratio["Q4_K_M"] <= 1.0 and ratio["Q3_K_M"] < 0.9 and ratio["Q2_K"] < 0.9, ratio
+    assert ratio["IQ4_XS"] < 0.9, ratio
+    assert all(gate[f"m.{t}.gguf"].passed for t in types)
+    bad = gate["wrong.Q2_K.gguf"]
+    assert not bad.passed and bad.metrics["kl_ratio"] > 1.2, bad
+    # and it does not record the matrix verify was given: its metadata check names it
+    meta = next(c for c in report.checks if c.check == "gguf_metadata"
+                and c.artifact == "wrong.Q2_K.gguf")
+    assert not meta.passed and "made with file 'wrong.imatrix.gguf'" in meta.reason
+    assert not report.passed and report.failed() == ["gguf_metadata:wrong.Q2_K.gguf",
+                                                     "against_no_imatrix:wrong.Q2_K.gguf"]
+
+
+def test_the_job_makes_verifies_and_publishes_the_matrix(tmp_path):
+    """A recipe with one quantised [[gguf]] type and no F16: the job makes the importance matrix
+    and an F16 file (verified, the baseline's source, not published); verify gates the file
+    against its type made without the matrix; the GGUF repository's plan carries the matrix,
+    its card the note and the baseline row; a matrix changed after verify is not published."""
+    import demo_model
+    from test_gguf import RECIPE
+
+    from pipeline.core.errors import CheckFailed
+    from pipeline.job import run_job
+    from pipeline.publish import publish
+    from pipeline.recipe import load_recipe
+    from pipeline.workdir import WorkDir
+    from verify.report import read_report
+
+    text = RECIPE.replace('[[gguf]]\ntype = "F16"\n\n[[gguf]]\ntype = "Q8_0"\n\n', "")
+    text = text[:text.index("imatrix = false")] + text[text.index("\n", text.index("imatrix = false")) + 1:]
+    (tmp_path / "r.toml").write_text(text)
+    recipe = load_recipe(tmp_path / "r.toml", allow_dirs=[demo_model.DEMO])
+    assert [g.type for g in recipe.gguf] == ["Q4_K_M"] and recipe.gguf[0].imatrix
+    w = tmp_path / "work"
+    result = run_job(recipe, workdir=w, dry_run=True, device="cpu")
+    assert {"imatrix", "gguf/F16", "gguf/Q4_K_M"} <= {r["stage"] for r in result["stages"]}
+    report = read_report(w / "verify")
+    q4, f16, im = (f"tinycodellama-demo.{t}.gguf" for t in ("Q4_K_M", "F16", "imatrix"))
+    gate = next(c for c in report.checks if c.check == "against_no_imatrix")
+    assert gate.artifact == q4 and gate.passed and gate.thresholds == {"imatrix_margin": 0.02}
+    assert report.artifacts[im]["kind"] == "imatrix" and report.artifacts[f16]["type"] == "F16"
+    assert report.artifacts[q4]["imatrix"]["file"] == im
+    plan = json.loads((w / "publish-plan" / "plan.json").read_text())
+    files = plan["repos"]["demo-org/Tiny-GGUF"]["branches"]["main"]["files"]
+    assert sorted(f["path"] for f in files) == sorted([im, q4, "README.md"])  # no F16
+    card = (w / "publish-plan" / "cards" / "demo-org--Tiny-GGUF" / "main" / "README.md").read_text()
+    assert f"quantised with an importance matrix, [`{im}`]" in card
+    assert "| `Q4_K_M` without the importance matrix |" in card and "| Q4_K_M, imatrix |" in card
+    artifacts = WorkDir.of(recipe, w).artifacts(recipe, ("main",))
+    # a report edited to say the file was made without a matrix (and so owes no gate): publish
+    # reads the file's own record
+    saved = (w / "verify" / "verify.json").read_text()
+    edited = json.loads(saved)
+    del edited["artifacts"][q4]["imatrix"]
+    edited["checks"] = [c for c in edited["checks"] if c["check"] != "against_no_imatrix"]
+    (w / "verify" / "verify.json").write_text(json.dumps(edited))
+    with pytest.raises(CheckFailed, match=rf"{re.escape(q4)}: records the importance matrix"):
+        publish(recipe, **artifacts, dry_run=True)
+    (w / "verify" / "verify.json").write_text(saved)
+    with (w / "gguf" / im).open("r+b") as f:  # one byte of the matrix, after verify
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(CheckFailed, match=rf"artifact '{re.escape(im)}' no longer matches"):
+        publish(recipe, **artifacts, dry_run=True)

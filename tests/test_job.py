@@ -217,14 +217,15 @@ def test_levels_follow_the_task_graph_not_the_table(tmp_path):
     assert [t["task"] for t in plan(recipe, workdir=tmp_path / "w")] == sum(levels, [])
     assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16", "imatrix"]
     assert gguf_needs(job, "F16") == ["convert"]  # F16 is not quantised: no importance matrix
-    # without an F16 file in the recipe a quantised type makes its own: no edge to it; with
-    # `imatrix = false` no importance matrix either, and no imatrix task at all
+    # without an F16 file in the recipe the job makes one anyway (the quantiser's source and
+    # verify's, never published); with `imatrix = false` no importance matrix, and no imatrix task
     alone = gguf.split("\n\n")[0] + "\nimatrix = false\n"
     (tmp_path / "tiny.toml").write_text(RECIPE.replace("[publish]", alone + "\n[publish]")
                                         + 'gguf_repo = "org/Tiny-GGUF"\n')
-    job = Job(load_recipe(tmp_path / "tiny.toml"), tmp_path / "work", "gguf", ("main",))
+    job = Job(load_recipe(tmp_path / "tiny.toml"), tmp_path / "work", "publish", ("main",))
     assert [[s.key(i) for s, i in level] for level in task_levels(job)] == [
-        ["convert"], ["quantize/main", "gguf/Q4_K_M"]]
+        ["convert"], ["quantize/main", "gguf/F16"], ["gguf/Q4_K_M"], ["verify"], ["publish"]]
+    assert set(job.dirs.artifacts(job.recipe, ("main",))["ggufs"]) == {"Q4_K_M"}
 
 
 def test_the_stage_table_is_a_graph_in_order():

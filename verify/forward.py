@@ -75,11 +75,7 @@ class LayerwiseModel:
                 key = f"{name}.weight"
                 if key in weights:
                     weights[key] = self.weight_fn(name, weights[key]).to(self.dtype)
-        try:
-            layer = load_layer(self.args, weights)
-        except RuntimeError as e:
-            raise InputError(f"{self.ckpt.path}: decoder layer {i} does not match config.json "
-                             f"({str(e).splitlines()[-1].strip()})") from e
+        layer = load_layer(self.args, weights, f"{self.ckpt.path}: decoder layer {i}")
         if self.resident:
             self._layers[i] = layer
         return layer

@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from pipeline.core.checkpoint import IGNORED, HFCheckpoint
+from pipeline.core.checkpoint import HFCheckpoint
 from pipeline.core.errors import InputError
 from pipeline.core.gptq_format import dequantize
 from pipeline.core.gptq_layout import n_groups
@@ -49,7 +49,7 @@ def linear_inputs(a: LlamaArgs, state: dict[str, torch.Tensor], h: torch.Tensor,
     """The fp16 layer (`state`: float32 on h's device) on hidden states h [1, T, dim]: what each
     linear receives
     ([T, in]), and the layer's output, the next layer's h."""
-    layer = load_layer(a, {k: v for k, v in state.items() if not k.endswith(IGNORED)})
+    layer = load_layer(a, state, "the fp16 model's decoder layer")
     X: dict[str, torch.Tensor] = {}
     hooks = [layer.get_submodule(n).register_forward_pre_hook(
         lambda _, inp, n=n: X.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))

@@ -11,11 +11,9 @@ Usage:
 
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,40 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.core.bounded import check_gguf, gguf_reader, read_json
-from pipeline.core.errors import InputError, PipelineError
+from pipeline.core.errors import InputError
 from pipeline.core.llama import LlamaArgs
+from pipeline.core.llamacpp_tools import bindings, llama_log
 from verify.metrics import kl_top1, logits_parity
 from verify.thresholds import GGUF_FLOAT_REL
-
-INSTALL = "pip install -e '.[gguf]' (llama-cpp-python builds llama.cpp from source: ~6 min on 2 cores)"
-
-
-def bindings() -> Any:
-    """The llama_cpp module; a PipelineError saying how to install it when it is missing."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise PipelineError(f"llama-cpp-python is not installed, and GGUF quantisation and "
-                            f"scoring run in llama.cpp: {INSTALL} ({e})") from None
-    return llama_cpp
-
-
-@contextmanager
-def llama_log(sink: Callable[[str], None]) -> Iterator[None]:
-    """llama.cpp's log text goes to `sink` while the block runs (not to the terminal), then back
-    to llama-cpp-python's own handler."""
-    lib = bindings()
-    from llama_cpp import _logger
-
-    @lib.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        sink(text.decode("utf-8", "replace"))
-
-    lib.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        lib.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 class GGUFModel:
@@ -186,3 +155,26 @@ def file_type(path: Path) -> int:
     if not isinstance(value, int):
         raise InputError(f"{path}: no general.file_type in its metadata")
     return value
+
+
+IMATRIX_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.dataset",
+                "entries": "quantize.imatrix.entries_count", "chunks": "quantize.imatrix.chunks_count"}
+
+
+def imatrix_record(path: Path) -> dict[str, Any] | None:
+    """What llama-quantize recorded in a GGUF file of the importance matrix it was made with
+    (file name, dataset, entries, chunks); None for a file made without one."""
+    reader = gguf_reader(path)
+    record = {k: field(reader, key) for k, key in IMATRIX_KEYS.items()}
+    return record if record["file"] is not None else None
+
+
+def imatrix_problems(record: dict[str, Any], imatrix: Path) -> list[str]:
+    """Where a GGUF file's record of its importance matrix disagrees with the file `imatrix`
+    (name, entries, chunks, dataset)."""
+    reader = gguf_reader(imatrix)
+    entries = sum(t.name.endswith(".in_sum2") for t in reader.tensors)
+    want = {"file": imatrix.name, "dataset": (field(reader, "imatrix.datasets") or [None])[-1],
+            "entries": entries, "chunks": field(reader, "imatrix.chunk_count")}
+    return [f"made with {k} {record[k]!r}, {imatrix} has {v!r}"
+            for k, v in want.items() if record[k] != v]

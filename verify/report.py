@@ -34,8 +34,11 @@ REQUIRED_CHECKS = {
     "fp16": ("conversion_parity", "perplexity", "generation"),
     "gptq": (),
     "gguf": ("gguf_metadata", "perplexity", "kl_divergence"),  # scored in llama.cpp
+    "imatrix": (),  # the importance matrix the GGUF files were made with: proven through them
 }
+FILE_KINDS = ("gguf", "imatrix")  # artifacts that are one file, not a directory
 GGUF_F16_CHECKS = ("gguf_parity",)  # also required of an F16 GGUF: its logits equal fp16's
+IMATRIX_CHECKS = ("against_no_imatrix",)  # and of one made with an importance matrix
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -224,7 +227,8 @@ REPORT_SCHEMA = {
              "tokens": (int,)},
     "artifacts": MapOf({"path": (str,), "relpath?": (str,), "kind": (str,), "files": MapOf((str,)),
                         "bits?": OPT_NUM, "group_size?": OPT_NUM, "desc_act?": (bool, type(None)),
-                        "type?": (str,), "runtime?": (str,), "method?": (str,)}),
+                        "type?": (str,), "runtime?": (str,), "method?": (str,),
+                        "imatrix?": MapOf(SCALAR)}),
     "checks": ListOf({"check": (str,), "artifact": (str,), "passed": (bool,), "runtime?": (str,),
                       "reason?": (str,), "metrics?": MapOf(SCALAR), "thresholds?": MapOf(SCALAR),
                       "reference?": (bool,), "samples?": ListOf(SAMPLE),
@@ -287,13 +291,15 @@ def shape_problems(report: dict[str, Any]) -> list[str]:
 
 
 def required_checks(entry: dict[str, Any]) -> tuple[str, ...]:
-    """The checks an artifact entry must have passed: its kind's, a variant's method's, and an
-    F16 GGUF's parity."""
+    """The checks an artifact entry must have passed: its kind's, a variant's method's, an F16
+    GGUF's parity, and a GGUF made with an importance matrix its gate against the file without."""
     required = REQUIRED_CHECKS[entry["kind"]]
     if entry["kind"] == "gptq":
         required += METHODS[entry.get("method", DEFAULT_METHOD)].checks
     if entry["kind"] == "gguf" and entry.get("type") == "F16":
         required += GGUF_F16_CHECKS
+    if entry["kind"] == "gguf" and entry.get("imatrix"):
+        required += IMATRIX_CHECKS
     return required
 
 
@@ -419,7 +425,7 @@ def check_integrity(report: Report | Path | str, artifact_name: str) -> None:
         raise CheckFailed(f"artifact {artifact_name!r} is not in the verify report "
                           f"(verified: {', '.join(report.artifacts)})")
     root = Path(entry["path"])
-    if not (root.is_file() if entry.get("kind") == "gguf" else root.is_dir()):
+    if not (root.is_file() if entry.get("kind") in FILE_KINDS else root.is_dir()):
         raise CheckFailed(f"{root}: artifact {artifact_name!r} is missing")
     now = artifact_files(root)
     recorded = entry["files"]

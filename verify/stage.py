@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,19 +34,22 @@ from pipeline.core.errors import CheckFailed, InputError
 from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
 from pipeline.core.gptq_layout import ragged
 from pipeline.core.grid import rtn
+from pipeline.core.imatrix_format import check_imatrix_file, write_uniform
 from pipeline.core.llama import compute_dtype, pick_device
+from pipeline.core.llamacpp_tools import quantize_file
 from pipeline.core.output import check_target, staged_dir
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import load_tokenizer
 from pipeline.methods import METHODS, variant_method
+from verify import llamacpp
 from verify import thresholds as th
 from verify.forward import LayerwiseModel, WeightFn
 from verify.integrity import OUTPUT_TOKENS, module_errors, rtn_grid
 from verify.meta_reference import meta_logits
 from verify.metrics import (agreement, degenerate, eval_tokens, kl_summary, logits_parity,
                             perplexity, windows)
-from verify.report import (REPORT_NAME, Check, Report, artifact_entry, run_inputs, with_relpaths,
-                           write_report)
+from verify.report import (REPORT_NAME, Check, Report, artifact_entry, run_inputs, sha256_file,
+                           with_relpaths, write_report)
 from verify.runtimes import RUNTIME_WINDOWS, RUNTIMES, run_runtime
 
 DEFAULT_PROMPTS = ["def fibonacci(n):", "The capital of France is"]
@@ -246,9 +251,7 @@ def rtn_check(name: str, ppl: float, kl_mean: float, rtn: dict[str, float], ppl_
 
 def gguf_type(path: Path, overrides: dict[str, dict[str, float]]) -> tuple[str, dict[str, float]]:
     """A GGUF file's type (pipeline/core/gguf_types.py TYPES, read from the file) and its thresholds."""
-    from verify.llamacpp import file_type
-
-    ftype = file_type(path)
+    ftype = llamacpp.file_type(path)
     if ftype not in TYPE_OF_FTYPE:
         raise InputError(f"{path}: GGUF file type {ftype} is none of {', '.join(TYPES)}")
     kind = TYPE_OF_FTYPE[ftype]
@@ -278,6 +281,10 @@ class Context:
     ref: LayerwiseModel | None = None  # fp16's head only
     errors: dict[str, dict] = field(default_factory=dict)  # variant -> module -> errors
     rtn: dict[tuple, dict[str, float]] = field(default_factory=dict)
+    f16: Path | None = None  # the F16 GGUF file judged in this run: the GGUF baselines' source
+    scratch: Path | None = None  # where a GGUF baseline is written while it is scored
+    imatrix: Path | None = None  # the importance matrix the GGUF files are said to be made with
+    without: dict[str, dict[str, float]] = field(default_factory=dict)  # GGUF type -> baseline
 
     def eval_pass(self, model: LayerwiseModel, name: str,
                   extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
@@ -304,6 +311,32 @@ class Context:
             self.rtn[key] = {"ppl": perplexity(baseline.nll(h, self.win), self.win.shape[1]),
                              **kl_summary(*baseline.divergence(h, self.ref, self.h_fp16))}
         return self.rtn[key]
+
+    def gguf_scores(self, model_file: Path, inspect: Callable[[llamacpp.GGUFModel], list[str]]
+                    = lambda _: []) -> tuple[llamacpp.Scores, list[str]]:
+        """One GGUF file loaded in llama.cpp, `inspect`ed (its problems), and scored on the
+        windows against fp16's logits."""
+        model = llamacpp.GGUFModel(model_file, n_ctx=self.win.shape[1])
+        try:
+            return llamacpp.score(model, self.win, self.reference), inspect(model)
+        finally:
+            model.close()
+
+    def without_imatrix(self, kind: str) -> dict[str, float]:
+        """GGUF type `kind` quantised from the F16 file without an importance matrix (with a
+        uniform one where the type needs one), scored as the file is (once per type)."""
+        if kind not in self.without:
+            t = TYPES[kind]
+            with tempfile.TemporaryDirectory(prefix=".verify-baseline.", dir=self.scratch) as d:
+                uniform = Path(d) / "uniform.imatrix.gguf" if t.needs_imatrix else None
+                if uniform is not None:
+                    write_uniform(uniform, self.f16)
+                quantize_file(self.f16, Path(d) / f"without.{kind}.gguf", t, os.cpu_count() or 1,
+                              uniform)
+                s, _ = self.gguf_scores(Path(d) / f"without.{kind}.gguf")
+            self.without[kind] = {"ppl": perplexity(s.nll, self.win.shape[1]),
+                                  **kl_summary(s.kl, s.same)}
+        return self.without[kind]
 
 
 def judge_fp16(ctx: Context, base: LayerwiseModel, meta: Path | None,
@@ -362,31 +395,45 @@ def judge_gguf(ctx: Context, path: Path, sample: str,
                overrides: dict[str, dict[str, float]]) -> tuple[dict, list[Check]]:
     """A GGUF file scored inside llama.cpp (verify/llamacpp.py) against fp16's logits: metadata
     and tokenisation, perplexity and KL/top-1 at its type's thresholds (`overrides`: type -> kind
-    -> value), and for F16 logits parity to fp16 round-off. Returns its artifacts entry and
-    checks; records its perplexity."""
-    from verify import llamacpp
-    from verify.report import sha256_file
-
+    -> value), for F16 logits parity to fp16 round-off, and for a file made with an importance
+    matrix its gate against its type made without one (and the matrix it records, against
+    ctx.imatrix). Returns its artifacts entry and checks; records its perplexity."""
     name, (kind, t) = path.name, gguf_type(path, overrides)
-    model = llamacpp.GGUFModel(path, n_ctx=ctx.win.shape[1])
-    try:
-        problems = llamacpp.metadata_problems(path, ctx.ref.ckpt.path, ctx.tokenizer, model,
-                                              sample)
-        s = llamacpp.score(model, ctx.win, ctx.reference)
-    finally:
-        model.close()
+    s, problems = ctx.gguf_scores(path, lambda model: llamacpp.metadata_problems(
+        path, ctx.ref.ckpt.path, ctx.tokenizer, model, sample))
+    record = llamacpp.imatrix_record(path)
+    if record is not None and ctx.imatrix is not None:
+        problems += llamacpp.imatrix_problems(record, ctx.imatrix)
     ctx.ppl[name] = perplexity(s.nll, ctx.win.shape[1])
+    kl = kl_summary(s.kl, s.same)
     checks = [Check("gguf_metadata", name, not problems, {"problems": len(problems)},
                     reason="; ".join(problems[:SHOWN_PROBLEMS]) or None),
               perplexity_check(name, ctx.ppl[name], ctx.ppl["fp16"], t["tolerance"]),
-              kl_check(name, kl_summary(s.kl, s.same), t)]
+              kl_check(name, kl, t)]
     if kind == "F16":
         checks.append(Check("gguf_parity", name, th.parity_passed(s.parity, th.GGUF_PARITY),
                             s.parity, th.GGUF_PARITY))
+    if record is not None:
+        checks.append(imatrix_check(name, kl, ctx.without_imatrix(kind), t["imatrix_margin"]))
     entry = {"path": str(path.resolve()), "kind": "gguf", "type": kind, "bits": TYPES[kind].bits,
              "runtime": f"llama-cpp-python {llamacpp.bindings().__version__}",
-             "files": {name: sha256_file(path)}}
+             "files": {name: sha256_file(path)}, **({"imatrix": record} if record else {})}
     return entry, checks
+
+
+def imatrix_check(name: str, kl: dict[str, float], without: dict[str, float],
+                  margin: float) -> Check:
+    """Pass when a GGUF file made with an importance matrix has a mean KL against fp16 at most
+    (1 + margin) times its type's made without one in the same run (or within RTN_FLOOR of
+    fp16): a matrix that does not describe the model's activations makes it worse, not better."""
+    passed = th.rtn_passed(kl["kl_mean"], without["kl_mean"], margin, th.RTN_FLOOR["kl_mean"])
+    return Check("against_no_imatrix", name, passed,
+                 {**kl, **{f"{k}_without": v for k, v in without.items()},
+                  "kl_ratio": kl["kl_mean"] / without["kl_mean"] if without["kl_mean"] else math.inf},
+                 {"imatrix_margin": margin},
+                 reason=None if passed else (f"mean KL {kl['kl_mean']:.4g} > (1 + {margin:g}) × "
+                                             f"{without['kl_mean']:.4g} without the importance "
+                                             "matrix"))
 
 
 def judge_runtimes(ctx: Context, names: list[str], paths: dict[str, Path],
@@ -430,22 +477,26 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
           prompts: list[str] | None = None, chat_prompts: list[str] | None = None,
           device: str = "auto", force: bool = False, ggufs: Sequence[Path] = (),
           gguf_thresholds: dict[str, dict[str, float]] | None = None,
-          runtimes: Sequence[str] = ()) -> Report:
+          runtimes: Sequence[str] = (), imatrix: Path | None = None) -> Report:
     """Run every check; write out/verify.json and out/verify.txt; return the report (the CLI
     exits 3 when it did not pass). `thresholds` (kind -> bits -> value, kinds of
     verify/thresholds.py) override the defaults bit width by bit width; `gguf_thresholds`
     (type -> kind -> value) those of the GGUF files `ggufs`, scored in llama.cpp; each of
-    `runtimes` (verify/runtimes.py RUNTIMES) loads every GPTQ variant (judge_runtimes)."""
+    `runtimes` (verify/runtimes.py RUNTIMES) loads every GPTQ variant (judge_runtimes). A GGUF
+    file made with an importance matrix is judged against its type made without one from the F16
+    file among `ggufs` (which must be there); `imatrix`, the matrix they were made with, is
+    recorded (publish uploads it) and must be what each such file says it was made with."""
     out, fp16, quants = Path(out), Path(fp16), [Path(q) for q in quants]
     ggufs = [Path(g) for g in ggufs]
-    models = [fp16, *quants, *ggufs, *([Path(meta)] if meta is not None else [])]
+    imatrix = Path(imatrix) if imatrix is not None else None
+    models = [fp16, *quants, *ggufs, *(p for p in (meta, imatrix) if p is not None)]
     check_target(out, force, manifest=REPORT_NAME, inputs=models)
     check_options(seqlen, max_windows, meta, runtimes)
     table = th.merged(thresholds)
     dev = pick_device(device)
     dtype = compute_dtype(dev)
     base, variants = open_models(fp16, quants, table, dev, dtype)
-    check_ggufs(ggufs, ["fp16", *variants], gguf_thresholds or {})
+    f16 = check_ggufs(ggufs, ["fp16", *variants], gguf_thresholds or {}, imatrix)
     if seqlen > base.args.max_seq_len:
         raise InputError(f"--seqlen {seqlen}: longer than {fp16}'s context "
                          f"(max_position_embeddings {base.args.max_seq_len})")
@@ -464,7 +515,11 @@ def judge(*, fp16: Path, quants: Sequence[Path] = (), meta: Path | None = None, 
     artifacts = {"fp16": artifact_entry(fp16, None, progress=True)}
     artifacts.update({n: artifact_entry(m.ckpt.path, m.ckpt.quantization, progress=True)
                       for n, m in variants.items()})
-    ctx = Context(win, table, tokenizer, prompts, dev, dtype)
+    if imatrix is not None:
+        artifacts[imatrix.name] = {"path": str(imatrix.resolve()), "kind": "imatrix",
+                                   "files": {imatrix.name: sha256_file(imatrix)}}
+    ctx = Context(win, table, tokenizer, prompts, dev, dtype, f16=f16,
+                  scratch=out.resolve().parent, imatrix=imatrix)
     checks = judge_fp16(ctx, base, Path(meta) if meta is not None else None, parity)
     del base
     if variants:
@@ -515,16 +570,27 @@ def check_options(seqlen: int, max_windows: int | None, meta: Path | None,
         raise InputError(f"--runtime {', '.join(unknown)}: unknown (known: {', '.join(RUNTIMES)})")
 
 
-def check_ggufs(ggufs: list[Path], taken: list[str],
-                overrides: dict[str, dict[str, float]]) -> None:
-    """Each GGUF file exists, has a name of its own and a known type."""
-    for g in ggufs:
+def check_ggufs(ggufs: list[Path], taken: list[str], overrides: dict[str, dict[str, float]],
+                imatrix: Path | None) -> Path | None:
+    """Each GGUF file exists, has a name of its own and a known type; one made with an importance
+    matrix has the F16 file among them (its baseline's source), and `imatrix` is such a file.
+    Returns the F16 file (None when there is none)."""
+    files = [*ggufs, *([imatrix] if imatrix is not None else [])]
+    for g in files:
         if not g.is_file():
             raise InputError(f"{g}: GGUF file missing")
-        if g.name in taken or [x.name for x in ggufs].count(g.name) > 1:
+        if g.name in taken or [x.name for x in files].count(g.name) > 1:
             raise InputError(f"{g}: artifact name {g.name!r} is already taken; GGUF files must "
                              "have distinct names")
-        gguf_type(g, overrides)
+    f16 = next((g for g in ggufs if gguf_type(g, overrides)[0] == "F16"), None)
+    made_with = [g for g in ggufs if llamacpp.imatrix_record(g) is not None]
+    if made_with and f16 is None:
+        raise InputError(f"{made_with[0]}: made with an importance matrix, so it is judged against "
+                         "its type made without one from the model's F16 GGUF file: verify that "
+                         "too (--gguf FILE.F16.gguf)")
+    if imatrix is not None:
+        check_imatrix_file(imatrix)
+    return f16
 
 
 def summary(report: Report, out: Path) -> str:
@@ -614,6 +680,9 @@ def given_thresholds(params: dict[str, Any]) -> th.Table:
               callback=parse_gguf_thresholds,
               help=f"A GGUF type's threshold, e.g. Q4_K_M.tolerance=0.1 (kinds: "
                    f"{', '.join(th.GGUF_KINDS)}; defaults in verify/thresholds.py).")
+@click.option("--imatrix", type=PATH, default=None,
+              help="The importance matrix the GGUF files were made with: checked against what "
+                   "each records, and recorded (publish uploads it).")
 @click.option("--runtime", "runtimes", type=click.Choice(list(RUNTIMES)), multiple=True,
               help="Also load every GPTQ variant in this runtime and match its perplexity to "
                    f"ours on the first {RUNTIME_WINDOWS} windows (repeatable; needs the "
@@ -621,7 +690,7 @@ def given_thresholds(params: dict[str, Any]) -> th.Table:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--force", is_flag=True, help="Replace an existing report directory.")
 def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, prompts,
-            chat_prompts, device, ggufs, gguf_thresholds, runtimes, as_json, force,
+            chat_prompts, device, ggufs, gguf_thresholds, imatrix, runtimes, as_json, force,
             **thresholds) -> None:
     """Prove fp16, GPTQ and GGUF artifacts by forward passes; exit 3 when any check fails."""
     report = judge(fp16=fp16, quants=list(quants), meta=meta, eval_text=eval_text, out=out,
@@ -629,7 +698,8 @@ def command(meta, fp16, quants, eval_text, out, seqlen, max_windows, baseline, p
                     thresholds=given_thresholds(thresholds),
                     baseline_rtn=baseline == "rtn", prompts=list(prompts) or None,
                     chat_prompts=list(chat_prompts), device=device, force=force,
-                    ggufs=list(ggufs), gguf_thresholds=gguf_thresholds, runtimes=list(runtimes))
+                    ggufs=list(ggufs), gguf_thresholds=gguf_thresholds, runtimes=list(runtimes),
+                    imatrix=imatrix)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     click.echo(summary(report, out), err=as_json)

@@ -81,7 +81,7 @@ Table = dict[str, dict[int, float]]  # kind -> bits -> value
 
 def invalid(kind: str, value: float) -> str | None:
     """Why `value` is not a valid `kind` threshold (None when it is)."""
-    lo, hi = KINDS[kind][1]
+    lo, hi = (KINDS[kind] if kind in KINDS else GGUF_ONLY[kind])[1]
     if not lo <= value <= hi:
         return f"{kind} must be in [{lo:g}, {hi:g}], got {value:g}"
     return None
@@ -113,7 +113,14 @@ def for_bits(table: Table, bits: int) -> dict[str, float | None]:
 # positions, top-1 agreement 0.9993. A wrong rope θ or q/k left in HF's layout give 0.79-0.99 and
 # 0.48-0.60: the bounds sit 4.5x above the first and far below the second.
 GGUF_PARITY = {"max_rel_err": 0.1, "top1_agreement": 0.98}
-GGUF_KINDS = ("tolerance", "kl_mean", "kl_p99", "top1")
+GGUF_KINDS = ("tolerance", "kl_mean", "kl_p99", "top1", "imatrix_margin")
+# The same-run reference of a file made with an importance matrix: the same type quantised from the
+# same F16 file without one (with a uniform one where the type needs one: the IQ types), scored on
+# the same windows, as RTN is for GPTQ. Its default per type is in the catalogue (IMATRIX_MARGIN).
+GGUF_ONLY = {"imatrix_margin": ("allowed excess of a GGUF file's mean KL over the same type made "
+                                "without the importance matrix, as a fraction: KL <= KL_without x "
+                                "(1 + margin), unless within RTN_FLOOR of fp16",
+                                (0.0, float("inf")))}
 # gguf_metadata: a float key (rope θ, norm ε) is stored as float32, whose spacing is 6e-8 relative:
 # it matches config.json's value within GGUF_FLOAT_REL
 GGUF_FLOAT_REL = 1e-6
@@ -161,7 +168,8 @@ def agreement_passed(mean: float, agreement: float) -> bool:
 
 def rtn_passed(value: float, rtn: float, margin: float, floor: float, fp16: float = 0.0) -> bool:
     """A variant's perplexity or mean KL (`value`; fp16's is `fp16`) at most (1 + margin) times
-    RTN's on the same grid, or within `floor` of fp16 (relative for perplexity). NaN fails."""
+    its same-run baseline's (RTN's on the same grid; for a GGUF file, its type's without the
+    importance matrix), or within `floor` of fp16 (relative for perplexity). NaN fails."""
     near_fp16 = value - fp16 <= floor * (fp16 or 1.0)
     return math.isfinite(value) and (value <= rtn * (1 + margin) or near_fp16)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from pipeline.core.bounded import read_json
@@ -190,12 +191,20 @@ class HFCheckpoint:
             raise InputError(f"{self.path / file}: cannot read tensor {name} ({e})") from e
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
-        """All tensors of decoder layer i, keyed without the `model.layers.{i}.` prefix. The memory
-        maps are dropped afterwards, so the pages they touched do not pile up layer after layer."""
+        """The weights of decoder layer i (buffers IGNORED left out), keyed without the
+        `model.layers.{i}.` prefix. The memory maps are dropped afterwards, so the pages they
+        touched do not pile up layer after layer."""
         prefix = f"model.layers.{i}."
-        state = {n[len(prefix):]: self.tensor(n) for n in self.weight_map if n.startswith(prefix)}
+        state = {n[len(prefix):]: self.tensor(n) for n in self.weight_map
+                 if n.startswith(prefix) and not n.endswith(IGNORED)}
         self._handles.clear()
         return state
+
+    def embedded(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Token windows [n, T] through the embedding: [n, T, dim] in `dtype` on the host, a
+        window at a time (the stored table is never copied whole)."""
+        E = self.tensor("model.embed_tokens.weight")  # [V, dim], memory-mapped
+        return torch.stack([F.embedding(t, E).to(dtype) for t in tokens])
 
     def release(self) -> None:
         """Drop the memory maps, so the pages read so far stop counting as this process's

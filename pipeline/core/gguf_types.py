@@ -13,7 +13,8 @@ class GGUFType:
     """One file type: llama.cpp's file type, its nominal bits (TheBloke's column), the bits per
     weight of its main ggml type (a K-quant mixture keeps some tensors at a wider one), what it is
     for, the default thresholds (kind -> value: verify/thresholds.py GGUF_KINDS) a file of it is
-    held to, and whether it needs an importance matrix (the IQ types are unusable without one)."""
+    held to, whether it needs an importance matrix (the IQ types are unusable without one), and
+    whether llama.cpp's quantiser uses one at all (F16 is not quantised; Q8_0 rounds to nearest)."""
 
     name: str
     ftype: gguf.LlamaFileType
@@ -22,10 +23,21 @@ class GGUFType:
     use_case: str
     thresholds: dict[str, float]
     needs_imatrix: bool = False
+    uses_imatrix: bool = True
+
+
+# A file made with an importance matrix may have a mean KL at most (1 + IMATRIX_MARGIN) times its
+# type's made without one in the same run (verify's against_no_imatrix). Measured with / without:
+# SmolLM2-135M Q4_K_M 0.57, Q3_K_M 0.70, Q2_K 0.70, IQ4_XS 0.49 (against a uniform matrix); the demo
+# model 0.94 (Q4_K_M, IQ4_XS). A matrix with each tensor's channels shuffled gives SmolLM2 Q2_K 1.39
+# and Q3_K_M 1.04 (Q4_K_M 0.83, IQ4_XS 1.00): the margin fails those two and passes every right one
+# with room.
+IMATRIX_MARGIN = 0.02
 
 
 def limits(tolerance: float, kl_mean: float, kl_p99: float, top1: float) -> dict[str, float]:
-    return {"tolerance": tolerance, "kl_mean": kl_mean, "kl_p99": kl_p99, "top1": top1}
+    return {"tolerance": tolerance, "kl_mean": kl_mean, "kl_p99": kl_p99, "top1": top1,
+            "imatrix_margin": IMATRIX_MARGIN}
 
 
 F = gguf.LlamaFileType
@@ -43,9 +55,9 @@ Q3, Q2 = limits(0.2, 0.3, 3.0, 0.80), limits(0.5, 1.0, 8.0, 0.65)
 TYPES = {t.name: t for t in (
     GGUFType("F16", F.MOSTLY_F16, 16, 16.0,
              "unquantised fp16, as converted: the reference the others are measured against",
-             limits(0.002, 0.001, 0.01, 0.99)),
+             limits(0.002, 0.001, 0.01, 0.99), uses_imatrix=False),
     GGUFType("Q8_0", F.MOSTLY_Q8_0, 8, 8.5,
-             "very large, extremely low quality loss - not recommended", Q8),
+             "very large, extremely low quality loss - not recommended", Q8, uses_imatrix=False),
     GGUFType("Q6_K", F.MOSTLY_Q6_K, 6, 6.5625, "very large, extremely low quality loss", Q6),
     GGUFType("Q5_K_M", F.MOSTLY_Q5_K_M, 5, 5.5, "large, very low quality loss - recommended", Q5),
     GGUFType("Q5_K_S", F.MOSTLY_Q5_K_S, 5, 5.5, "large, low quality loss - recommended", Q5),

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -283,12 +285,26 @@ LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")  # [
 ROTARY_HEADS = {"self_attn.q_proj.weight": "n_heads", "self_attn.k_proj.weight": "n_kv_heads"}
 
 
-def load_layer(args: LlamaArgs, state: dict[str, torch.Tensor]) -> DecoderLayer:
-    """A DecoderLayer holding exactly `state` (built on the meta device, tensors assigned)."""
+def load_layer(args: LlamaArgs, state: dict[str, torch.Tensor], where: str) -> DecoderLayer:
+    """A DecoderLayer holding exactly `state` (built on the meta device, tensors assigned);
+    InputError naming `where` (the checkpoint and layer) when the tensors do not fit `args`."""
     with torch.device("meta"):
         layer = DecoderLayer(args)
-    layer.load_state_dict(state, assign=True, strict=True)
+    try:
+        layer.load_state_dict(state, assign=True, strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{where} does not match config.json "
+                         f"({str(e).splitlines()[-1].strip()})") from None
     return layer
+
+
+CHUNK_TOKENS = 2048  # calibration tokens per forward step: matmuls wide enough to be efficient
+
+
+def chunks(X: torch.Tensor) -> list[slice]:
+    """Slices of the calibration samples X [n, T, …], about CHUNK_TOKENS tokens each."""
+    step = max(1, CHUNK_TOKENS // X.shape[1])
+    return [slice(j, min(j + step, X.shape[0])) for j in range(0, X.shape[0], step)]
 
 
 def pick_device(name: str = "auto") -> torch.device:
