@@ -88,12 +88,13 @@ $(STAGES): $(STAMP)
 	$(PY) -m pipeline $(if $(IN),$@ $(IN) $(OUT),run $(RECIPE) --stage $@) $(ARGS)
 
 # Benchmarks (not tests): numbers and ratios against a baseline measured in the same run.
-bench: $(STAMP)
+bench: $(STAMP) $(TOOLS_STAMP)
 	mkdir -p bench/results
 	$(PY) bench/convert.py --layers 2 | tee bench/results/convert.txt
 	$(PY) bench/quantize.py --peer 7b,34b | tee bench/results/quantize.txt
 	$(PY) bench/real_model.py | tee bench/results/real_model.txt
 	$(PY) bench/gguf.py --layers 2 | tee bench/results/gguf.txt
+	$(PY) bench/imatrix.py | tee bench/results/imatrix.txt
 	$(PY) bench/scaleout.py | tee bench/results/scaleout.txt
 
 clean:

@@ -68,7 +68,8 @@ def gptq_pass(fp16: Path, f16: Path, out: Path) -> float:
         layer, group = where.split(".")[2], where.rsplit(".", 2)[-2:]
         names = next(g for g in LINEAR_GROUPS if ".".join(group) == g[0])
         for n in names:
-            diag[f"model.layers.{layer}.{n}.weight"] = (H.diagonal().double() * rows / 2).cpu().numpy()
+            Σx2 = H.diagonal().double() * rows / 2  # H = 2/n Σ x xᵀ
+            diag[f"model.layers.{layer}.{n}.weight"] = Σx2.cpu().numpy()
         return H
 
     q.hessian = hessian
@@ -89,7 +90,8 @@ MATRICES = {"ours": ours, "llama.cpp": llama_cpp, "gptq-pass": gptq_pass}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--matrices", default=",".join(MATRICES))
     ap.add_argument("--windows", type=int, default=32, help="held-out windows scored")
@@ -114,13 +116,14 @@ def main() -> None:
         loose = {"tolerance": 100.0, "kl_mean": 100.0, "kl_p99": 1000.0, "top1": 0.0,
                  "imatrix_margin": 100.0}
         report = judge(fp16=fp16, eval_text=str(EVAL), out=tmp / "verify", seqlen=EVAL_SEQLEN,
-                       max_windows=args.windows, prompts=["The capital of France is"], device="cpu", ggufs=files,
+                       max_windows=args.windows, prompts=["The capital of France is"],
+                       device="cpu", ggufs=files,
                        gguf_thresholds={t: loose for t in types}, force=True)
     gate = report.metrics("against_no_imatrix")
-    rows = [{"type": t, "matrix": "none", "kl_mean": gate[f"m.{t}.{matrices[0]}.gguf"]["kl_mean_without"],
-             "kl_p99": gate[f"m.{t}.{matrices[0]}.gguf"]["kl_p99_without"],
-             "top1": gate[f"m.{t}.{matrices[0]}.gguf"]["top1_without"]} for t in types]
-    rows += [{"type": t, "matrix": m, **{k: gate[f"m.{t}.{m}.gguf"][k] for k in ("kl_mean", "kl_p99", "top1")}}
+    kinds = ("kl_mean", "kl_p99", "top1")
+    rows = [{"type": t, "matrix": "none",
+             **{k: gate[f"m.{t}.{matrices[0]}.gguf"][f"{k}_without"] for k in kinds}} for t in types]
+    rows += [{"type": t, "matrix": m, **{k: gate[f"m.{t}.{m}.gguf"][k] for k in kinds}}
              for t in types for m in matrices]
     rows.sort(key=lambda r: types.index(r["type"]))
     print(f"{report.eval['windows']} windows of {EVAL_SEQLEN} tokens; matrix seconds: "

@@ -162,7 +162,8 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict,
     """README.md of the GGUF repository: one row per file with its measured size, the RAM it
     needs at the full context (`config`: the fp16 config.json) and its KL against fp16, what
     llama.cpp measured (with each file's type made without the importance matrix beside it), and
-    the importance matrix (`imatrix`: file, dataset, chunks, chunk_size) the files were made with."""
+    the importance matrix the files were made with (`imatrix`: file, dataset, chunks,
+    chunk_size)."""
     from shlex import quote
 
     pub, ppl, m = recipe.publish, report.perplexity, recipe.model

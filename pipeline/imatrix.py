@@ -3,9 +3,10 @@ linear, Σx² per input channel of the fp16 model's own activations over the cal
 and the token count, written in llama.cpp's GGUF imatrix format, which its quantiser reads
 (`gguf --imatrix`).
 
-The format: pipeline/core/imatrix_format.py. Covered: the seven linears of every block (`blk.N.*`), as llama.cpp's tool covers them;
-`output.weight` only with its --process-output, so not here. q/k are permuted for RoPE along
-their output rows only: the input columns, which the imatrix describes, keep their order.
+The format: pipeline/core/imatrix_format.py. Covered: the seven linears of every block
+(`blk.N.*`), as llama.cpp's tool covers them; `output.weight` only with its --process-output, so
+not here. q/k are permuted for RoPE along their output rows only: the input columns, which the
+imatrix describes, keep their order.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from pipeline import __version__
 from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration
 from pipeline.core.bounded import GGUF_MAGIC
 from pipeline.core.checkpoint import HFCheckpoint
-from pipeline.core.imatrix_format import write_imatrix
 from pipeline.core.errors import InputError, os_failure
+from pipeline.core.imatrix_format import write_imatrix
 from pipeline.core.llama import LINEARS, chunks, compute_dtype, load_layer, pick_device, rotary
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
 from pipeline.core.tokenizer import load_tokenizer
-
 
 
 def collect(ck: HFCheckpoint, tokens: torch.Tensor, dev: torch.device) -> dict[str, np.ndarray]:

@@ -158,7 +158,8 @@ def file_type(path: Path) -> int:
 
 
 IMATRIX_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.dataset",
-                "entries": "quantize.imatrix.entries_count", "chunks": "quantize.imatrix.chunks_count"}
+                "entries": "quantize.imatrix.entries_count",
+                "chunks": "quantize.imatrix.chunks_count"}
 
 
 def imatrix_record(path: Path) -> dict[str, Any] | None:

@@ -327,6 +327,7 @@ class Context:
         uniform one where the type needs one), scored as the file is (once per type)."""
         if kind not in self.without:
             t = TYPES[kind]
+            self.scratch.mkdir(parents=True, exist_ok=True)  # the report's folder, made anyway
             with tempfile.TemporaryDirectory(prefix=".verify-baseline.", dir=self.scratch) as d:
                 uniform = Path(d) / "uniform.imatrix.gguf" if t.needs_imatrix else None
                 if uniform is not None:
@@ -429,7 +430,8 @@ def imatrix_check(name: str, kl: dict[str, float], without: dict[str, float],
     passed = th.rtn_passed(kl["kl_mean"], without["kl_mean"], margin, th.RTN_FLOOR["kl_mean"])
     return Check("against_no_imatrix", name, passed,
                  {**kl, **{f"{k}_without": v for k, v in without.items()},
-                  "kl_ratio": kl["kl_mean"] / without["kl_mean"] if without["kl_mean"] else math.inf},
+                  "kl_ratio": (kl["kl_mean"] / without["kl_mean"] if without["kl_mean"]
+                               else math.inf)},
                  {"imatrix_margin": margin},
                  reason=None if passed else (f"mean KL {kl['kl_mean']:.4g} > (1 + {margin:g}) × "
                                              f"{without['kl_mean']:.4g} without the importance "
