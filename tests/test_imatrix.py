@@ -130,8 +130,8 @@ def test_llama_cpps_own_tools_read_it(made, tmp_path):
 
 def test_the_imatrix_lowers_kl_on_a_real_model_and_verify_gates_a_wrong_one(tmp_path):
     """SmolLM2-135M (real pretrained weights), judged by verify inside llama.cpp on held-out
-    text: each type made with our importance matrix against the same type verify makes without
-    it from the F16 file (the against_no_imatrix gate). Measured here (8 windows, 32 x 256
+    text at the types' default thresholds: each type made with our importance matrix against the
+    same type verify makes without it from the F16 file (the against_no_imatrix gate). Measured here (8 windows, 32 x 256
     calibration tokens), with / without: Q4_K_M 0.57, Q3_K_M 0.70, Q2_K 0.70, IQ4_XS 0.49 (against
     a uniform matrix); the bounds ask for a third of that gain at 3 and 2 bits, and none at 4.
     A matrix whose channels are shuffled within each tensor (the right statistics on the wrong
@@ -158,10 +158,12 @@ def test_the_imatrix_lowers_kl_on_a_real_model_and_verify_gates_a_wrong_one(tmp_
                                     imatrix=im)["output"]) for t in types),
              Path(write_gguf(fp16, tmp_path / "wrong.Q2_K.gguf", type_name="Q2_K", f16=f16,
                              imatrix=wrong)["output"])]
+    # every file at its type's default thresholds (real weights must pass them), but Q2_K's
+    # absolute bounds, which the wrong matrix's file also breaks (top-1 0.58 < 0.59)
     loose = {"tolerance": 100.0, "kl_mean": 100.0, "kl_p99": 1000.0, "top1": 0.0}
     report = judge(fp16=fp16, eval_text=str(root / "eval"), out=tmp_path / "v", seqlen=256,
                    max_windows=8, device="cpu", ggufs=files, imatrix=im,
-                   gguf_thresholds={t: loose for t in types})
+                   gguf_thresholds={"Q2_K": loose})
     gate = {c.artifact: c for c in report.checks if c.check == "against_no_imatrix"}
     ratio = {t: gate[f"m.{t}.gguf"].metrics["kl_ratio"] for t in types}
     assert ratio["Q4_K_M"] <= 1.0 and ratio["Q3_K_M"] < 0.9 and ratio["Q2_K"] < 0.9, ratio
