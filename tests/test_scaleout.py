@@ -210,7 +210,8 @@ def test_the_default_thread_count_is_one_for_every_executor(project, ray_cluster
                                  "--executor", executor], monkeypatch, capsys)
         assert code == 0, err
         assert {r["threads"] for r in result["stages"]} == {n}
-        assert result["task_cpus"] == {"convert": n, "quantize": n, "imatrix": n, "gguf": n, "verify": n}
+        # (Q8_0 takes no importance matrix: no imatrix task)
+        assert result["task_cpus"] == {"convert": n, "quantize": n, "gguf": n, "verify": n}
         runs[executor] = outputs(work, ("fp16", "gptq"))
     assert runs["local"] == runs["ray"]
     monkeypatch.setenv(CPUS_ENV, "0")
@@ -260,7 +261,8 @@ def test_ray_gives_the_bytes_of_a_local_run(project, local, ray_cluster, monkeyp
     assert code == 0, err
     assert result["executor"] == "ray" and result["ok"]
     stages = {r["stage"]: r for r in result["stages"]}
-    assert list(stages) == ["convert", "quantize/main", f"quantize/{V8}", "imatrix", "gguf/Q8_0", "verify"]
+    assert list(stages) == ["convert", "quantize/main", f"quantize/{V8}", "gguf/F16", "gguf/Q8_0",
+                            "verify"]
     for key, row in stages.items():  # each task ran in a Ray worker, on one thread, and says so
         assert row["status"] == "ran" and row["pid"] != os.getpid() and row["threads"] == 1
         assert f"task {key} done on {row['host']} pid {row['pid']}" in err
