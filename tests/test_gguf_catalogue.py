@@ -66,3 +66,28 @@ def test_an_iq_type_is_refused_without_an_importance_matrix(tmp_path):
                                          r"rounds it to nearest\)"):
         check_imatrix(TYPES["Q8_0"], not_imatrix)
     assert [t for t in TYPES if not TYPES[t].uses_imatrix] == ["F16", "Q8_0"]
+
+
+def test_verify_refuses_an_imatrix_file_without_its_f16_source(tmp_path):
+    """A file made with an importance matrix (llama-quantize's record in it) is judged against
+    its type made without one from the F16 file: verify refuses it with no F16 file beside it,
+    and refuses an --imatrix that is not an importance matrix; the names must be distinct."""
+    from verify.stage import check_ggufs
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.Q4_K_M.gguf"), "llama")
+    w.add_file_type(int(TYPES["Q4_K_M"].ftype))
+    w.add_string("quantize.imatrix.file", "m.imatrix.gguf")
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_ti_data_to_file,
+                 w.close):
+        step()
+    q4 = tmp_path / "m.Q4_K_M.gguf"
+    with pytest.raises(InputError, match=r"m\.Q4_K_M\.gguf: made with an importance matrix.*"
+                                         r"verify that too \(--gguf FILE\.F16\.gguf\)"):
+        check_ggufs([q4], ["fp16"], {}, None)
+    f16 = gguf_file(tmp_path / "m.F16.gguf", int(TYPES["F16"].ftype))
+    assert check_ggufs([q4, f16], ["fp16"], {}, None) == f16
+    other = gguf_file(tmp_path / "other.gguf", int(TYPES["F16"].ftype))
+    with pytest.raises(InputError, match=r"other\.gguf: not an importance matrix"):
+        check_ggufs([q4, f16], ["fp16"], {}, other)
+    with pytest.raises(InputError, match=r"artifact name 'm\.F16\.gguf' is already taken"):
+        check_ggufs([q4, f16], ["fp16"], {}, f16)
