@@ -584,7 +584,8 @@ def check_ggufs(ggufs: list[Path], taken: list[str], overrides: dict[str, dict[s
         if g.name in taken or [x.name for x in files].count(g.name) > 1:
             raise InputError(f"{g}: artifact name {g.name!r} is already taken; GGUF files must "
                              "have distinct names")
-    f16 = next((g for g in ggufs if gguf_type(g, overrides)[0] == "F16"), None)
+    kinds = [gguf_type(g, overrides)[0] for g in ggufs]  # each file's type known before any work
+    f16 = next((g for g, kind in zip(ggufs, kinds, strict=True) if kind == "F16"), None)
     made_with = [g for g in ggufs if llamacpp.imatrix_record(g) is not None]
     if made_with and f16 is None:
         raise InputError(f"{made_with[0]}: made with an importance matrix, so it is judged against "
