@@ -1,13 +1,14 @@
-"""The importance matrix on a real pretrained model (SmolLM2-135M-Instruct, tests/real_model.py):
-ours (the imatrix stage: the fp16 model's activations on 128 x 256 tokens of
-recipes/smollm2/text/calib), llama.cpp's own llama-imatrix on the same text (the calibration files
-joined, 128 chunks of 256 tokens, the same threads), and the diagonal of our GPTQ pass's Hessians
-(a 4-bit GPTQ run on the same windows: the inputs there come from layers already quantised) as the
-issue's alternative. Each guides llama.cpp's quantiser; each file is then scored by verify inside
-llama.cpp against fp16 on the held-out text (recipes/smollm2/text/eval), beside the same type made
-without a matrix (verify's own baseline).
+"""The importance matrix on a real pretrained model (SmolLM2-135M-Instruct, tests/real_model.py)
+or on the demo model: ours (the imatrix stage: the fp16 model's activations on 128 x 256 tokens of
+the calibration text), llama.cpp's own llama-imatrix on the same text (the calibration files
+joined, 128 chunks of 256 tokens, the same threads), and the one our GPTQ pass writes (`quantize
+--imatrix`, the recipe's main variant: the inputs there come from layers already quantised), the
+matrix the job uses when a GPTQ variant reads [calibration]. Each guides llama.cpp's quantiser;
+each file is then scored by verify inside llama.cpp against fp16 on the held-out text, beside the
+same type made without a matrix (verify's own baseline).
 
-    python bench/imatrix.py [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 32] [--dir /tmp] [--json]
+    python bench/imatrix.py [--model smollm2|demo] [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 32]
+                            [--dir /tmp] [--json]
 """
 
 from __future__ import annotations
@@ -23,29 +24,46 @@ ROOT = Path(__file__).resolve().parents[1]
 # not this folder first (bench/gguf.py would shadow the gguf library transformers imports)
 sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path[1:]]
 
-import gguf  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
 import torch  # noqa: E402
+from demo_model import demo_fp16  # noqa: E402
 from real_model import smollm2_fp16  # noqa: E402
 
-CALIB, EVAL = ROOT / "recipes/smollm2/text/calib", ROOT / "recipes/smollm2/text/eval"
 NSAMPLES, SEQLEN, EVAL_SEQLEN = 128, 256, 256
 
 
-def ours(fp16: Path, f16: Path, out: Path) -> float:
+@dataclass(frozen=True)
+class Model:
+    fp16: Callable[[Path], Path]  # the fp16 directory made at the path given
+    text: Path  # calib/ and eval/
+    recipe: Path  # its first variant: the GPTQ pass's
+    prompt: str
+
+
+MODELS = {"smollm2": Model(smollm2_fp16, ROOT / "recipes/smollm2/text",
+                           ROOT / "recipes/smollm2-135m-instruct.toml", "The capital of France is"),
+          "demo": Model(demo_fp16, ROOT / "recipes/demo/text", ROOT / "recipes/demo.toml",
+                        "def fibonacci(n):")}
+
+
+def ours(model: Model, fp16: Path, f16: Path, out: Path) -> float:
     from pipeline.imatrix import imatrix
 
     t0 = time.perf_counter()
-    imatrix(fp16, out, calibration=str(CALIB), nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu",
-            force=True)
+    imatrix(fp16, out, calibration=str(model.text / "calib"), nsamples=NSAMPLES, seqlen=SEQLEN,
+            device="cpu", force=True)
     return time.perf_counter() - t0
 
 
-def llama_cpp(fp16: Path, f16: Path, out: Path) -> float:
+def llama_cpp(model: Model, fp16: Path, f16: Path, out: Path) -> float:
     """llama-imatrix on the calibration files joined (what a user of llama.cpp would feed it)."""
     from pipeline.core.llamacpp_tools import run_tool
 
     text = out.with_suffix(".txt")
-    text.write_text("\n\n".join(p.read_text() for p in sorted(CALIB.iterdir()) if p.is_file()))
+    text.write_text("\n\n".join(p.read_text() for p in sorted((model.text / "calib").iterdir())
+                                 if p.is_file()))
     t0 = time.perf_counter()
     run_tool("llama-imatrix", ["-m", f16, "-f", text, "-o", out, "-c", SEQLEN, "--chunks",
                                NSAMPLES, "-t", torch.get_num_threads(), "--no-ppl"],
@@ -53,37 +71,17 @@ def llama_cpp(fp16: Path, f16: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def gptq_pass(fp16: Path, f16: Path, out: Path) -> float:
-    """Σx² = diag(H)·n/2 of each linear group's Hessian in a 4-bit GPTQ run: the seconds are the
-    GPTQ run's (the matrix would come free with it)."""
-    from pipeline import quantize as q
-    from pipeline.core.imatrix_format import write_imatrix
-    from pipeline.core.llama import LINEAR_GROUPS
-    from pipeline.methods import QuantSpec
+def gptq_pass(model: Model, fp16: Path, f16: Path, out: Path) -> float:
+    """quantize --imatrix with the recipe's main variant: the seconds are the GPTQ run's (the
+    matrix comes free with it)."""
+    from pipeline.quantize import quantize
+    from pipeline.recipe import load_recipe
 
-    diag, rows, original = {}, NSAMPLES * SEQLEN, q.hessian
-
-    def hessian(inputs, parts, where):
-        H = original(inputs, parts, where)
-        layer, group = where.split(".")[2], where.rsplit(".", 2)[-2:]
-        names = next(g for g in LINEAR_GROUPS if ".".join(group) == g[0])
-        for n in names:
-            Σx2 = H.diagonal().double() * rows / 2  # H = 2/n Σ x xᵀ
-            diag[f"model.layers.{layer}.{n}.weight"] = Σx2.cpu().numpy()
-        return H
-
-    q.hessian = hessian
-    try:
-        t0 = time.perf_counter()
-        q.quantize(fp16, out.with_suffix(".gptq"), QuantSpec(4, 128, True), calibration=str(CALIB),
-                   nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu", force=True)
-        seconds = time.perf_counter() - t0
-    finally:
-        q.hessian = original
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 64)
-    write_imatrix(out, {names.get_name(k, try_suffixes=(".weight",)): v for k, v in diag.items()},
-                  rows, NSAMPLES, SEQLEN, "calib (GPTQ pass)")
-    return seconds
+    main = load_recipe(model.recipe).variants[0]
+    t0 = time.perf_counter()
+    quantize(fp16, out.with_suffix(".gptq"), main, calibration=str(model.text / "calib"),
+             nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu", force=True, imatrix=out)
+    return time.perf_counter() - t0
 
 
 MATRICES = {"ours": ours, "llama.cpp": llama_cpp, "gptq-pass": gptq_pass}
@@ -92,6 +90,7 @@ MATRICES = {"ours": ours, "llama.cpp": llama_cpp, "gptq-pass": gptq_pass}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--matrices", default=",".join(MATRICES))
     ap.add_argument("--windows", type=int, default=32, help="held-out windows scored")
@@ -101,22 +100,22 @@ def main() -> None:
     from pipeline.gguf import write_gguf
     from verify.stage import judge
 
-    types, matrices = args.types.split(","), args.matrices.split(",")
+    types, matrices, model = args.types.split(","), args.matrices.split(","), MODELS[args.model]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
-        fp16 = smollm2_fp16(tmp / "fp16")
+        fp16 = model.fp16(tmp / "fp16")
         f16 = Path(write_gguf(fp16, tmp / "m.F16.gguf")["output"])
         seconds, files = {}, [f16]
         for m in matrices:
             matrix = tmp / f"{m}.imatrix.gguf"
-            seconds[m] = MATRICES[m](fp16, f16, matrix)
+            seconds[m] = MATRICES[m](model, fp16, f16, matrix)
             print(f"{m}: {seconds[m]:.1f} s", file=sys.stderr)
             files += [Path(write_gguf(fp16, tmp / f"m.{t}.{m}.gguf", type_name=t, f16=f16,
                                       imatrix=matrix)["output"]) for t in types]
         loose = {"tolerance": 100.0, "kl_mean": 100.0, "kl_p99": 1000.0, "top1": 0.0,
                  "imatrix_margin": 100.0}
-        report = judge(fp16=fp16, eval_text=str(EVAL), out=tmp / "verify", seqlen=EVAL_SEQLEN,
-                       max_windows=args.windows, prompts=["The capital of France is"],
+        report = judge(fp16=fp16, eval_text=str(model.text / "eval"), out=tmp / "verify",
+                       seqlen=EVAL_SEQLEN, max_windows=args.windows, prompts=[model.prompt],
                        device="cpu", ggufs=files,
                        gguf_thresholds={t: loose for t in types}, force=True)
     gate = report.metrics("against_no_imatrix")

@@ -192,7 +192,7 @@ def gguf_card(recipe: Recipe, rows: list[GGUFRow], report: Report, config: dict,
                                      c["vs_fp16"], c["kl_mean"], c["kl_p99"], c["top1"]])
     note = part("gguf_imatrix", file=imatrix["file"], url=f"{url}/blob/main/{imatrix['file']}",
                 dataset=imatrix["dataset"], chunks=str(imatrix["chunks"]),
-                chunk_size=str(imatrix["chunk_size"]),
+                chunk_size=str(imatrix["chunk_size"]), activations=imatrix["activations"],
                 tokens=f"{imatrix['chunks'] * imatrix['chunk_size']:,}") if imatrix else ""
     parity = report.metrics("gguf_parity")
     parity = next(iter(parity.values()), None)

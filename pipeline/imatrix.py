@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import gguf
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration
 from pipeline.core.bounded import GGUF_MAGIC
 from pipeline.core.checkpoint import HFCheckpoint
 from pipeline.core.errors import InputError, os_failure
-from pipeline.core.imatrix_format import write_imatrix
+from pipeline.core.imatrix_format import FP16_ACTIVATIONS, write_model_imatrix
 from pipeline.core.llama import LINEARS, chunks, compute_dtype, load_layer, pick_device, rotary
 from pipeline.core.output import staged_file
 from pipeline.core.paths import PATH
@@ -69,13 +68,6 @@ def collect(ck: HFCheckpoint, tokens: torch.Tensor, dev: torch.device) -> dict[s
     return sums
 
 
-def dataset_name(source: str) -> str:
-    """The calibration source as the file records it (and llama-quantize copies into every GGUF
-    it makes): an hf: dataset as given, a local one by its last two path parts, never the
-    machine's folders."""
-    return source if source.startswith("hf:") else "/".join(Path(source).parts[-2:])
-
-
 def imatrix(fp16: Path, out: Path, *, calibration: str, nsamples: int = NSAMPLES,
             seqlen: int = SEQLEN, seed: int = SEED, device: str = "auto",
             force: bool = False) -> dict[str, Any]:
@@ -94,10 +86,8 @@ def imatrix(fp16: Path, out: Path, *, calibration: str, nsamples: int = NSAMPLES
     with staged_file(out, force, magic=GGUF_MAGIC, inputs=[fp16]) as tmp:
         sums = collect(ck, tokens, dev)
         try:
-            names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ck.args.n_layers)
-            write_imatrix(tmp, {names.get_name(k, try_suffixes=(".weight",)): s
-                                for k, s in sums.items()},
-                          tokens.numel(), nsamples, seqlen, dataset_name(calibration))
+            write_model_imatrix(tmp, sums, ck.args.n_layers, tokens.numel(), nsamples, seqlen,
+                                calibration, FP16_ACTIVATIONS)
         except OSError as e:
             raise os_failure(e, out) from e
     return {"tool": "llama-gptq-pipeline imatrix", "tool_version": __version__,

@@ -1,14 +1,14 @@
-"""The job: the stages of the table STAGES (convert → quantize, one task per variant, and gguf,
-one per [[gguf]] type → verify → publish) in one work directory (pipeline/workdir.py), re-running
-a task only when its inputs changed (like make, but by fingerprint). The tasks of each level run
-on an executor: here one after another (LocalExecutor), or on a cluster (pipeline/executors.py);
-publish always runs here. The `run` command is pipeline/run.py.
+"""The job: the stages of the table STAGES (convert → quantize, one task per variant, imatrix,
+and gguf, one per [[gguf]] type → verify → publish) in one work directory (pipeline/workdir.py),
+re-running a task only when its inputs changed (like make, but by fingerprint). The tasks of each
+level run on an executor: here one after another (LocalExecutor), or on a cluster
+(pipeline/executors.py); publish always runs here. The `run` command is pipeline/run.py.
 
-The work directory also holds job.json (per task: input fingerprints, output fingerprint, status,
-where it ran) and job.log. A task's inputs are its options, the files it reads (size + mtime) and
-the fingerprints of the upstream outputs it uses, so changing one variant's options re-runs that
-variant and verify only. Tasks take a lock each, so `--variant` jobs and a cluster's workers may
-run side by side.
+The work directory also holds job.json (per task: input fingerprints, its outputs' fingerprint,
+every path it has written, status, where it ran) and job.log. A task's inputs are its options,
+the files it reads (size + mtime) and the fingerprints of the upstream outputs it uses, so
+changing one variant's options re-runs that variant and verify only. Tasks take a lock each, so
+`--variant` jobs and a cluster's workers may run side by side.
 """
 
 from __future__ import annotations
@@ -90,6 +90,11 @@ def tree_fingerprint(path: Path) -> str | None:
     return files_fingerprint([p for p in path.rglob("*") if p.is_file()], path)
 
 
+def outputs_fingerprint(paths: list[Path]) -> str | list[str | None] | None:
+    """A task's outputs: its one output's tree_fingerprint, or the list of them."""
+    return tree_fingerprint(paths[0]) if len(paths) == 1 else [tree_fingerprint(p) for p in paths]
+
+
 def text_fingerprint(source: str) -> str:
     """A text source (glob, directory, file, or hf:… dataset id) as a fingerprint: its files by
     name below the source's fixed folder, size and mtime, so a project moved whole keeps it."""
@@ -144,6 +149,9 @@ def read_records(workdir: Path) -> dict[str, Any]:
         for key, record in stages.items():
             if not isinstance(record, dict) or not isinstance(record.get("inputs", {}), dict):
                 raise InputError(f"{path}: stages.{key} must be an object with object inputs")
+            written = record.get("written", [])
+            if not isinstance(written, list) or not all(isinstance(p, str) for p in written):
+                raise InputError(f"{path}: stages.{key}.written must be a list of strings")
     except InputError as e:
         raise InputError(f"{e}; delete it to recompute every stage") from None
     return stages
@@ -195,7 +203,8 @@ class Job:
     def wants(self, stage: str) -> bool:
         return STAGE_NAMES.index(stage) <= STAGE_NAMES.index(self.last_stage)
 
-    def stale(self, old: dict[str, Any] | None, inputs: dict[str, Any], output: Path) -> str | None:
+    def stale(self, old: dict[str, Any] | None, inputs: dict[str, Any],
+              outputs: list[Path]) -> str | None:
         """Why a task must run, or None when its previous output can be reused."""
         if self.force:
             return "--force"
@@ -207,9 +216,27 @@ class Job:
                          if inputs.get(k) != old.get("inputs", {}).get(k))
         if changed:
             return f"changed: {', '.join(changed)}"
-        if tree_fingerprint(output) != old.get("output"):
+        if outputs_fingerprint(outputs) != old.get("output"):
             return "output missing or modified"
         return None
+
+    def recorded(self, path: Path) -> str:
+        """`path` as job.json records it: relative to the work directory when inside it."""
+        return path.relative_to(self.workdir).as_posix() if path.is_relative_to(self.workdir) \
+            else str(path)
+
+    def unclaimed(self, records: dict[str, Any], paths: list[Path]) -> list[Path]:
+        """Those of `paths` that exist though no task in job.json wrote them (a record's
+        `written`; a record from before it was kept, its stage's output)."""
+        claimed: set[str] = set()
+        for key, r in records.items():
+            if "written" in r:
+                claimed.update(r["written"])
+            elif key.partition("/")[0] in BY_NAME:
+                stage, item = task_stage(key)
+                claimed.add(self.recorded(stage.output(self, item)))
+        return [p for p in paths if (p.exists() or p.is_symlink())
+                and self.recorded(p) not in claimed]
 
     def check_inputs(self) -> Path:
         """Every local input of the stages to run, checked before the first one starts (a missing
@@ -372,7 +399,8 @@ def quantize_inputs(job: Job, branch: str) -> dict[str, Any]:
             "spec": options_fingerprint(v.as_dict()),
             "calibration": text_fingerprint(v.calibration),
             "sampling": options_fingerprint({"nsamples": v.nsamples, "seqlen": v.seqlen,
-                                             "seed": v.seed}), "tool": __version__}
+                                             "seed": v.seed}), "tool": __version__,
+            "imatrix": branch == imatrix_branch(job)}
 
 
 def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
@@ -381,7 +409,13 @@ def run_quantize(job: Job, branch: str, resume: bool) -> dict[str, Any]:
     v = job.recipe.variant(branch)
     return quantize(job.dirs.fp16, job.dirs.gptq(branch), v, calibration=v.calibration,
                     nsamples=v.nsamples, seqlen=v.seqlen, seed=v.seed, device=job.device,
-                    resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size)
+                    resume=resume, force=True, max_shard_size=job.recipe.convert.max_shard_size,
+                    imatrix=job.dirs.imatrix if branch == imatrix_branch(job) else None)
+
+
+def pass_matrix(job: Job, branch: str) -> list[Path]:
+    """The importance matrix, when this variant's GPTQ pass gives it."""
+    return [job.dirs.imatrix] if branch == imatrix_branch(job) else []
 
 
 def gguf_types(job: Job) -> list[str]:
@@ -401,9 +435,33 @@ def with_imatrix(job: Job, type_name: str) -> bool:
                                                    if g.type == type_name)
 
 
+def takes_imatrix(job: Job) -> bool:
+    """Whether any GGUF file of the job is made with the importance matrix."""
+    return any(with_imatrix(job, g.type) for g in job.recipe.gguf)
+
+
+def imatrix_branch(job: Job) -> str | None:
+    """The variant whose GPTQ pass gives the importance matrix, at no extra cost: the first of the
+    job's calibrated variants that reads [calibration] as it is (text, windows, seed), when a GGUF
+    file takes the matrix. None: the imatrix stage makes it in a pass of its own, if one is
+    taken."""
+    if not takes_imatrix(job):
+        return None
+    c = job.recipe.calibration
+    return next((b for b in job.branches for v in [job.recipe.variant(b)]
+                 if METHODS[v.method].calibrated and (v.calibration, v.nsamples, v.seqlen, v.seed)
+                 == (c.source, c.nsamples, c.seqlen, c.seed)), None)
+
+
+def imatrix_task(job: Job) -> list[str]:
+    """The task that writes the importance matrix: the GPTQ pass's, or the imatrix stage's."""
+    b = imatrix_branch(job)
+    return [f"quantize/{b}"] if b is not None else ["imatrix"]
+
+
 def gguf_needs(job: Job, type_name: str) -> list[str]:
     return [*fp16_tasks(job), *(["gguf/F16"] if type_name != "F16" else []),
-            *(["imatrix"] if with_imatrix(job, type_name) else [])]
+            *(imatrix_task(job) if with_imatrix(job, type_name) else [])]
 
 
 def imatrix_inputs(job: Job, item: str) -> dict[str, Any]:
@@ -466,7 +524,7 @@ def run_verify(job: Job, item: str, resume: bool) -> dict[str, Any]:
                    ggufs=[d.gguf(t) for t in gguf_types(job)],
                    gguf_thresholds={g.type: g.thresholds() for g in r.gguf},
                    runtimes=vo.runtimes,
-                   imatrix=d.imatrix if any(with_imatrix(job, g.type) for g in r.gguf) else None)
+                   imatrix=d.imatrix if takes_imatrix(job) else None)
     if not report.passed:
         raise CheckFailed(f"{d.table}: verify failed: "
                           f"{', '.join(report.failed())}; nothing is published")
@@ -503,6 +561,7 @@ class Stage:
     inputs: Callable[[Job, str], dict[str, Any]]
     run: Callable[..., dict[str, Any]]
     needs: Callable[[Job, str], Sequence[str]] | None = None
+    also: Callable[[Job, str], Sequence[Path]] | None = None  # more files the task writes
     always: bool = False  # no reuse: runs every time (publish uploads only what changed)
     on_driver: bool = False  # never sent to a worker: runs where the job runs, with the Hub token
     gpu: bool = False  # computes on --device: a cluster task asks for a GPU by default on CUDA
@@ -510,6 +569,10 @@ class Stage:
     def key(self, item: str) -> str:
         """The task's name in job.json, the summary and --json: `quantize/main`, `verify`."""
         return f"{self.name}/{item}" if item else self.name
+
+    def outputs(self, job: Job, item: str) -> list[Path]:
+        """Everything the task writes: its output, and the files `also` names."""
+        return [self.output(job, item), *(self.also(job, item) if self.also else ())]
 
 
 def once(job: Job) -> Sequence[str]:
@@ -525,9 +588,9 @@ STAGES = (
     Stage("convert", (), lambda job: () if job.recipe.source.is_hf else ("",),
           lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
     Stage("quantize", ("convert",), lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
-          quantize_inputs, run_quantize, gpu=True),
+          quantize_inputs, run_quantize, gpu=True, also=pass_matrix),
     Stage("imatrix", ("convert",),
-          lambda job: ("",) if any(with_imatrix(job, g.type) for g in job.recipe.gguf) else (),
+          lambda job: ("",) if takes_imatrix(job) and imatrix_branch(job) is None else (),
           lambda job, _: job.dirs.imatrix, imatrix_inputs, run_imatrix, gpu=True),
     Stage("gguf", ("convert", "imatrix"), gguf_types,
           lambda job, t: job.dirs.gguf(t), gguf_inputs, run_gguf, needs=gguf_needs),
@@ -621,43 +684,49 @@ def execute(job: Job, stage: Stage, item: str, upstream: dict[str, Any],
     """One task with the job's bookkeeping: reuse when job.json shows the same inputs and an
     unchanged output, else run (resuming a partial output left by the same inputs) and record.
     A PipelineError comes back in the result; anything else is recorded and raised."""
-    key, output = stage.key(item), stage.output(job, item)
+    key, outputs = stage.key(item), stage.outputs(job, item)
+    output = outputs[0]
     row: dict[str, Any] = {"stage": key, "status": "failed", "seconds": 0.0, "output": str(output),
                            "reason": "", **where()}
     try:
         inputs = {**stage.inputs(job, item),  # and what it reads of other tasks, by their keys
                   **{f"upstream {k}": upstream[k] for k in task_needs(job, stage, item)}}
         with locked(job.workdir, key):
-            old = read_records(job.workdir).get(key)
-            reason = ALWAYS if stage.always else job.stale(old, inputs, output)
+            records = read_records(job.workdir)
+            old = records.get(key)
+            reason = ALWAYS if stage.always else job.stale(old, inputs, outputs)
             if reason is None:
                 log.info("%s: up to date, reused (%s)", key, output)
                 return TaskResult(key, {**row, "status": "reused", "reason": "inputs unchanged"}, old)
-            if not stage.always and old is None and (output.exists() or output.is_symlink()):
+            theirs = [] if stage.always else job.unclaimed(records, outputs)
+            if theirs:
                 raise OutputExistsError(
-                    f"{output}: exists, but {job.workdir / JOB_NAME} has no record of this job "
+                    f"{theirs[0]}: exists, but {job.workdir / JOB_NAME} has no record of this job "
                     "writing it; the job replaces only its own outputs: move it away")
             resume = bool(old and old.get("inputs") == inputs and old.get("status") != "done"
                           and partial_path(output).exists())
             row["reason"] = reason
             log.info("%s: running (%s)%s", key, reason, ", resuming" if resume else "")
             place = {k: row[k] for k in ("host", "pid", "threads", "node")}
+            written = list(dict.fromkeys([*(job.recorded(p) for p in outputs),
+                                          *(old or {}).get("written", [])]))
             write_record(job.workdir, key, {"status": "running", "inputs": inputs,
-                                            "started": time.time(), **place})
+                                            "written": written, "started": time.time(), **place})
             t0 = time.perf_counter()
             try:
                 summary = stage.run(job, item, resume, **({"token": token} if stage.on_driver else {}))
             except BaseException as e:
                 row["seconds"] = round(time.perf_counter() - t0, 2)
                 write_record(job.workdir, key, {"status": "failed", "inputs": inputs,
+                                                "written": written,
                                                 "error": str(e) or type(e).__name__,
                                                 "exit_code": getattr(e, "exit_code", None),
                                                 "seconds": row["seconds"], **place})
                 raise
             seconds = round(time.perf_counter() - t0, 2)
-            record = {"status": "done", "inputs": inputs, "output": tree_fingerprint(output),
-                      "seconds": seconds, "finished": time.time(), "summary": scalars(summary),
-                      **place}
+            record = {"status": "done", "inputs": inputs, "written": written,
+                      "output": outputs_fingerprint(outputs), "seconds": seconds,
+                      "finished": time.time(), "summary": scalars(summary), **place}
             write_record(job.workdir, key, record)
             log.info("%s: done in %.1f s (%s)", key, seconds, output)
             status = "dry run" if summary.get("dry_run") is True else "ran"  # publish --dry-run
@@ -708,7 +777,7 @@ class Run:
     job: Job
     executor: str = "local"
     rows: list[dict[str, Any]] = field(default_factory=list)
-    outputs: dict[str, str | None] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: Report | None = None
 
@@ -766,7 +835,7 @@ def plan(recipe: Recipe, *, workdir: Path | None = None, stage: str = "publish",
     for b in branches:
         recipe.variant(b)
     job = Job(recipe, WorkDir.of(recipe, workdir).path, stage, tuple(branches))
-    return [{"task": s.key(i), "output": str(s.output(job, i))}
+    return [{"task": s.key(i), "output": ", ".join(str(p) for p in s.outputs(job, i))}
             for level in task_levels(job) for s, i in level]
 
 

@@ -213,6 +213,7 @@ def gguf_plan(recipe: Recipe, report: Report, fp16: Path, ggufs: dict[str, Path]
     the card."""
     from pipeline.core.gguf_types import TYPE_OF_FTYPE, TYPES
     from pipeline.core.bounded import gguf_reader
+    from pipeline.core.imatrix_format import ACTIVATIONS
     from verify.llamacpp import field, file_type, imatrix_record
 
     want = [g.type for g in recipe.gguf]
@@ -247,7 +248,9 @@ def gguf_plan(recipe: Recipe, report: Report, fp16: Path, ggufs: dict[str, Path]
         reader = gguf_reader(Path(entry["path"]))
         imatrix = {"file": name, "dataset": (field(reader, "imatrix.datasets") or ["?"])[-1],
                    "chunks": field(reader, "imatrix.chunk_count"),
-                   "chunk_size": field(reader, "imatrix.chunk_size")}
+                   "chunk_size": field(reader, "imatrix.chunk_size"),
+                   "activations": field(reader, ACTIVATIONS) or "the model its maker ran (the "
+                                  "file does not say which)"}
     text = card.gguf_card(recipe, rows, report, read_json(fp16 / "config.json"), hub_url,
                           imatrix if made_with else None)
     return BranchPlan(recipe.publish.gguf_repo, "main", "gguf", (*files, card_file(text)))

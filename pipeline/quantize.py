@@ -24,17 +24,18 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.core.bounded import DEFAULT_SHARD_SIZE, loads_json, parse_size, read_json
+from pipeline.core.bounded import (DEFAULT_SHARD_SIZE, GGUF_MAGIC, loads_json, parse_size,
+                                   read_json)
 from pipeline.core.calibration import NSAMPLES, SEED, SEQLEN, load_calibration, local_files
 from pipeline.core.checkpoint import INDEX_NAME, HFCheckpoint
-from pipeline.core.errors import InputError
+from pipeline.core.errors import InputError, PipelineError, os_failure
 from pipeline.core.gptq_format import dequantize, pack, packable, packed_shapes, write_configs
 from pipeline.core.gptq_layout import BITS, PACK_RUN, SUFFIXES, n_groups, ragged
 from pipeline.core.grid import QuantResult
 from pipeline.core.llama import (LAYER_NORMS, LINEAR_GROUPS, LINEARS, DecoderLayer, LlamaArgs,
                                  chunks, compute_dtype, fits_in_memory, load_layer, pick_device,
                                  rotary)
-from pipeline.core.output import check_target, staged_dir
+from pipeline.core.output import check_target, overlap, partial_path, staged_dir, staged_file
 from pipeline.core.paths import PATH
 from pipeline.core.safetensors_stream import ShardedWriter, TensorSpec, header_bytes, read_header
 from pipeline.core.tokenizer import load_tokenizer
@@ -44,6 +45,7 @@ from verify.runtimes import RAGGED_REFUSED_BY
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 LAYERS_DIR, RUN_FILE = "layers", "run.json"  # resume state inside the partial directory
+SUM2 = "in_sum2"  # a layer file's Σx² per input column of each linear (what --imatrix writes)
 DEFAULT = QuantSpec(bits=4)  # the CLI's defaults: QuantSpec's, at 4 bits
 
 
@@ -101,7 +103,8 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
                    cos: torch.Tensor, sin: torch.Tensor,
                    prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Quantise the layer's linears in place (weights become the fake-quantised ones) and set
-    Y = layer(X) with them; returns the packed tensors and the per-module log.
+    Y = layer(X) with them; returns the packed tensors (and each linear's Σx² of its inputs,
+    `.in_sum2`, when calibrated) and the per-module log.
 
     One chunked pass per linear group, in forward order, each from the intermediate the last one
     left in Y (attention's core, then the residual): true-sequential groups see the inputs of the
@@ -166,10 +169,13 @@ def quantize_layer(layer: DecoderLayer, state: dict[str, torch.Tensor], spec: Qu
         (gate_up, lambda c: norm2(keep(c, x(c) + attn.o_proj(y(c))))),
         (down, act),
     )
+    rows = X.shape[0] * X.shape[1]
     with torch.no_grad():
         H = {}
         for group, fn in inputs:
             H[group] = hessian(fn, parts, prefix + group[0])
+            for name in group:  # Σx² = diag(H)·n/2: the importance matrix, before damping
+                tensors[f"{prefix}{name}.{SUM2}"] = (H[group].diagonal() * (rows / 2)).cpu()
             if spec.true_sequential:
                 quantise(group, H[group])
         if not spec.true_sequential:  # every H from the fp16 layer; then the whole layer again
@@ -307,9 +313,11 @@ def quantize_layers(ck: HFCheckpoint, spec: QuantSpec, tokens: torch.Tensor | No
 def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None = None,
              nsamples: int = NSAMPLES, seqlen: int = SEQLEN, seed: int = SEED, device: str = "auto",
              resume: bool = False, force: bool = False,
-             max_shard_size: str = DEFAULT_SHARD_SIZE) -> dict:
+             max_shard_size: str = DEFAULT_SHARD_SIZE, imatrix: Path | None = None) -> dict:
     """Quantise the HF Llama directory `model` into the GPTQ directory `out`; returns the summary.
-    `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN."""
+    `calibration` (glob, directory, file or hf:…) is required for GPTQ, unused by RTN. `imatrix`:
+    also write llama.cpp's importance matrix of the same pass there (Σx² = diag(H)·n/2 of every
+    linear's Hessian, summed over the activations GPTQ quantised it on)."""
     t_start = time.perf_counter()
     model, out = Path(model), Path(out)
     try:
@@ -318,6 +326,16 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
         raise InputError(f"--max-shard-size: {e}") from e
     inputs = [model, *calibration_files(spec, calibration)]
     check_target(out, force, manifest=QUANT_LOG, inputs=inputs)
+    if imatrix is not None:
+        imatrix = Path(imatrix)
+        if not METHODS[spec.method].calibrated:
+            raise InputError(f"--imatrix {imatrix}: {spec.method.upper()} passes no calibration "
+                             "activations to sum; use `python -m pipeline imatrix`")
+        for target in (out, partial_path(out)):
+            if overlap(imatrix, target):
+                raise InputError(f"--imatrix {imatrix}: {overlap(imatrix, target)} the output "
+                                 f"{out}; choose a path outside it")
+        check_target(imatrix, force, magic=GGUF_MAGIC, inputs=inputs)
     ck = HFCheckpoint(model)
     partial_groups = check_model(ck, spec)
     if partial_groups:
@@ -342,6 +360,8 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
         (tmp / LAYERS_DIR).mkdir(exist_ok=True)
         (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
         modules, done, store = quantize_layers(ck, spec, tokens, tmp / LAYERS_DIR, dev)
+        if imatrix is not None:
+            write_pass_imatrix(imatrix, tmp / LAYERS_DIR, ck, spec, tokens, cal_info, force, inputs)
         files = write_model(ck, tmp, spec, shard_bytes)
         for name in COPY_FILES:
             if (model / name).is_file():
@@ -359,11 +379,37 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
         shutil.rmtree(tmp / LAYERS_DIR)
         (tmp / RUN_FILE).unlink()
     n = ck.args.n_layers
-    return {"out": str(out), "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+    return {"out": str(out), "imatrix": str(imatrix) if imatrix else None, "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
             "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
             "seconds": round(seconds, 3), "seconds_per_layer": round(seconds / n, 3),
             "files": sorted(files + ["config.json", "quantize_config.json", QUANT_LOG]),
             "calibration": cal_info}
+
+
+def write_pass_imatrix(path: Path, layers: Path, ck: HFCheckpoint, spec: QuantSpec,
+                       tokens: torch.Tensor, cal_info: dict[str, Any], force: bool,
+                       inputs: list[Path]) -> None:
+    """The importance matrix of the pass from the layer files' Σx² (resumed layers' included)."""
+    from pipeline.core.imatrix_format import write_model_imatrix  # the gguf library: slow import
+
+    sums = {}
+    for i in range(ck.args.n_layers):
+        with safe_open(layers / f"{i:05d}.safetensors", framework="pt") as f:
+            sums.update({k.removesuffix(SUM2) + "weight": f.get_tensor(k).double().numpy()
+                         for k in f.keys() if k.endswith("." + SUM2)})
+    if len(sums) != ck.args.n_layers * len(LINEARS):
+        raise PipelineError(f"{layers}: {len(sums)} of {ck.args.n_layers * len(LINEARS)} linears "
+                            "have their Σx²; quantise again without --resume")
+    what = (f"the model in this pipeline's GPTQ pass ({spec.bits}-bit, group {spec.group_size}"
+            f"{', act-order' if spec.act_order else ''}), each layer fed by the layers before it "
+            "already quantised")
+    n, T = tokens.shape
+    with staged_file(path, force, magic=GGUF_MAGIC, inputs=inputs) as tmp:
+        try:
+            write_model_imatrix(tmp, sums, ck.args.n_layers, tokens.numel(), n, T,
+                                cal_info["source"], what)
+        except OSError as e:
+            raise os_failure(e, path) from e
 
 
 def calibration_files(spec: QuantSpec, calibration: str | None) -> list[Path]:
@@ -433,21 +479,28 @@ def resume_mismatch(run_file: Path, run: dict) -> str | None:
 @click.option("--seed", type=int, default=SEED, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto|cpu|cuda[:N]")
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True)
+@click.option("--imatrix", type=PATH, default=None,
+              help="also write llama.cpp's importance matrix (GGUF) of this pass there, for "
+                   "`gguf --imatrix`")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished layer")
 @click.option("--force", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 def command(model: Path, out: Path, bits: str, group_size: int, act_order: bool, sym: bool,
             damp: float, static_groups: bool, true_sequential: bool, mse: bool, blocksize: int,
             method: str, calibration: str | None, nsamples: int, seqlen: int, seed: int,
-            device: str, max_shard_size: str, resume: bool, force: bool, as_json: bool) -> None:
+            device: str, max_shard_size: str, imatrix: Path | None, resume: bool, force: bool,
+            as_json: bool) -> None:
     """Quantise an HF Llama directory MODEL to GPTQ (v1 format) in OUT, layer by layer."""
     spec = QuantSpec(int(bits), group_size, act_order, sym=sym, damp=damp, static_groups=static_groups,
                      true_sequential=true_sequential, mse=mse, blocksize=blocksize, method=method)
     s = quantize(model, out, spec, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
-                 seed=seed, device=device, resume=resume, force=force, max_shard_size=max_shard_size)
+                 seed=seed, device=device, resume=resume, force=force, max_shard_size=max_shard_size,
+                 imatrix=imatrix)
     line = (f"quantized {s['layers']} layers ({s['method']}, {s['bits']}-bit, group {s['group_size']}, "
             f"act-order {s['act_order']}) to {s['out']} in {s['seconds']:.1f}s "
             f"({s['seconds_per_layer']:.2f}s/layer, {s['resumed_layers']} resumed)")
+    if s["imatrix"]:
+        line += f"; importance matrix of the pass: {s['imatrix']}"
     if as_json:
         click.echo(json.dumps(s))
     click.echo(line, err=as_json)

@@ -488,7 +488,9 @@ def test_gguf_card_matches_golden_and_its_yaml_reads_back(tmp_path):
                          g.description or TYPES[g.type].use_case, g.type == "Q4_K_M")
             for g in recipe.gguf for name, size in [CARD_FILES[g.type]]]
     imatrix = {"file": "codellama-7b-instruct.imatrix.gguf", "chunks": 128, "chunk_size": 2048,
-               "dataset": "hf:nickrosh/Evol-Instruct-Code-80k-v1:train:output"}
+               "dataset": "hf:nickrosh/Evol-Instruct-Code-80k-v1:train:output",
+               "activations": "the model in this pipeline's GPTQ pass (4-bit, group 128), each "
+                              "layer fed by the layers before it already quantised"}
     text = card.gguf_card(recipe, rows, Report.from_dict(CARD_REPORT, "CARD_REPORT"), CARD_CONFIG,
                           "https://huggingface.co", imatrix)
     assert text == (Path(__file__).parent / "golden" / "gguf_README.md").read_text()

@@ -245,6 +245,7 @@ def test_counts_larger_than_the_file(w, cli, case):
 
 @pytest.mark.parametrize("case", ["safetensors dtype a list", "safetensors shape a dict",
                                   "job.json a list", "job.json binary", "job.json record a list",
+                                  "job.json written a string",
                                   "verify.json passed a string", "verify.json artifacts missing",
                                   "verify.json relpath a number", "params.json a list"])
 def test_values_of_the_wrong_type(w, cli, case):
@@ -267,7 +268,10 @@ def test_values_of_the_wrong_type(w, cli, case):
         record = json.loads(target.read_text())
         content = {"job.json a list": b"[1, 2]", "job.json binary": b"\x00\xffPK\x03\x04",
                    "job.json record a list": json.dumps(
-                       {**record, "stages": {"convert": [1]}}).encode()}[case]
+                       {**record, "stages": {"convert": [1]}}).encode(),
+                   "job.json written a string": json.dumps(
+                       {**record, "stages": {"convert": {**record["stages"]["convert"],
+                                                         "written": "fp16"}}}).encode()}[case]
         target.write_bytes(content)
         argv = ["run", w / "tiny.toml", "--workdir", job, "--stage", "convert"]
     elif case.startswith("verify.json"):

@@ -3,6 +3,7 @@ nothing, a changed variant recomputes only itself and verify, a failing verify s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -199,9 +200,10 @@ def test_missing_source_is_an_input_error(project, tmp_path, monkeypatch):
 
 
 def test_levels_follow_the_task_graph_not_the_table(tmp_path):
-    """A quantised GGUF file needs the F16 task (it is quantised from its file) and the imatrix
-    task, so it runs a level after them, whatever the recipe's order; verify needs every
-    artifact, publish verify."""
+    """A quantised GGUF file needs the F16 task (it is quantised from its file) and the task
+    writing the importance matrix (the first GPTQ pass on [calibration] as it is, else the
+    imatrix stage), so it runs a level after them, whatever the recipe's order; verify needs
+    every artifact, publish verify."""
     (tmp_path / "meta").mkdir()
     for d in ("calib", "eval"):
         (tmp_path / "text" / d).mkdir(parents=True)
@@ -212,11 +214,23 @@ def test_levels_follow_the_task_graph_not_the_table(tmp_path):
     recipe = load_recipe(tmp_path / "tiny.toml")
     job = Job(recipe, tmp_path / "work", "publish", ("main", V8))
     levels = [[s.key(i) for s, i in level] for level in task_levels(job)]
-    assert levels == [["convert"], ["quantize/main", f"quantize/{V8}", "imatrix", "gguf/F16"],
+    assert levels == [["convert"], ["quantize/main", f"quantize/{V8}", "gguf/F16"],
                       ["gguf/Q4_K_M"], ["verify"], ["publish"]]
-    assert [t["task"] for t in plan(recipe, workdir=tmp_path / "w")] == sum(levels, [])
-    assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16", "imatrix"]
+    planned = plan(recipe, workdir=tmp_path / "w")
+    assert [t["task"] for t in planned] == sum(levels, [])
+    assert planned[1]["output"] == f"{tmp_path}/w/gptq/main, {tmp_path}/w/gguf/tiny.imatrix.gguf"
+    assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16", "quantize/main"]
     assert gguf_needs(job, "F16") == ["convert"]  # F16 is not quantised: no importance matrix
+    # the job's variants decide: the 8-bit one's pass when main is not made; the imatrix stage
+    # when no variant reads [calibration] as it is (its own windows) or none is calibrated
+    assert gguf_needs(dataclasses.replace(job, branches=(V8,)), "Q4_K_M")[-1] == f"quantize/{V8}"
+    for change in ('group_size = 32\n', 'group_size = 32\nnsamples = 4\n'), \
+                  ('group_size = 32\n', 'group_size = 32\nmethod = "rtn"\n'):
+        (tmp_path / "tiny.toml").write_text(RECIPE.replace(*change).replace(
+            "[publish]", gguf + "\n[publish]") + 'gguf_repo = "org/Tiny-GGUF"\n')
+        job = Job(load_recipe(tmp_path / "tiny.toml"), tmp_path / "work", "publish", ("main",))
+        assert [[s.key(i) for s, i in level] for level in task_levels(job)][:2] == [
+            ["convert"], ["quantize/main", "imatrix", "gguf/F16"]], change
     # without an F16 file in the recipe the job makes one anyway (the quantiser's source and
     # verify's, never published); with `imatrix = false` no importance matrix, and no imatrix task
     alone = gguf.split("\n\n")[0] + "\nimatrix = false\n"
@@ -232,3 +246,41 @@ def test_the_stage_table_is_a_graph_in_order():
     """Each stage reads only stages listed before it, so the table order is a topological one."""
     for n, s in enumerate(STAGES):
         assert set(s.after) <= set(STAGE_NAMES[:n]), s.name
+
+
+def test_the_importance_matrix_is_the_jobs_own_whichever_task_writes_it(project):
+    """The matrix comes from main's GPTQ pass (a second output of quantize/main, in its record),
+    or from the imatrix stage when no variant reads [calibration] as it is. Either task replaces
+    a matrix the other wrote (job.json records it), never a file the job did not write."""
+    import gguf
+
+    from pipeline.core.imatrix_format import ACTIVATIONS, FP16_ACTIVATIONS
+
+    text = RECIPE.replace("[publish]", '[[gguf]]\ntype = "Q4_K_M"\n\n[publish]') + \
+        'gguf_repo = "org/Tiny-GGUF"\n'
+    own = text.replace("group_size = 32\n", "group_size = 32\nnsamples = 4\n")  # no variant's
+    work, matrix = project / "work", project / "work" / "gguf" / "tiny.imatrix.gguf"
+    matrix.parent.mkdir(parents=True)
+    matrix.write_bytes(b"GGUF mine")
+    (project / "tiny.toml").write_text(text)
+    with pytest.raises(JobFailed) as e:
+        run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="imatrix", device="cpu")
+    assert e.value.exit_code == 2 and f"{matrix}: exists, but {work / 'job.json'} has no record" \
+        in str(e.value) and matrix.read_bytes() == b"GGUF mine"
+    matrix.unlink()
+
+    def activations() -> str:
+        return gguf.GGUFReader(matrix).get_field(ACTIVATIONS).contents()
+
+    first = run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="imatrix", device="cpu")
+    assert statuses(first) == {"convert": "reused", "quantize/main": "ran", f"quantize/{V8}": "ran"}
+    assert activations().startswith("the model in this pipeline's GPTQ pass (4-bit, group 32)")
+    (project / "tiny.toml").write_text(own)
+    second = run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="imatrix", device="cpu")
+    assert statuses(second) == {"convert": "reused", "quantize/main": "ran", f"quantize/{V8}": "ran",
+                                "imatrix": "ran"}
+    assert activations() == FP16_ACTIVATIONS
+    (project / "tiny.toml").write_text(text)
+    third = run_job(load_recipe(project / "tiny.toml"), workdir=work, stage="imatrix", device="cpu")
+    assert statuses(third)["quantize/main"] == "ran" and "imatrix" not in statuses(third)
+    assert activations().startswith("the model in this pipeline's GPTQ pass")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from demo_model import CALIBRATION, EVAL, demo_fp16
+from numpy_gptq import np_dequantize
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
@@ -26,24 +27,6 @@ from pipeline.quantize import LINEARS, quantize
 pytestmark = pytest.mark.slow  # GPTQ runs on a model
 
 CAL = {"nsamples": 16, "seqlen": 128, "device": "cpu"}
-
-
-def np_unpack(words: np.ndarray, bits: int) -> np.ndarray:
-    """Values packed down the rows of int32 `words` [rows, cols]: per column, the words form one
-    LSB-first bit stream; value j is bits [j·bits, (j+1)·bits)."""
-    cols = words.shape[1]
-    stream = np.ascontiguousarray(words.astype("<i4").view("<u4").T).view(np.uint8)  # [cols, rows·4]
-    b = np.unpackbits(stream.reshape(cols, -1), axis=1, bitorder="little").reshape(cols, -1, bits)
-    return (b.astype(np.int64) << np.arange(bits)).sum(-1).T  # [rows·32/bits, cols]
-
-
-def np_dequantize(t: dict[str, np.ndarray], prefix: str, bits: int) -> np.ndarray:
-    """W [out, in] = scales[g]·(q − (qzeros + 1)), g = g_idx, in float32."""
-    q = np_unpack(t[prefix + ".qweight"], bits)  # [in, out]
-    z = np_unpack(t[prefix + ".qzeros"].T, bits).T + 1  # [groups, out]
-    g = t[prefix + ".g_idx"].astype(np.int64)
-    s = t[prefix + ".scales"].astype(np.float32)
-    return (s[g] * (q - z[g]).astype(np.float32)).T
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +145,7 @@ def test_output_directory(runs, model):
 def test_sharded_output_and_resume_is_bit_identical(runs, model, tmp_path, monkeypatch):
     spec = QuantSpec(4, -1, False)
     full = tmp_path / "full"
-    run(model, full, spec, max_shard_size="400KB")
+    run(model, full, spec, max_shard_size="400KB", imatrix=tmp_path / "full.gguf")
     index = json.loads((full / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     single = load_file(runs["gptq4"][0] / "model.safetensors")
@@ -171,11 +154,14 @@ def test_sharded_output_and_resume_is_bit_identical(runs, model, tmp_path, monke
     out = tmp_path / "resumed"
     monkeypatch.setattr(gptq_method, "gptq", Spy(stop_at=len(LINEARS)))  # Ctrl-C in layer 1
     with pytest.raises(KeyboardInterrupt):
-        run(model, out, spec, max_shard_size="400KB")
-    assert not out.exists()
+        run(model, out, spec, max_shard_size="400KB", imatrix=tmp_path / "resumed.gguf")
+    assert not out.exists() and not (tmp_path / "resumed.gguf").exists()
     monkeypatch.undo()
-    summary = run(model, out, spec, max_shard_size="400KB", resume=True)
+    summary = run(model, out, spec, max_shard_size="400KB", resume=True,
+                  imatrix=tmp_path / "resumed.gguf")
     assert summary["resumed_layers"] == 1
+    # the importance matrix of the pass, the resumed layer's Σx² read back from its file
+    assert (tmp_path / "full.gguf").read_bytes() == (tmp_path / "resumed.gguf").read_bytes()
     files = sorted(p.name for p in full.iterdir())
     assert files == sorted(p.name for p in out.iterdir())
     for name in files:
@@ -236,6 +222,24 @@ def test_bad_input(model, runs, tmp_path):
         quantize(model, tmp_path / "o7", spec, calibration=str(tmp_path / "short.py"), **CAL)
     with pytest.raises(OutputExistsError):
         quantize(model, runs["gptq4"][0], spec, calibration=CALIBRATION)
+    # --imatrix: a calibrated method's, outside the output, never over what is not ours
+    with pytest.raises(InputError, match="RTN passes no calibration activations"):
+        quantize(model, tmp_path / "o9", QuantSpec(4, 128, False, method="rtn"),
+                 imatrix=tmp_path / "m.gguf")
+    for inside in (tmp_path / "o10" / "m.gguf", tmp_path / ".o10.partial" / "m.gguf"):
+        with pytest.raises(InputError, match="lies inside the output .*o10; choose a path"):
+            quantize(model, tmp_path / "o10", spec, calibration=CALIBRATION, imatrix=inside)
+    (tmp_path / "notes.gguf").write_text("mine")
+    with pytest.raises(OutputExistsError, match="notes.gguf: exists and is not an output"):
+        quantize(model, tmp_path / "o11", spec, calibration=CALIBRATION, force=True,
+                 imatrix=tmp_path / "notes.gguf")
+    with pytest.raises(OutputExistsError, match="notes.gguf already exists"):
+        quantize(model, tmp_path / "o11", spec, calibration=CALIBRATION,
+                 imatrix=tmp_path / "notes.gguf")
+    with pytest.raises(InputError, match="the output lies inside the input .*fp16; writing"):
+        quantize(model, tmp_path / "o12", spec, calibration=CALIBRATION,
+                 imatrix=model / "model.safetensors")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(9, 13))
 
     bad = dict(state)
     bad["model.layers.1.post_attention_layernorm.weight"] = torch.full((256,), float("nan"), dtype=torch.float16)
