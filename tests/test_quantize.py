@@ -268,11 +268,18 @@ def test_cli_exit_codes_and_json(model, runs, tmp_path, monkeypatch, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "rtn" and summary["bits"] == 8 and (out / "model.safetensors").is_file()
 
-    out = tmp_path / "static"
+    assert cli(str(model), str(tmp_path / "rtn2"), "--method", "rtn", "--imatrix",
+               str(tmp_path / "m.gguf")) == 2
+    assert "--imatrix" in capsys.readouterr().err and not (tmp_path / "rtn2").exists()
+
+    out, matrix = tmp_path / "static", tmp_path / "static.imatrix.gguf"
     assert cli(str(model), str(out), "--bits", "2", "--group-size", "64", "--act-order",
                "--static-groups", "--no-true-sequential", "--asym", "--damp", "0.05", "--device", "cpu",
-               "--calibration", CALIBRATION, "--nsamples", "8", "--seqlen", "64") == 0
-    assert "quantized 4 layers (gptq, 2-bit, group 64, act-order True)" in capsys.readouterr().out
+               "--calibration", CALIBRATION, "--nsamples", "8", "--seqlen", "64",
+               "--imatrix", str(matrix)) == 0
+    line = capsys.readouterr().out
+    assert "quantized 4 layers (gptq, 2-bit, group 64, act-order True)" in line
+    assert f"importance matrix of the pass: {matrix}" in line and matrix.read_bytes()[:4] == b"GGUF"
     t = load_file(out / "model.safetensors")
     assert np.array_equal(t["model.layers.1.mlp.down_proj.g_idx"], np.arange(768) // 64)  # static
     qc = json.loads((out / "quantize_config.json").read_text())
