@@ -442,15 +442,23 @@ def takes_imatrix(job: Job) -> bool:
 
 def imatrix_branch(job: Job) -> str | None:
     """The variant whose GPTQ pass gives the importance matrix, at no extra cost: the first of the
-    job's calibrated variants that reads [calibration] as it is (text, windows, seed), when a GGUF
-    file takes the matrix. None: the imatrix stage makes it in a pass of its own, if one is
+    recipe's calibrated variants that reads [calibration] as it is (text, windows, seed), when a
+    GGUF file takes the matrix. None: the imatrix stage makes it in a pass of its own, if one is
     taken."""
     if not takes_imatrix(job):
         return None
     c = job.recipe.calibration
-    return next((b for b in job.branches for v in [job.recipe.variant(b)]
-                 if METHODS[v.method].calibrated and (v.calibration, v.nsamples, v.seqlen, v.seed)
+    return next((v.branch for v in job.recipe.variants if METHODS[v.method].calibrated and
+                 (v.calibration, v.nsamples, v.seqlen, v.seed)
                  == (c.source, c.nsamples, c.seqlen, c.seed)), None)
+
+
+def quantize_items(job: Job) -> tuple[str, ...]:
+    """The job's variants, and the one whose pass gives the GGUF files' matrix when the job makes
+    GGUF files without it (`--variant`): a prerequisite, as make builds one."""
+    b = imatrix_branch(job)
+    extra = b is not None and b not in job.branches and job.wants("gguf")
+    return (*job.branches, *([b] if extra else []))
 
 
 def imatrix_task(job: Job) -> list[str]:
@@ -587,7 +595,7 @@ def fp16_tasks(job: Job) -> list[str]:
 STAGES = (
     Stage("convert", (), lambda job: () if job.recipe.source.is_hf else ("",),
           lambda job, _: job.dirs.fp16, convert_inputs, run_convert),
-    Stage("quantize", ("convert",), lambda job: job.branches, lambda job, b: job.dirs.gptq(b),
+    Stage("quantize", ("convert",), quantize_items, lambda job, b: job.dirs.gptq(b),
           quantize_inputs, run_quantize, gpu=True, also=pass_matrix),
     Stage("imatrix", ("convert",),
           lambda job: ("",) if takes_imatrix(job) and imatrix_branch(job) is None else (),

@@ -221,9 +221,15 @@ def test_levels_follow_the_task_graph_not_the_table(tmp_path):
     assert planned[1]["output"] == f"{tmp_path}/w/gptq/main, {tmp_path}/w/gguf/tiny.imatrix.gguf"
     assert gguf_needs(job, "Q4_K_M") == ["convert", "gguf/F16", "quantize/main"]
     assert gguf_needs(job, "F16") == ["convert"]  # F16 is not quantised: no importance matrix
-    # the job's variants decide: the 8-bit one's pass when main is not made; the imatrix stage
-    # when no variant reads [calibration] as it is (its own windows) or none is calibrated
-    assert gguf_needs(dataclasses.replace(job, branches=(V8,)), "Q4_K_M")[-1] == f"quantize/{V8}"
+    # the recipe decides: a --variant job that makes GGUF files makes main too, whose pass gives
+    # their matrix (not so when it stops at quantize); the imatrix stage when no variant reads
+    # [calibration] as it is (its own windows) or none is calibrated
+    only8 = dataclasses.replace(job, branches=(V8,))
+    assert gguf_needs(only8, "Q4_K_M")[-1] == "quantize/main"
+    assert [[s.key(i) for s, i in level] for level in task_levels(only8)][1] == [
+        f"quantize/{V8}", "quantize/main", "gguf/F16"]
+    assert [[s.key(i) for s, i in level] for level in task_levels(
+        dataclasses.replace(only8, last_stage="quantize"))] == [["convert"], [f"quantize/{V8}"]]
     for change in ('group_size = 32\n', 'group_size = 32\nnsamples = 4\n'), \
                   ('group_size = 32\n', 'group_size = 32\nmethod = "rtn"\n'):
         (tmp_path / "tiny.toml").write_text(RECIPE.replace(*change).replace(
