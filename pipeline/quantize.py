@@ -379,8 +379,8 @@ def quantize(model: Path, out: Path, spec: QuantSpec, *, calibration: str | None
         shutil.rmtree(tmp / LAYERS_DIR)
         (tmp / RUN_FILE).unlink()
     n = ck.args.n_layers
-    return {"out": str(out), "imatrix": str(imatrix) if imatrix else None, "method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
-            "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
+    return {"out": str(out), "imatrix": str(imatrix) if imatrix else None, "method": spec.method,
+            "bits": spec.bits, "group_size": spec.group_size, "act_order": spec.act_order, "layers": n, "resumed_layers": done, "device": dev.type,
             "seconds": round(seconds, 3), "seconds_per_layer": round(seconds / n, 3),
             "files": sorted(files + ["config.json", "quantize_config.json", QUANT_LOG]),
             "calibration": cal_info}

@@ -132,15 +132,21 @@ def legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_llama_cpps_own_tools_read_it(made, tmp_path):
+@pytest.mark.parametrize("made_by", ["imatrix stage", "GPTQ pass"])
+def test_llama_cpps_own_tools_read_it(made, made_by, tmp_path):
     """llama.cpp's llama-imatrix reads the file back and writes it in its legacy format (its
     mean x² per channel equals ours: in_sum2 / counts), and its quantiser takes it (every entry,
-    the chunks). Its --show-statistics table is not used: that tool's logger may drop lines at
-    exit (its singleton is never flushed), so parsing it would fail at random."""
+    the chunks), whichever pass made it. Its --show-statistics table is not used: that tool's
+    logger may drop lines at exit (its singleton is never flushed), so parsing it would fail at
+    random."""
     from pipeline.core.llamacpp_tools import run_tool
     from pipeline.gguf import write_gguf
 
     fp16, out, _ = made
+    if made_by == "GPTQ pass":
+        out = tmp_path / "pass.imatrix.gguf"
+        quantize(fp16, tmp_path / "gptq", QuantSpec(4, 128, False), calibration=CALIBRATION,
+                 nsamples=NSAMPLES, seqlen=SEQLEN, device="cpu", imatrix=out)
     f16 = write_gguf(fp16, tmp_path / "m.F16.gguf")["output"]
     lines: list[str] = []
     dat = tmp_path / "legacy.dat"
